@@ -1,0 +1,186 @@
+"""Distribution manifests: what one installed wheel contributes to a venv, by content digest.
+
+A manifest is the unit the lower layer is built from. It is written once per wheel into
+`dists/<id>.json` and never changed. Parsing is strict: a manifest that could place a file
+outside site-packages, or name a malformed digest, is rejected as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cowfs.errors import StoreError
+from cowfs.store import Store, is_digest
+
+FORMAT = 1
+# Lower files get one fixed mtime (the wheel's newest member time, or this default) so that
+# bytecode compiled against them is valid in every venv that shares them.
+DEFAULT_MTIME_NS = 1_600_000_000 * 10**9
+DATA_KEYS = ("scripts", "headers", "data")
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    path: str  # relative POSIX path, validated
+    digest: str
+    size: int
+    mode: int  # permission bits only (0o644 / 0o755)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    id: str
+    name: str
+    version: str
+    files: tuple[FileEntry, ...]
+    mtime_ns: int = DEFAULT_MTIME_NS
+    wheel: str = ""
+    wheel_sha256: str = ""
+    tags: tuple[str, ...] = ()
+    dist_info: str = ""
+    data: dict[str, tuple[FileEntry, ...]] = field(default_factory=dict)
+    entry_points: dict[str, dict[str, str]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        def rows(entries: tuple[FileEntry, ...]) -> list[list[Any]]:
+            return [[e.path, e.digest, e.size, e.mode] for e in entries]
+
+        doc: dict[str, Any] = {
+            "format": FORMAT,
+            "id": self.id,
+            "name": self.name,
+            "version": self.version,
+            "mtime_ns": self.mtime_ns,
+            "wheel": self.wheel,
+            "wheel_sha256": self.wheel_sha256,
+            "tags": list(self.tags),
+            "dist_info": self.dist_info,
+            "files": rows(self.files),
+            "data": {k: rows(v) for k, v in self.data.items()},
+            "entry_points": self.entry_points,
+        }
+        doc.update(self.extra)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Manifest:
+        """Parse and validate; raises StoreError with the first problem found."""
+        if not isinstance(doc, dict):
+            raise StoreError("manifest is not a JSON object")
+        if doc.get("format") != FORMAT:
+            raise StoreError(f"unsupported manifest format {doc.get('format')!r}")
+        try:
+            data_doc = doc.get("data", {})
+            if not isinstance(data_doc, dict) or not set(data_doc) <= set(DATA_KEYS):
+                raise StoreError("manifest 'data' must map scripts/headers/data to files")
+            eps = doc.get("entry_points", {})
+            if not isinstance(eps, dict) or not all(
+                isinstance(v, dict) and all(isinstance(x, str) for x in [*v, *v.values()])
+                for v in eps.values()
+            ):
+                raise StoreError("manifest 'entry_points' must map groups to name -> target")
+            known = {"format", "id", "name", "version", "mtime_ns", "wheel", "wheel_sha256",
+                     "tags", "dist_info", "files", "data", "entry_points"}
+            return cls(
+                id=_str(doc, "id", ident=True),
+                name=_str(doc, "name"),
+                version=_str(doc, "version"),
+                files=_rows(doc.get("files")),
+                mtime_ns=_int(doc.get("mtime_ns", DEFAULT_MTIME_NS), "mtime_ns"),
+                wheel=_str(doc, "wheel", required=False),
+                wheel_sha256=_str(doc, "wheel_sha256", required=False),
+                tags=tuple(_strlist(doc.get("tags", []), "tags")),
+                dist_info=_str(doc, "dist_info", required=False),
+                data={k: _rows(v) for k, v in data_doc.items()},
+                entry_points=eps,
+                extra={k: v for k, v in doc.items() if k not in known},
+            )
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"malformed manifest: {exc}") from None
+
+
+def check_relpath(path: Any) -> str:
+    """A relative POSIX path with no '..', '.', empty or absolute components."""
+    if not isinstance(path, str) or not path:
+        raise StoreError(f"bad path in manifest: {path!r}")
+    if path.startswith("/") or "\\" in path or "\0" in path:
+        raise StoreError(f"unsafe path in manifest: {path!r}")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts) or any(len(p.encode()) > 255 for p in parts):
+        raise StoreError(f"unsafe path in manifest: {path!r}")
+    return path
+
+
+def _str(doc: dict[str, Any], key: str, required: bool = True, ident: bool = False) -> str:
+    value = doc.get(key, None if required else "")
+    if not isinstance(value, str) or (required and not value):
+        raise StoreError(f"manifest field {key!r} must be a non-empty string")
+    if ident and (not value.isprintable() or "/" in value or value.startswith(".")):
+        raise StoreError(f"bad manifest id {value!r}")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise StoreError(f"manifest field {what!r} must be a non-negative integer")
+    return value
+
+
+def _strlist(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise StoreError(f"manifest field {what!r} must be a list of strings")
+    return value
+
+
+def _rows(rows: Any) -> tuple[FileEntry, ...]:
+    if not isinstance(rows, list):
+        raise StoreError("manifest 'files' must be a list")
+    out = []
+    for row in rows:
+        if not isinstance(row, list) or len(row) != 4:
+            raise StoreError(f"bad file row in manifest: {row!r}")
+        path, digest, size, mode = row
+        if not isinstance(digest, str) or not is_digest(digest):
+            raise StoreError(f"bad digest in manifest: {digest!r}")
+        mode = _int(mode, "mode")
+        if mode & ~0o7777:
+            raise StoreError(f"bad mode in manifest: {mode!r}")
+        out.append(FileEntry(check_relpath(path), digest, _int(size, "size"), mode))
+    return tuple(out)
+
+
+# -- store I/O ----------------------------------------------------------------------------
+
+
+def manifest_path(store: Store, dist_id: str) -> Path:
+    return store.dists / f"{dist_id}.json"
+
+
+def write_manifest(store: Store, manifest: Manifest) -> Path:
+    path = manifest_path(store, manifest.id)
+    store.write_json(path, manifest.to_json())
+    return path
+
+
+def read_manifest(store: Store, dist_id: str) -> Manifest:
+    path = manifest_path(store, dist_id)
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise StoreError(f"distribution {dist_id} is not in the store {store.root}") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"unreadable manifest {path}: {exc}") from None
+    manifest = Manifest.from_json(doc)
+    if manifest.id != dist_id:
+        raise StoreError(f"manifest {path} names another id {manifest.id!r}")
+    return manifest
+
+
+def iter_manifests(store: Store) -> list[str]:
+    if not store.dists.is_dir():
+        return []
+    return sorted(p.stem for p in store.dists.glob("*.json"))

@@ -1,0 +1,266 @@
+"""Content-addressed object store shared by every venv.
+
+Layout under the store root (see README):
+
+    objects/ab/cdef...   file contents named by xxh3-128 hex, mode 0444, never modified
+    dists/<id>.json      one manifest per distribution (cowfs.manifest)
+    wheels/              downloaded wheels, kept so that `store verify --repair` can re-ingest
+    interpreters/        path-aware interpreter cache entries (installer.interpreters)
+    roots/<key>.json     one gc root per live venv
+    tmp/                 staging for atomic renames, on the same filesystem
+    lock                 flock: shared by writers, exclusive for gc
+
+Every write is tmp + fsync + rename (or link), so a crash leaves at most garbage in tmp/.
+xxhash is not collision resistant: an existing object with the same name is compared byte
+for byte before it is trusted, and a mismatch is an error, never a silent dedup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import xxhash
+
+from cowfs.errors import CollisionError, StoreError
+
+CHUNK = 1 << 20
+OBJECT_MODE = 0o444
+DIGEST_LEN = 32  # xxh3-128 hex
+
+
+def default_root() -> Path:
+    """$COWFS_HOME, else $XDG_CACHE_HOME/cowfs, else ~/.cache/cowfs."""
+    if home := os.environ.get("COWFS_HOME"):
+        return Path(home).expanduser().absolute()
+    if cache := os.environ.get("XDG_CACHE_HOME"):
+        return Path(cache).expanduser().absolute() / "cowfs"
+    return Path.home() / ".cache" / "cowfs"
+
+
+def digest_bytes(data: bytes | memoryview) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def digest_fd(fd: int) -> tuple[str, int]:
+    """xxh3-128 and size of everything readable from fd's current offset."""
+    h = xxhash.xxh3_128()
+    size = 0
+    while chunk := os.read(fd, CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
+
+
+def is_digest(name: str) -> bool:
+    return len(name) == DIGEST_LEN and all(c in "0123456789abcdef" for c in name)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _same_content(path: Path, data: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != len(data):
+                return False
+            return f.read() == data
+    except FileNotFoundError:
+        return False
+
+
+def _same_file_content(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        if os.fstat(fa.fileno()).st_size != os.fstat(fb.fileno()).st_size:
+            return False
+        while True:
+            ca, cb = fa.read(CHUNK), fb.read(CHUNK)
+            if ca != cb:
+                return False
+            if not ca:
+                return True
+
+
+class Store:
+    """A store rooted at a directory; cheap to construct, creates its layout on demand."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root).absolute() if root is not None else default_root()
+        self.objects = self.root / "objects"
+        self.dists = self.root / "dists"
+        self.wheels = self.root / "wheels"
+        self.interpreters = self.root / "interpreters"
+        self.roots = self.root / "roots"
+        self.tmp = self.root / "tmp"
+        self._made_fanout: set[str] = set()
+
+    # -- layout -------------------------------------------------------------------------
+
+    def ensure(self) -> Store:
+        """Create the layout; one clear error when the location is not writable."""
+        try:
+            for d in (self.objects, self.dists, self.wheels, self.interpreters, self.roots,
+                      self.tmp):
+                d.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.tmp, os.W_OK):
+                raise PermissionError(errno.EACCES, "not writable", str(self.tmp))
+        except OSError as exc:
+            raise StoreError(f"store {self.root} is not writable: {exc.strerror}") from exc
+        return self
+
+    def exists(self) -> bool:
+        return self.objects.is_dir()
+
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool = False) -> Iterator[None]:
+        """Writers (installs) share the lock; gc takes it exclusively."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def temp_file(self, suffix: str = "") -> tuple[int, Path]:
+        fd, name = tempfile.mkstemp(dir=self.tmp, suffix=suffix)
+        return fd, Path(name)
+
+    # -- objects ------------------------------------------------------------------------
+
+    def object_path(self, digest: str) -> Path:
+        return self.objects / digest[:2] / digest[2:]
+
+    def has(self, digest: str) -> bool:
+        return self.object_path(digest).exists()
+
+    def _fanout(self, digest: str) -> Path:
+        d = self.objects / digest[:2]
+        if digest[:2] not in self._made_fanout:
+            d.mkdir(parents=True, exist_ok=True)
+            self._made_fanout.add(digest[:2])
+        return d
+
+    def put_bytes(self, data: bytes, digest: str | None = None) -> str:
+        """Store data; return its digest. Dedups only after a byte comparison."""
+        digest = digest or digest_bytes(data)
+        final = self.object_path(digest)
+        if final.exists():
+            if not _same_content(final, data):
+                raise CollisionError(f"digest collision or corrupt object {digest}")
+            return digest
+        fd, tmp = self.temp_file()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, OBJECT_MODE)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._publish(tmp, final, digest)
+        return digest
+
+    def put_file(self, path: Path | str) -> tuple[str, int]:
+        """Store a file's bytes (streamed, so large files do not sit in memory)."""
+        with open(path, "rb") as src:
+            digest, size = digest_fd(src.fileno())
+            final = self.object_path(digest)
+            if final.exists():
+                if not _same_file_content(final, Path(path)):
+                    raise CollisionError(f"digest collision or corrupt object {digest}")
+                return digest, size
+            src.seek(0)
+            fd, tmp = self.temp_file()
+            try:
+                remaining = size
+                while remaining > 0:
+                    n = os.copy_file_range(src.fileno(), fd, remaining)
+                    if n == 0:
+                        break
+                    remaining -= n
+                os.fchmod(fd, OBJECT_MODE)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._publish(tmp, final, digest)
+        return digest, size
+
+    def _publish(self, tmp: Path, final: Path, digest: str) -> None:
+        """Atomically move tmp to final; a concurrent writer of the same digest is fine."""
+        self._fanout(digest)
+        try:
+            os.link(tmp, final)  # fails if it exists: never replace a published object
+        except FileExistsError:
+            if not _same_file_content(final, tmp):
+                raise CollisionError(f"digest collision or corrupt object {digest}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def open_object(self, digest: str) -> IO[bytes]:
+        return open(self.object_path(digest), "rb")
+
+    def iter_objects(self) -> Iterator[tuple[str, Path]]:
+        if not self.objects.is_dir():
+            return
+        for fan in sorted(self.objects.iterdir()):
+            if len(fan.name) != 2 or not fan.is_dir():
+                continue
+            for obj in sorted(fan.iterdir()):
+                digest = fan.name + obj.name
+                if is_digest(digest):
+                    yield digest, obj
+
+    # -- small JSON documents (manifests, roots) ----------------------------------------
+
+    def write_json(self, path: Path, doc: Any) -> None:
+        """Atomic JSON write: tmp in the store, fsync, rename, fsync the directory."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(doc, indent=1, sort_keys=True).encode()
+        fd, tmp = self.temp_file(".json")
+        try:
+            os.write(fd, data)
+            os.fchmod(fd, 0o644)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+    # -- gc roots -----------------------------------------------------------------------
+
+    def root_path(self, venv: Path) -> Path:
+        key = hashlib.sha256(os.fsencode(venv.absolute())).hexdigest()[:24]
+        return self.roots / f"{key}.json"
+
+    def add_root(self, venv: Path, state_file: Path) -> None:
+        self.write_json(self.root_path(venv),
+                        {"venv": str(venv.absolute()), "state": str(state_file.absolute())})
+
+    def remove_root(self, venv: Path) -> None:
+        self.root_path(venv).unlink(missing_ok=True)
+
+    def iter_roots(self) -> Iterator[tuple[Path, dict[str, Any]]]:
+        """Every registered root as (root file, document); unreadable roots are skipped."""
+        if not self.roots.is_dir():
+            return
+        for p in sorted(self.roots.glob("*.json")):
+            try:
+                doc = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("venv"), str):
+                yield p, doc
