@@ -1,0 +1,161 @@
+"""The mount daemon: one process per mount, pyfuse3 + trio, plus its control socket.
+
+Started by cowfs.mount as `python -m cowfs.daemon SPEC_FILE READY_FD`; writes "ready" to
+READY_FD once the kernel mount exists and the request loop runs, so `cowfs mount` returns
+only when the mount answers. Logs to the file named in the spec.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from cowfs.errors import CowfsError
+from cowfs.ops import CowfsOperations
+from cowfs.spec import MountSpec
+from cowfs.super import Invalidation, build_lower, build_overlay, swap_lower
+
+log = logging.getLogger("cowfs.daemon")
+
+
+class Daemon:
+    def __init__(self, spec: MountSpec) -> None:
+        self.spec = spec
+        self.ov = build_overlay(spec)
+        self.ops = CowfsOperations(self.ov)
+
+    # -- kernel cache invalidation --------------------------------------------------------
+
+    async def invalidate(self, inv: Invalidation) -> None:
+        for parent, name in inv.entries:
+            pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+        for ino in inv.inodes:
+            try:
+                # May block on the kernel: never on the event loop that serves requests.
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("invalidate inode %d: %s", ino, exc)
+
+    # -- control requests ----------------------------------------------------------------
+
+    async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "status":
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            return {"ok": True, "pid": os.getpid(), "mountpoint": self.spec.mountpoint,
+                    "upper": self.spec.upper, "venv": self.spec.venv,
+                    "lowerdirs": self.spec.lowerdirs, "nodes": len(self.ov.table.by_ino),
+                    "open_files": len(self.ov.handles), "max_rss_kb": usage.ru_maxrss}
+        if op == "reload":
+            await self.ops.settle()
+            inv = swap_lower(self.ov, build_lower(self.spec))
+            await self.invalidate(inv)
+            log.info("reloaded lower: %d inodes, %d entries invalidated", len(inv.inodes),
+                     len(inv.entries))
+            return {"ok": True, "invalidated": len(inv.inodes) + len(inv.entries)}
+        if op == "reset":
+            from cowfs.reset import reset_paths  # only needed by this request
+
+            await self.ops.settle()
+            inv, removed = reset_paths(self.ov, list(req.get("paths", [])))
+            await self.invalidate(inv)
+            log.info("reset %d paths", len(removed))
+            return {"ok": True, "removed": removed}
+        if op == "unmount":
+            log.info("unmount requested")
+            pyfuse3.terminate()
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown request {op!r}"}
+
+    async def serve_client(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                data += chunk
+            try:
+                reply = await self.handle(json.loads(data))
+            except (CowfsError, OSError, ValueError) as exc:
+                reply = {"ok": False, "error": str(exc)}
+            except Exception as exc:
+                log.exception("control request failed")
+                reply = {"ok": False, "error": f"internal error: {exc}"}
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+    async def serve_control(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        path = self.spec.socket
+        path.unlink(missing_ok=True)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        task_status.started()
+        await trio.serve_listeners(self.serve_client, [trio.SocketListener(sock)])
+
+    async def main(self, ready_fd: int | None) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.serve_control)
+            nursery.start_soon(self._signals)
+            if ready_fd is not None:
+                os.write(ready_fd, b"ready\n")
+                os.close(ready_fd)
+            log.info("serving %s", self.spec.mountpoint)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal %d: unmounting", signum)
+                pyfuse3.terminate()
+                return
+
+
+def run(spec: MountSpec, ready_fd: int | None = None) -> None:
+    logging.basicConfig(
+        filename=None if ready_fd is None else spec.log, level=logging.INFO,
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    os.umask(0)  # modes arrive from the kernel with the caller's umask already applied
+    daemon = Daemon(spec)
+    options = set(pyfuse3.default_options) | {"fsname=cowfs", "subtype=cowfs"}
+    if spec.allow_other:
+        options.add("allow_other")
+    pyfuse3.init(daemon.ops, spec.mountpoint, options)
+    log.info("mounted %s (upper %s)", spec.mountpoint, spec.upper)
+    try:
+        trio.run(daemon.main, ready_fd)
+    except BaseException:
+        log.exception("daemon failed")
+        raise
+    finally:
+        pyfuse3.close(unmount=True)
+        spec.socket.unlink(missing_ok=True)
+        log.info("unmounted %s", spec.mountpoint)
+
+
+def main(argv: list[str]) -> int:
+    spec = MountSpec.load(Path(argv[0]))
+    ready_fd = int(argv[1]) if len(argv) > 1 else None
+    try:
+        run(spec, ready_fd)
+    except CowfsError as exc:
+        print(f"cowfs daemon: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,243 @@
+"""Namespace mutations of the overlay: create, mkdir, mknod, symlink, link, unlink, rmdir, rename.
+
+Each one copies up what it touches (parents first), acts on the upper directory, leaves a
+whiteout where a lower name must stay hidden, and updates the inode tree so inode numbers
+follow the file. Renames of directories across layers materialise the directory in the
+upper layer and mark it opaque: slower than overlayfs' redirect_dir, but never EXDEV and the
+upper directory stays a self-describing tree.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+
+from cowfs.copy_up import IS_ROOT
+from cowfs.inode import Node
+from cowfs.lower import join
+from cowfs.overlay import Overlay, oserror
+from cowfs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+
+
+def _owner(ov: Overlay, parent: Node, uid: int, gid: int, mode: int) -> tuple[int, int, int]:
+    """BSD-style group inheritance from a setgid parent, as ext4 does."""
+    pmode = ov.getattr(parent).mode
+    if pmode & stat.S_ISGID:
+        gid = ov.getattr(parent).gid
+        if stat.S_ISDIR(mode):
+            mode |= stat.S_ISGID
+    return uid, gid, mode
+
+
+def _chown(path: str, uid: int, gid: int) -> None:
+    if IS_ROOT:
+        os.chown(path, uid, gid, follow_symlinks=False)
+
+
+def _place(ov: Overlay, parent: Node, name: str, make: Callable[[str, bool], None]) -> str:
+    """Create a new upper entry parent/name through make(target, over_whiteout).
+
+    Over a whiteout the entry is built in the work dir and renamed into place, so the
+    hidden lower entry never shows through, not even after a crash.
+    """
+    if ov.lookup(parent, name) is not None:
+        raise oserror(errno.EEXIST)
+    ov.copy_up(parent)
+    path = join(ov.path(parent), name)
+    st = ov.upper.lstat(path)
+    over_whiteout = (st is not None and ov.upper.is_whiteout(path, st)) \
+        or ov.upper.has_prefix_whiteout(path) or ov.lower_visible(parent, path)
+    if over_whiteout:
+        tmp = ov.upper.temp_path()
+        make(tmp, True)
+        ov.upper.install(tmp, path)
+    else:
+        make(ov.upper.path(path), False)
+    return path
+
+
+def _new_node(ov: Overlay, parent: Node, name: str, is_dir: bool) -> Node:
+    (parent.children or {}).pop(name, None)
+    node = ov.table.new(parent, name, None, upper=True)
+    if is_dir:
+        node.children = {}
+    return node
+
+
+def create(ov: Overlay, parent: Node, name: str, mode: int, flags: int, uid: int,
+           gid: int) -> tuple[Node, int]:
+    uid, gid, mode = _owner(ov, parent, uid, gid, mode)
+
+    def make(target: str, _: bool) -> None:
+        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        try:
+            if IS_ROOT:
+                os.fchown(fd, uid, gid)
+            os.fchmod(fd, stat.S_IMODE(mode))
+        finally:
+            os.close(fd)
+
+    _place(ov, parent, name, make)
+    node = _new_node(ov, parent, name, is_dir=False)
+    return node, ov.open(node, flags & ~os.O_TRUNC)
+
+
+def mkdir(ov: Overlay, parent: Node, name: str, mode: int, uid: int, gid: int) -> Node:
+    uid, gid, mode = _owner(ov, parent, uid, gid, stat.S_IFDIR | mode)
+
+    def make(target: str, over_whiteout: bool) -> None:
+        os.mkdir(target, 0o700)
+        _chown(target, uid, gid)
+        os.chmod(target, stat.S_IMODE(mode))
+        if over_whiteout:
+            # The lower directory of the same name must not merge into the new one.
+            ov.upper.make_opaque_path(target)
+
+    _place(ov, parent, name, make)
+    return _new_node(ov, parent, name, is_dir=True)
+
+
+def mknod(ov: Overlay, parent: Node, name: str, mode: int, rdev: int, uid: int,
+          gid: int) -> Node:
+    uid, gid, mode = _owner(ov, parent, uid, gid, mode)
+
+    def make(target: str, _: bool) -> None:
+        os.mknod(target, stat.S_IFMT(mode) | 0o600, rdev)
+        _chown(target, uid, gid)
+        os.chmod(target, stat.S_IMODE(mode))
+
+    _place(ov, parent, name, make)
+    return _new_node(ov, parent, name, is_dir=False)
+
+
+def symlink(ov: Overlay, parent: Node, name: str, target_path: str, uid: int,
+            gid: int) -> Node:
+    uid, gid, _ = _owner(ov, parent, uid, gid, stat.S_IFLNK)
+
+    def make(target: str, _: bool) -> None:
+        os.symlink(target_path, target)
+        _chown(target, uid, gid)
+
+    _place(ov, parent, name, make)
+    return _new_node(ov, parent, name, is_dir=False)
+
+
+def link(ov: Overlay, node: Node, parent: Node, name: str) -> Node:
+    if node.children is not None:
+        raise oserror(errno.EPERM)
+    ov.copy_up(node)
+    source = ov.upper.path(ov.path(node))
+    _place(ov, parent, name, lambda target, _: os.link(source, target))
+    st = os.lstat(source)
+    ov.table.by_upper_id[(st.st_dev, st.st_ino)] = node
+    ov.table.add_link(node, parent, name)
+    return node
+
+
+def _remove(ov: Overlay, parent: Node, name: str, want_dir: bool) -> None:
+    node = ov.child(parent, name)
+    is_dir = node.children is not None
+    if want_dir and not is_dir:
+        raise oserror(errno.ENOTDIR)
+    if not want_dir and is_dir:
+        raise oserror(errno.EISDIR)
+    if is_dir and not ov.is_empty_dir(node):
+        raise oserror(errno.ENOTEMPTY)
+    path = join(ov.path(parent), name)
+    needs_whiteout = ov.lower_visible(parent, path)
+    if node.upper:
+        upath = ov.upper.path(path)
+        if is_dir:
+            ov.upper.clear_markers(path)
+            os.rmdir(upath)
+        else:
+            os.unlink(upath)
+    if needs_whiteout:
+        ov.copy_up(parent)
+        ov.upper.make_whiteout(path)
+    if parent.upper:
+        ov.upper.fsync_dir(ov.path(parent))
+    ov.table.unlink(parent, name)
+
+
+def unlink(ov: Overlay, parent: Node, name: str) -> None:
+    _remove(ov, parent, name, want_dir=False)
+
+
+def rmdir(ov: Overlay, parent: Node, name: str) -> None:
+    _remove(ov, parent, name, want_dir=True)
+
+
+def _materialise(ov: Overlay, node: Node) -> None:
+    """Copy a node fully into the upper layer; a directory also becomes opaque on disk."""
+    ov.copy_up_tree(node)
+    if node.children is not None:
+        ov.upper.make_opaque(ov.path(node))
+        node.lower = None
+
+
+def rename(ov: Overlay, parent: Node, name: str, new_parent: Node, new_name: str,
+           flags: int = 0) -> None:
+    src = ov.child(parent, name)
+    dst = ov.lookup(new_parent, new_name)
+    if new_parent.children is None:
+        raise oserror(errno.ENOTDIR)
+    if flags & RENAME_NOREPLACE and dst is not None:
+        raise oserror(errno.EEXIST)
+    if flags & RENAME_EXCHANGE:
+        if dst is None:
+            raise oserror(errno.ENOENT)
+        _exchange(ov, src, parent, name, dst, new_parent, new_name)
+        return
+    if dst is src:
+        return  # two names of one file: POSIX says do nothing
+    src_dir = src.children is not None
+    if dst is not None:
+        dst_dir = dst.children is not None
+        if src_dir and not dst_dir:
+            raise oserror(errno.ENOTDIR)
+        if dst_dir and not src_dir:
+            raise oserror(errno.EISDIR)
+        if dst_dir and not ov.is_empty_dir(dst):
+            raise oserror(errno.ENOTEMPTY)
+    src_path = join(ov.path(parent), name)
+    src_whiteout = ov.lower_visible(parent, src_path)
+    if src_dir:
+        _materialise(ov, src)
+    else:
+        ov.copy_up(src)
+    ov.copy_up(new_parent)
+    dst_path = join(ov.path(new_parent), new_name)
+    dst_upper = ov.upper.path(dst_path)
+    st = ov.upper.lstat(dst_path)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        ov.upper.clear_markers(dst_path)  # merged-empty: only whiteouts may be left in it
+    elif st is not None and src_dir:
+        os.unlink(dst_upper)  # a whiteout file; the renamed dir is opaque already
+    elif st is None:
+        ov.upper.remove_whiteout(dst_path)  # prefix-format marker, if any
+    os.rename(ov.upper.path(src_path), dst_upper)
+    if src_whiteout:
+        ov.upper.make_whiteout(src_path)
+    ov.upper.fsync_dir(ov.path(parent))
+    if new_parent is not parent:
+        ov.upper.fsync_dir(ov.path(new_parent))
+    if dst is not None:
+        ov.table.unlink(new_parent, new_name)
+    ov.table.move(src, parent, name, new_parent, new_name)
+
+
+def _exchange(ov: Overlay, a: Node, a_parent: Node, a_name: str, b: Node, b_parent: Node,
+              b_name: str) -> None:
+    if a is b:
+        return
+    _materialise(ov, a)
+    _materialise(ov, b)
+    renameat2(ov.upper.path(join(ov.path(a_parent), a_name)),
+              ov.upper.path(join(ov.path(b_parent), b_name)), RENAME_EXCHANGE)
+    ov.table.move(a, a_parent, a_name, b_parent, b_name)
+    ov.table.move(b, b_parent, b_name, a_parent, a_name)
+    assert b_parent.children is not None
+    b_parent.children[b_name] = a  # the second move popped it

@@ -1,0 +1,342 @@
+"""Thin pyfuse3 adapter over the overlay: inode numbers, handles and kernel-cache rules.
+
+Kernel caching is the whole performance story of a Python daemon: the lower layer is
+immutable and every write passes through this process, so entries and attributes are cached
+for long and the page cache is kept across opens (`keep_cache`). When the daemon itself
+changes what the kernel cached (reload after an install, reset), it invalidates explicitly.
+
+`flush` answers ENOSYS once, which makes the kernel stop sending FLUSH on every close():
+writes go straight to the upper file, so there is nothing to flush.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from cowfs import namespace
+from cowfs.inode import Node
+from cowfs.overlay import Attr, Overlay
+
+log = logging.getLogger("cowfs.ops")
+
+LOWER_TIMEOUT = 86400.0  # immutable for the mount's life
+UPPER_TIMEOUT = 300.0  # changes only through this daemon, which keeps the kernel informed
+NEGATIVE_TIMEOUT = 300.0
+THREAD_COPY_UP_BYTES = 1 << 20  # bigger copy-ups run in a worker thread
+
+T = TypeVar("T")
+
+
+def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """OSError -> its errno; anything else is a bug: logged, EIO, and the mount lives on."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _name(raw: bytes) -> str:
+    return os.fsdecode(raw)
+
+
+class CowfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, overlay: Overlay) -> None:
+        super().__init__()
+        self.ov = overlay
+        self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
+        self._next_dh = 1
+        self._copying: dict[Node, trio.Event] = {}
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        try:
+            return self.ov.table.by_ino[ino]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def entry(self, node: Node, attr: Attr | None = None) -> pyfuse3.EntryAttributes:
+        a = attr or self.ov.getattr(node)
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.ino
+        e.generation = 0
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.size
+        e.st_blksize = 4096
+        e.st_blocks = a.blocks
+        e.st_atime_ns = a.atime_ns
+        e.st_mtime_ns = a.mtime_ns
+        e.st_ctime_ns = a.ctime_ns
+        timeout = UPPER_TIMEOUT if node.upper else LOWER_TIMEOUT
+        e.entry_timeout = timeout
+        e.attr_timeout = timeout
+        return e
+
+    def _looked_up(self, node: Node) -> pyfuse3.EntryAttributes:
+        e = self.entry(node)
+        node.nlookup += 1
+        return e
+
+    async def settle(self, *nodes: Node | None) -> None:
+        """Wait for in-flight threaded copy-ups of these nodes (all of them when none given)."""
+        while True:
+            pending = [self._copying[n] for n in nodes if n is not None and n in self._copying] \
+                if nodes else list(self._copying.values())
+            if not pending:
+                return
+            await pending[0].wait()
+
+    async def ensure_upper(self, node: Node, with_data: bool = True) -> None:
+        """Copy up, off the event loop when the file is big, so other requests keep flowing."""
+        await self.settle(node)
+        if node.upper:
+            return
+        lower = node.lower
+        if not with_data or lower is None or lower.size < THREAD_COPY_UP_BYTES:
+            self.ov.copy_up(node, with_data)
+            return
+        done = self._copying[node] = trio.Event()
+        try:
+            self.ov.copy_up_parents(node)
+            tmp = await trio.to_thread.run_sync(self.ov.copy_up_prepare, node, with_data)
+            self.ov.copy_up_commit(node, tmp)
+        finally:
+            del self._copying[node]
+            done.set()
+
+    # -- lookups and attributes ---------------------------------------------------------
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.node(parent_inode)
+        if name == b".":
+            return self._looked_up(parent)
+        if name == b"..":
+            return self._looked_up(parent.parent or parent)
+        node = self.ov.lookup(parent, _name(name))
+        if node is None:
+            e = pyfuse3.EntryAttributes()
+            e.st_ino = 0  # negative entry: the kernel caches the absence
+            e.entry_timeout = NEGATIVE_TIMEOUT
+            return e
+        return self._looked_up(node)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            node = self.ov.table.by_ino.get(ino)
+            if node is not None:
+                self.ov.table.forget(node, count)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.entry(self.node(inode))
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.node(inode)
+        size = attr.st_size if fields.update_size else None
+        if node.parent is not None:
+            await self.ensure_upper(node, with_data=size != 0)
+        a = self.ov.setattr(
+            node, fh,
+            size=size,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self.entry(node, a)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.fsencode(self.ov.readlink(self.node(inode)))
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = self.ov.statfs()
+        out = pyfuse3.StatvfsData()
+        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                  "f_ffree", "f_favail"):
+            setattr(out, f, getattr(st, f))
+        out.f_namemax = 255
+        return out
+
+    # -- directories --------------------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.node(inode)
+        # A snapshot: offsets stay meaningful while the directory changes underneath.
+        listing = []
+        for name in self.ov.listdir(node):
+            child = self.ov.lookup(node, name)
+            if child is not None:
+                listing.append((os.fsencode(name), child))
+        dh = self._next_dh
+        self._next_dh += 1
+        self._dirs[dh] = listing
+        return dh
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        listing = self._dirs.get(fh, [])
+        for i in range(start_id, len(listing)):
+            name, child = listing[i]
+            try:
+                entry = self.entry(child)
+            except FileNotFoundError:
+                continue  # removed since opendir
+            if not pyfuse3.readdir_reply(token, name, entry, i + 1):
+                break
+            child.nlookup += 1
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None  # every namespace change is fsynced when it is made
+
+    @fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.node(parent_inode)
+        await self.settle(parent)
+        return self._looked_up(namespace.mkdir(self.ov, parent, _name(name), mode, ctx.uid,
+                                               ctx.gid))
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.node(parent_inode)
+        await self.settle(parent)
+        return self._looked_up(namespace.mknod(self.ov, parent, _name(name), mode, rdev,
+                                               ctx.uid, ctx.gid))
+
+    @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.node(parent_inode)
+        await self.settle(parent)
+        return self._looked_up(namespace.symlink(self.ov, parent, _name(name),
+                                                 os.fsdecode(target), ctx.uid, ctx.gid))
+
+    @fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node, parent = self.node(inode), self.node(new_parent_inode)
+        await self.ensure_upper(node)
+        return self._looked_up(namespace.link(self.ov, node, parent, _name(new_name)))
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self.node(parent_inode)
+        await self.settle(parent, (parent.children or {}).get(_name(name)))
+        namespace.unlink(self.ov, parent, _name(name))
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.settle()
+        namespace.rmdir(self.ov, self.node(parent_inode), _name(name))
+
+    @fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        await self.settle()
+        namespace.rename(self.ov, self.node(parent_inode_old), _name(name_old),
+                         self.node(parent_inode_new), _name(name_new), flags)
+
+    # -- files --------------------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.node(inode)
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            await self.ensure_upper(node, with_data=not flags & os.O_TRUNC)
+        return pyfuse3.FileInfo(fh=self.ov.open(node, flags), keep_cache=True)
+
+    @fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        parent = self.node(parent_inode)
+        await self.settle(parent)
+        node, fh = namespace.create(self.ov, parent, _name(name), stat.S_IMODE(mode), flags,
+                                    ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._looked_up(node)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.ov.read(fh, off, size)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.ov.write(fh, off, buf)
+
+    async def flush(self, fh: int) -> None:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def release(self, fh: int) -> None:
+        self.ov.release(fh)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self.ov.fsync(fh, datasync)
+
+    # -- xattrs -------------------------------------------------------------------------
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        try:
+            return self.ov.getxattr(self.node(inode), os.fsdecode(name))
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(n) for n in self.ov.listxattr(self.node(inode))]
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        node = self.node(inode)
+        await self.ensure_upper(node)
+        self.ov.setxattr(node, os.fsdecode(name), value)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self.node(inode)
+        await self.settle(node)
+        self.ov.removexattr(node, os.fsdecode(name))

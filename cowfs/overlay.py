@@ -1,0 +1,384 @@
+"""Merged-view semantics of the overlay, independent of FUSE (unit-testable on its own).
+
+Linux overlayfs semantics (Documentation/filesystems/overlayfs.rst) with its non-POSIX
+corners fixed: inode numbers are per path and survive copy-up, handles opened before a
+copy-up read the new data, rename of directories across layers works (never EXDEV), and
+st_nlink/statfs are right. Every method raises OSError with the errno a caller should see.
+
+Namespace mutations (create, mkdir, unlink, rename, link...) live in cowfs.namespace.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from cowfs import copy_up
+from cowfs.inode import Node, NodeTable
+from cowfs.lower import Lower, LowerEntry, join
+from cowfs.upper import Upper, is_private_xattr
+
+# Flags that only make sense for the caller's open, not for the daemon's backing fd.
+_STRIP_OPEN = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | getattr(os, "O_DIRECT", 0)
+
+
+def oserror(code: int, path: str = "") -> OSError:
+    return OSError(code, os.strerror(code), path) if path else OSError(code, os.strerror(code))
+
+
+@dataclass(slots=True)
+class Attr:
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+class Handle:
+    __slots__ = ("fd", "node", "on_lower", "writable")
+
+    def __init__(self, node: Node, fd: int, writable: bool, on_lower: bool) -> None:
+        self.node = node
+        self.fd = fd
+        self.writable = writable
+        self.on_lower = on_lower
+
+
+def _attr_from_stat(st: os.stat_result) -> Attr:
+    return Attr(st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
+                st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _attr_from_lower(e: LowerEntry, nlink: int) -> Attr:
+    blocks = e.blocks if e.blocks >= 0 else ((e.size + 4095) // 4096) * 8
+    return Attr(e.mode, nlink, e.uid, e.gid, e.rdev, e.size, blocks, e.mtime_ns, e.mtime_ns,
+                e.ctime_ns or e.mtime_ns)
+
+
+class Overlay:
+    def __init__(self, lower: Lower, upper: Upper) -> None:
+        self.lower = lower
+        self.upper = upper
+        root_lower = None if upper.is_opaque("") else lower.lookup("")
+        self.table = NodeTable(root_lower)
+        self.root = self.table.root
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+
+    # -- names --------------------------------------------------------------------------
+
+    def path(self, node: Node) -> str:
+        return self.table.path(node)
+
+    def lower_visible(self, parent: Node, path: str) -> bool:
+        """Would deleting `path` expose a lower entry (so a whiteout is needed)?"""
+        return parent.lower is not None and self.lower.lookup(path) is not None
+
+    def lookup(self, parent: Node, name: str) -> Node | None:
+        """The child called name, or None. Raises ENOTDIR when parent is not a directory."""
+        children = parent.children
+        if children is None:
+            raise oserror(errno.ENOTDIR)
+        node = children.get(name)
+        if node is not None:
+            return node
+        if len(name.encode("utf-8", "surrogateescape")) > 255:
+            raise oserror(errno.ENAMETOOLONG)
+        path = join(self.path(parent), name)
+        st = self.upper.lstat(path) if parent.upper else None
+        if st is not None and self.upper.is_whiteout(path, st):
+            return None
+        lower = None
+        if parent.lower is not None and not (parent.upper and self.upper.has_prefix_whiteout(path)):
+            lower = self.lower.lookup(path)
+        if st is None:
+            if lower is None:
+                return None
+            node = self.table.new(parent, name, lower, upper=False)
+        elif stat.S_ISDIR(st.st_mode):
+            merge = lower if lower is not None and lower.is_dir and \
+                not self.upper.is_opaque(path) else None
+            node = self.table.new(parent, name, merge, upper=True)
+        else:
+            if st.st_nlink > 1:
+                known = self.table.by_upper_id.get((st.st_dev, st.st_ino))
+                if known is not None and self.table.is_attached(known):
+                    self.table.add_link(known, parent, name)
+                    return known
+            node = self.table.new(parent, name, None, upper=True)
+            if st.st_nlink > 1:
+                self.table.by_upper_id[(st.st_dev, st.st_ino)] = node
+        if stat.S_ISDIR(st.st_mode if st is not None else lower.mode):  # type: ignore[union-attr]
+            node.children = {}
+        return node
+
+    def child(self, parent: Node, name: str) -> Node:
+        node = self.lookup(parent, name)
+        if node is None:
+            raise oserror(errno.ENOENT)
+        return node
+
+    def listdir(self, node: Node) -> list[str]:
+        """Merged listing: upper names, then lower names not shadowed or whited out."""
+        if node.children is None:
+            raise oserror(errno.ENOTDIR)
+        path = self.path(node)
+        names: list[str] = []
+        hidden: set[str] = set()
+        if node.upper:
+            names, hidden = self.upper.listdir(path)
+        if node.lower is not None:
+            seen = set(names) | hidden
+            names.extend(n for n in self.lower.listdir(path) if n not in seen)
+        return names
+
+    def is_empty_dir(self, node: Node) -> bool:
+        return not self.listdir(node)
+
+    # -- attributes ---------------------------------------------------------------------
+
+    def getattr(self, node: Node) -> Attr:
+        if node.upper:
+            try:
+                attr = _attr_from_stat(os.lstat(self.upper.path(self.path(node))))
+            except FileNotFoundError:
+                fd = self._any_fd(node)
+                if fd is None:
+                    raise
+                attr = _attr_from_stat(os.fstat(fd))
+                attr.nlink = 0
+                return attr
+            if node.children is not None:
+                attr.nlink = 2 + self._subdir_count(node)
+            return attr
+        assert node.lower is not None
+        if node.children is not None:
+            return _attr_from_lower(node.lower, 2 + self.lower.subdir_count(self.path(node)))
+        return _attr_from_lower(node.lower, 1 if node.parent is not None else 0)
+
+    def _any_fd(self, node: Node) -> int | None:
+        for fh in node.handles or ():
+            return self.handles[fh].fd
+        return None
+
+    def _subdir_count(self, node: Node) -> int:
+        path = self.path(node)
+        count = 0
+        upper_names: set[str] = set()
+        hidden: set[str] = set()
+        if node.upper:
+            names, hidden = self.upper.listdir(path)
+            upper_names = set(names)
+            for name in names:
+                st = self.upper.lstat(join(path, name))
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    count += 1
+        if node.lower is not None:
+            for name in self.lower.listdir(path):
+                if name in upper_names or name in hidden:
+                    continue
+                e = self.lower.lookup(join(path, name))
+                if e is not None and e.is_dir:
+                    count += 1
+        return count
+
+    def readlink(self, node: Node) -> str:
+        path = self.path(node)
+        if node.upper:
+            return os.readlink(self.upper.path(path))
+        return self.lower.readlink(path)
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.upper.root)
+
+    # -- copy-up ------------------------------------------------------------------------
+
+    def needs_copy_up(self, node: Node) -> bool:
+        return not node.upper
+
+    def copy_up_parents(self, node: Node) -> None:
+        chain = []
+        p = node.parent
+        while p is not None and not p.upper:
+            chain.append(p)
+            p = p.parent
+        for d in reversed(chain):
+            self.copy_up(d)
+
+    def copy_up(self, node: Node, with_data: bool = True) -> None:
+        """Make node exist in the upper layer with identical content and metadata."""
+        if node.upper:
+            return
+        if node.parent is None:
+            raise oserror(errno.ENOENT)
+        tmp = self.copy_up_prepare(node, with_data)
+        self.copy_up_commit(node, tmp)
+
+    def copy_up_prepare(self, node: Node, with_data: bool = True) -> str:
+        """Parents first, then the entry itself into the work dir (data copy included)."""
+        self.copy_up_parents(node)
+        meta = node.lower
+        assert meta is not None
+        if stat.S_ISREG(meta.mode):
+            return copy_up.prepare_file(self.upper, meta, with_data=with_data)
+        target = self.lower.readlink(self.path(node)) if stat.S_ISLNK(meta.mode) else None
+        return copy_up.prepare_other(self.upper, meta, target)
+
+    def copy_up_commit(self, node: Node, tmp: str) -> None:
+        copy_up.publish(self.upper, tmp, self.path(node))
+        node.upper = True
+        if node.children is None:
+            node.lower = None
+        self._redirect_handles(node)
+
+    def _redirect_handles(self, node: Node) -> None:
+        """Handles opened on the lower file now read the upper copy (same fd number)."""
+        for fh in node.handles or ():
+            h = self.handles[fh]
+            if h.on_lower:
+                new = os.open(self.upper.path(self.path(node)), os.O_RDONLY | os.O_CLOEXEC)
+                os.dup2(new, h.fd)
+                os.close(new)
+                h.on_lower = False
+
+    def copy_up_tree(self, node: Node) -> None:
+        """Copy up a node and, for a directory, everything merged into it from below."""
+        self.copy_up(node)
+        if node.children is None or node.lower is None:
+            return
+        for name in self.listdir(node):
+            self.copy_up_tree(self.child(node, name))
+        node.lower = None  # fully materialised: nothing below may merge in any more
+
+    # -- files --------------------------------------------------------------------------
+
+    def _add_handle(self, node: Node, fd: int, writable: bool, on_lower: bool) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(node, fd, writable, on_lower)
+        if node.handles is None:
+            node.handles = set()
+        node.handles.add(fh)
+        return fh
+
+    def open(self, node: Node, flags: int) -> int:
+        if node.children is not None:
+            raise oserror(errno.EISDIR)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable or flags & os.O_TRUNC:
+            self.copy_up(node, with_data=not flags & os.O_TRUNC)
+        if node.upper:
+            fd = os.open(self.upper.path(self.path(node)),
+                         (flags & ~_STRIP_OPEN) | os.O_CLOEXEC)
+            return self._add_handle(node, fd, writable, on_lower=False)
+        assert node.lower is not None and node.lower.source is not None
+        fd = os.open(node.lower.source, os.O_RDONLY | os.O_CLOEXEC)  # never writable
+        return self._add_handle(node, fd, False, on_lower=True)
+
+    def handle(self, fh: int) -> Handle:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise oserror(errno.EBADF) from None
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        return os.pread(self.handle(fh).fd, size, offset)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        h = self.handle(fh)
+        if not h.writable:
+            raise oserror(errno.EBADF)
+        return os.pwrite(h.fd, data, offset)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        h = self.handle(fh)
+        if not h.on_lower:
+            (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        os.close(h.fd)
+        if h.node.handles is not None:
+            h.node.handles.discard(fh)
+        self.table.maybe_drop(h.node)
+
+    def setattr(self, node: Node, fh: int | None, *, size: int | None = None,
+                mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                atime_ns: int | None = None, mtime_ns: int | None = None) -> Attr:
+        if node.parent is not None or node is self.root:
+            self.copy_up(node, with_data=size != 0)
+        h = self.handles.get(fh) if fh is not None else None
+        target: int | str
+        if h is not None and h.writable:
+            target = h.fd
+        elif node.parent is not None or node is self.root:
+            target = self.upper.path(self.path(node))
+        else:  # unlinked but still open: act on the open file
+            fd = self._any_fd(node)
+            if fd is None or not node.upper:
+                raise oserror(errno.ENOENT)
+            target = fd
+        is_link = isinstance(target, str) and stat.S_ISLNK(os.lstat(target).st_mode)
+        if size is not None:
+            if is_link or node.children is not None:
+                raise oserror(errno.EISDIR if node.children is not None else errno.EINVAL)
+            os.truncate(target, size)
+        if mode is not None and not is_link:
+            os.chmod(target, stat.S_IMODE(mode))
+        if uid is not None or gid is not None:
+            os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid,
+                     **({"follow_symlinks": False} if isinstance(target, str) else {}))
+        if atime_ns is not None or mtime_ns is not None:
+            st = os.stat(target, follow_symlinks=False) if isinstance(target, str) \
+                else os.fstat(target)
+            times = (st.st_atime_ns if atime_ns is None else atime_ns,
+                     st.st_mtime_ns if mtime_ns is None else mtime_ns)
+            if isinstance(target, str):
+                os.utime(target, ns=times, follow_symlinks=False)
+            else:
+                os.utime(target, ns=times)
+        return self.getattr(node)
+
+    # -- xattrs -------------------------------------------------------------------------
+
+    def _xattr_target(self, node: Node) -> str | None:
+        if node.upper:
+            return self.upper.path(self.path(node))
+        return node.lower.source if node.lower is not None else None
+
+    def getxattr(self, node: Node, name: str) -> bytes:
+        target = self._xattr_target(node)
+        if target is None or is_private_xattr(name):
+            raise oserror(errno.ENODATA)
+        return os.getxattr(target, name, follow_symlinks=False)
+
+    def listxattr(self, node: Node) -> list[str]:
+        target = self._xattr_target(node)
+        if target is None:
+            return []
+        return [n for n in os.listxattr(target, follow_symlinks=False)
+                if not is_private_xattr(n)]
+
+    def setxattr(self, node: Node, name: str, value: bytes, flags: int = 0) -> None:
+        if is_private_xattr(name):
+            raise oserror(errno.EPERM)  # overlay markers cannot be forged through the mount
+        self.copy_up(node)
+        os.setxattr(self.upper.path(self.path(node)), name, value, flags,
+                    follow_symlinks=False)
+
+    def removexattr(self, node: Node, name: str) -> None:
+        if is_private_xattr(name):
+            raise oserror(errno.ENODATA)
+        self.getxattr(node, name)  # ENODATA before any copy-up
+        self.copy_up(node)
+        os.removexattr(self.upper.path(self.path(node)), name, follow_symlinks=False)

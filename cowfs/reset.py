@@ -1,0 +1,80 @@
+"""Dropping a venv's private changes: remove upper entries and bring the nodes back in line.
+
+Costs O(changes): only the named upper entries are touched. Node inode numbers survive a
+reset (the pristine file keeps the number the edited one had), and the kernel is told to
+drop the cached pages, attributes and dentries involved.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+
+from cowfs.inode import Node
+from cowfs.lower import join
+from cowfs.manifest import check_relpath
+from cowfs.overlay import Overlay
+from cowfs.super import Invalidation
+
+
+def reset_paths(ov: Overlay, paths: list[str]) -> tuple[Invalidation, list[str]]:
+    inv = Invalidation()
+    removed: list[str] = []
+    for raw in paths:
+        path = check_relpath(raw.strip("/"))
+        upath = ov.upper.path(path)
+        st = ov.upper.lstat(path)
+        if st is None and not ov.upper.remove_whiteout(path):
+            continue
+        if st is not None:
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(upath)
+            else:
+                os.unlink(upath)
+        removed.append(path)
+        parent = _known_parent(ov, path)
+        if parent is not None:
+            name = path.rpartition("/")[2]
+            inv.entries.append((parent.ino, name))
+            child = (parent.children or {}).get(name)
+            if child is not None:
+                _revalidate(ov, parent, name, child, path, inv)
+            inv.inodes.append(parent.ino)
+    return inv, removed
+
+
+def _known_parent(ov: Overlay, path: str) -> Node | None:
+    node = ov.root
+    for part in path.split("/")[:-1]:
+        nxt = (node.children or {}).get(part)
+        if nxt is None:
+            return None
+        node = nxt
+    return node
+
+
+def _revalidate(ov: Overlay, parent: Node, name: str, node: Node, path: str,
+                inv: Invalidation) -> None:
+    """Re-resolve one known node after its upper entry went away."""
+    entry = ov.lower.lookup(path) if parent.lower is not None else None
+    is_dir = node.children is not None
+    if ov.upper.lstat(path) is not None:
+        return  # still has an upper entry (not reset)
+    if entry is None or entry.is_dir != is_dir:
+        ov.table.unlink(parent, name)
+        inv.entries.append((parent.ino, name))
+        return
+    node.upper = False
+    node.lower = entry
+    inv.inodes.append(node.ino)
+    for h in (ov.handles[fh] for fh in node.handles or ()):
+        if not h.writable and entry.source is not None:
+            # Readers see the pristine file on their next read, as on their next open.
+            new = os.open(entry.source, os.O_RDONLY | os.O_CLOEXEC)
+            os.dup2(new, h.fd)
+            os.close(new)
+            h.on_lower = True
+    for child_name, child in list((node.children or {}).items()):
+        if child.parent is node and child.name == child_name:
+            _revalidate(ov, node, child_name, child, join(path, child_name), inv)

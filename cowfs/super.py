@@ -1,0 +1,86 @@
+"""Building an overlay from a MountSpec (the kernel's super.c): lower, upper, live reload."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cowfs.inode import Node
+from cowfs.lower import DirLower, Lower, ManifestLower, join
+from cowfs.manifest import read_manifest
+from cowfs.overlay import Overlay
+from cowfs.spec import MountSpec, VenvState
+from cowfs.store import Store
+from cowfs.upper import Upper
+
+
+def build_lower(spec: MountSpec) -> Lower:
+    if spec.venv is not None:
+        state = VenvState.load(Path(spec.venv))
+        store = Store(state.store)
+        manifests = [read_manifest(store, d) for d in state.dists]
+        st = os.stat(state.venv)
+        return ManifestLower.from_manifests(store.objects, manifests, state.extra,
+                                            uid=st.st_uid, gid=st.st_gid)
+    return DirLower([Path(p) for p in spec.lowerdirs])
+
+
+def build_overlay(spec: MountSpec) -> Overlay:
+    os.makedirs(spec.upper, exist_ok=True)
+    os.makedirs(spec.work, exist_ok=True)
+    return Overlay(build_lower(spec), Upper(spec.upper, spec.work))
+
+
+@dataclass
+class Invalidation:
+    """What the kernel cached that a daemon-side change made stale."""
+
+    inodes: list[int] = field(default_factory=list)  # data and attributes
+    entries: list[tuple[int, str]] = field(default_factory=list)  # (parent ino, name)
+
+
+def swap_lower(ov: Overlay, new: Lower) -> Invalidation:
+    """Replace the lower layer of a live overlay (after an install or uninstall).
+
+    Known nodes are re-resolved against the new lower, parents before children; names that
+    appeared, vanished or changed are reported so the kernel drops positive and negative
+    dentries and cached pages for them.
+    """
+    old = ov.lower
+    ov.lower = new
+    inv = Invalidation()
+    root = ov.root
+    if root.lower is not None:
+        root.lower = new.lookup("")
+    _refresh_dir(ov, old, new, root, "", inv)
+    inv.inodes.append(root.ino)
+    return inv
+
+
+def _refresh_dir(ov: Overlay, old: Lower, new: Lower, node: Node, path: str,
+                 inv: Invalidation) -> None:
+    if node.lower is not None or old.lookup(path) is not None:
+        before = set(old.listdir(path)) if old.lookup(path) is not None else set()
+        after = set(new.listdir(path)) if node.lower is not None else set()
+        for name in before ^ after:
+            inv.entries.append((node.ino, name))
+    for name, child in list((node.children or {}).items()):
+        child_path = join(path, name)
+        if child.parent is not node or child.name != name:
+            continue  # an extra hard link; handled through its primary name
+        entry = new.lookup(child_path) if node.lower is not None else None
+        if child.upper:
+            if child.children is not None:
+                # Same rule as a fresh lookup: merge unless the upper dir is opaque.
+                child.lower = entry if entry is not None and entry.is_dir \
+                    and not ov.upper.is_opaque(child_path) else None
+        elif entry is None or (entry.is_dir != (child.children is not None)):
+            ov.table.unlink(node, name)
+            inv.entries.append((node.ino, name))
+            continue
+        elif entry != child.lower:
+            child.lower = entry
+            inv.inodes.append(child.ino)
+        if child.children is not None:
+            _refresh_dir(ov, old, new, child, child_path, inv)

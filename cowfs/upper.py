@@ -1,0 +1,220 @@
+"""The writable upper directory of an overlay: paths, whiteouts, opaque directories.
+
+Markers follow the kernel's unprivileged ("userxattr") overlayfs format so the upper directory
+stays readable by other overlay tools and names keep their full 255-byte length:
+
+* whiteout: an empty regular file carrying the xattr `user.overlay.whiteout`; its parent
+  directory carries `user.overlay.opaque=x` ("holds whiteouts", as the kernel expects).
+  The classic 0/0 character device whiteout is recognised too.
+* opaque directory: `user.overlay.opaque=y`.
+
+Where the upper filesystem has no user xattrs (some FUSE or NTFS mounts), the aufs-style
+name-prefix fallback is used: `.wh.NAME` and `.wh..wh..opq` (names then lose 4 bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import stat
+import uuid
+
+WHITEOUT_XATTR = "user.overlay.whiteout"
+OPAQUE_XATTR = "user.overlay.opaque"
+PRIVATE_XATTR_PREFIXES = ("user.overlay.", "trusted.overlay.")
+WH_PREFIX = ".wh."
+WH_OPAQUE = ".wh..wh..opq"
+
+
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(old: str, new: str, flags: int) -> None:
+    """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE, which os.rename cannot express."""
+    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), old)
+
+
+def is_private_xattr(name: str) -> bool:
+    return name.startswith(PRIVATE_XATTR_PREFIXES)
+
+
+def _getxattr(path: str, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def is_whiteout_stat(path: str, st: os.stat_result) -> bool:
+    """Is the entry at path (already lstat'ed) a whiteout, in either xattr format?"""
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+        return True
+    return (stat.S_ISREG(st.st_mode) and st.st_size == 0
+            and _getxattr(path, WHITEOUT_XATTR) is not None)
+
+
+def is_opaque_dir(path: str) -> bool:
+    value = _getxattr(path, OPAQUE_XATTR) or _getxattr(path, "trusted.overlay.opaque")
+    return value == b"y" or os.path.lexists(f"{path}/{WH_OPAQUE}")
+
+
+def probe_user_xattrs(directory: str) -> bool:
+    """Can this filesystem hold user.* xattrs on regular files?"""
+    probe = f"{directory}/.cowfs-xattr-probe-{uuid.uuid4().hex}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        os.setxattr(probe, "user.cowfs.probe", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
+class Upper:
+    """The upper directory plus its work directory (same filesystem, for atomic renames)."""
+
+    def __init__(self, root: str, work: str, use_xattrs: bool | None = None) -> None:
+        self.root = os.path.abspath(root)
+        self.work = os.path.abspath(work)
+        os.makedirs(self.work, exist_ok=True)
+        if os.stat(self.root).st_dev != os.stat(self.work).st_dev:
+            raise ValueError("upperdir and workdir must be on the same filesystem")
+        self.xattrs = probe_user_xattrs(self.work) if use_xattrs is None else use_xattrs
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def lstat(self, rel: str) -> os.stat_result | None:
+        try:
+            return os.lstat(self.path(rel))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def temp_path(self) -> str:
+        return f"{self.work}/{uuid.uuid4().hex}"
+
+    # -- markers ------------------------------------------------------------------------
+
+    def is_whiteout(self, rel: str, st: os.stat_result) -> bool:
+        return is_whiteout_stat(self.path(rel), st)
+
+    def has_prefix_whiteout(self, rel: str) -> bool:
+        """Fallback format: is there a `.wh.NAME` next to NAME?"""
+        if self.xattrs:
+            return False
+        parent, _, name = rel.rpartition("/")
+        return os.path.lexists(self.path(f"{parent}/{WH_PREFIX}{name}" if parent
+                                         else f"{WH_PREFIX}{name}"))
+
+    def is_opaque(self, rel: str) -> bool:
+        return is_opaque_dir(self.path(rel))
+
+    def make_whiteout(self, rel: str) -> None:
+        """Hide the lower entry at rel. rel must not exist in upper (except as a whiteout)."""
+        parent, _, name = rel.rpartition("/")
+        if not self.xattrs:
+            marker = f"{parent}/{WH_PREFIX}{name}" if parent else f"{WH_PREFIX}{name}"
+            fd = os.open(self.path(marker), os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+            return
+        tmp = self.temp_path()
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        os.setxattr(tmp, WHITEOUT_XATTR, b"y")
+        os.rename(tmp, self.path(rel))
+        if _getxattr(self.path(parent), OPAQUE_XATTR) is None:
+            os.setxattr(self.path(parent), OPAQUE_XATTR, b"x")
+
+    def remove_whiteout(self, rel: str) -> bool:
+        """Drop a whiteout at rel if there is one; True when one was removed."""
+        if not self.xattrs:
+            parent, _, name = rel.rpartition("/")
+            marker = f"{parent}/{WH_PREFIX}{name}" if parent else f"{WH_PREFIX}{name}"
+            try:
+                os.unlink(self.path(marker))
+                return True
+            except FileNotFoundError:
+                return False
+        st = self.lstat(rel)
+        if st is not None and self.is_whiteout(rel, st):
+            os.unlink(self.path(rel))
+            return True
+        return False
+
+    def make_opaque(self, rel: str) -> None:
+        self.make_opaque_path(self.path(rel))
+
+    def make_opaque_path(self, path: str) -> None:
+        if self.xattrs:
+            os.setxattr(path, OPAQUE_XATTR, b"y")
+        else:
+            os.close(os.open(f"{path}/{WH_OPAQUE}", os.O_CREAT | os.O_WRONLY, 0o600))
+
+    def listdir(self, rel: str) -> tuple[list[str], set[str]]:
+        """Visible upper names and whited-out names of the upper directory rel."""
+        names: list[str] = []
+        whiteouts: set[str] = set()
+        try:
+            it = os.scandir(self.path(rel))
+        except (FileNotFoundError, NotADirectoryError):
+            return names, whiteouts
+        with it:
+            for de in it:
+                name = de.name
+                if not self.xattrs and name.startswith(WH_PREFIX):
+                    if name != WH_OPAQUE:
+                        whiteouts.add(name[len(WH_PREFIX):])
+                    continue
+                if self.xattrs and not de.is_dir(follow_symlinks=False):
+                    st = de.stat(follow_symlinks=False)
+                    if is_whiteout_stat(de.path, st):
+                        whiteouts.add(name)
+                        continue
+                names.append(name)
+        return names, whiteouts
+
+    def clear_markers(self, rel: str) -> None:
+        """Remove whiteouts inside an upper dir whose merged view is empty (before rmdir)."""
+        _, whiteouts = self.listdir(rel)
+        for name in whiteouts:
+            marker = name if self.xattrs else f"{WH_PREFIX}{name}"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(f"{rel}/{marker}" if rel else marker))
+        if not self.xattrs:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(f"{rel}/{WH_OPAQUE}" if rel else WH_OPAQUE))
+
+    def install(self, tmp: str, rel: str) -> None:
+        """Atomically put a prepared temp entry at rel, replacing a whiteout if present."""
+        if not self.xattrs:
+            self.remove_whiteout(rel)
+            os.rename(tmp, self.path(rel))
+            return
+        target = self.path(rel)
+        if os.path.isdir(tmp) and not os.path.islink(tmp) and os.path.lexists(target):
+            # A directory cannot be renamed over the (file) whiteout: swap them, then drop
+            # the whiteout, so there is no moment where the lower entry shows through.
+            renameat2(tmp, target, RENAME_EXCHANGE)
+            os.unlink(tmp)
+            return
+        os.rename(tmp, target)
+
+    def fsync_dir(self, rel: str) -> None:
+        fd = os.open(self.path(rel), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:  # some filesystems refuse fsync on directories
+            if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+                raise
+        finally:
+            os.close(fd)
