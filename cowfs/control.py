@@ -34,9 +34,10 @@ def request(sock_path: Path, op: str, timeout: float = 30.0, **args: Any) -> dic
     return reply
 
 
-def try_request(sock_path: Path, op: str, **args: Any) -> dict[str, Any] | None:
+def try_request(sock_path: Path, op: str, timeout: float = 30.0,
+                **args: Any) -> dict[str, Any] | None:
     """Like request(), but None when there is no daemon behind the socket."""
     try:
-        return request(sock_path, op, **args)
+        return request(sock_path, op, timeout, **args)
     except (OSError, ValueError):
         return None

@@ -1,0 +1,188 @@
+"""Desired set of distributions vs installed set -> new venv state -> live reload.
+
+Installing never copies package files into the venv: wheels are ingested into the store once,
+the venv's state lists distribution ids, and the mount daemon swaps in a new lower layer.
+A warm install therefore costs O(distributions), not O(files). Only per-venv files (console
+scripts with this venv's interpreter in their shebang, REQUESTED, direct_url.json) are
+written per venv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from packaging.utils import canonicalize_name
+
+from cowfs import control
+from cowfs import mount as mounting
+from cowfs.errors import CowfsError
+from cowfs.manifest import FileEntry, Manifest, read_manifest
+from cowfs.spec import VenvState
+from cowfs.store import Store
+from installer.fetch import fetch
+from installer.interpreters import InterpreterInfo
+from installer.locks import pins_from_local_wheels
+from installer.resolve import Pin, local_path, resolve
+from installer.scripts import install_venv_files, remove_venv_files
+from installer.venv import ensure_mounted
+from installer.wheel import ingest_wheel, venv_extra_files
+
+
+@dataclass
+class Request:
+    requirements: Sequence[str] = ()
+    requirement_files: Sequence[Path] = ()
+    find_links: Sequence[str] = ()
+    no_index: bool = False
+    offline: bool = False
+    index_url: str | None = None
+    quiet: bool = False
+
+
+@dataclass
+class Summary:
+    installed: list[tuple[str, str]] = field(default_factory=list)
+    removed: list[tuple[str, str]] = field(default_factory=list)
+    unchanged: int = 0
+    resolver: str = ""
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {"installed": [f"{n}=={v}" for n, v in self.installed],
+                "removed": [f"{n}=={v}" for n, v in self.removed],
+                "unchanged": self.unchanged, "resolver": self.resolver,
+                "seconds": round(self.seconds, 4)}
+
+
+@contextlib.contextmanager
+def venv_lock(venv: Path) -> Iterator[None]:
+    """One installer at a time per venv (different venvs proceed in parallel)."""
+    path = VenvState.state_dir(venv) / "lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def plan(request: Request, info: InterpreterInfo, store: Store, python: Path) -> tuple[
+        list[Pin], str]:
+    """Pins for the request: the local pip-sync fast path when it applies, else pip."""
+    wheel_dirs = [store.wheels] + [Path(p) for p in request.find_links
+                                   if local_path(p) is not None or os.path.isdir(p)]
+    pins = pins_from_local_wheels(list(request.requirements), wheel_dirs, info.tags,
+                                  info.markers, requirement_files=request.requirement_files)
+    if pins is not None:
+        return pins, "local"
+    return resolve(list(request.requirements), python=python,
+                   requirement_files=request.requirement_files,
+                   find_links=request.find_links, no_index=request.no_index,
+                   offline=request.offline, index_url=request.index_url,
+                   quiet=request.quiet), "pip"
+
+
+def _ingest_all(store: Store, pins: Sequence[Pin], paths: dict[str, Path],
+                info: InterpreterInfo) -> dict[str, Manifest]:
+    """Ingest in parallel: unzip and hashing release the GIL; a warm ingest is a lookup."""
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = {p.name: pool.submit(ingest_wheel, store, paths[p.name],
+                                       supported_tags=info.tags) for p in pins}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def _dist_info_prefix(m: Manifest) -> str:
+    return f"{m.dist_info}/"
+
+
+def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[Pin], *,
+          exact: bool, quiet: bool = False, resolver: str = "") -> Summary:
+    """Make the venv hold pins (plus what it had, unless exact) and reload the mount."""
+    started = time.perf_counter()
+    summary = Summary(resolver=resolver)
+    with store.lock():
+        paths = fetch(pins, store.ensure().wheels, progress=not quiet)
+        new = _ingest_all(store, pins, paths, info)
+    current = {canonicalize_name(m.name): m for m in (read_manifest(store, d)
+                                                        for d in state.dists)}
+    wanted: dict[str, Manifest] = {} if exact else dict(current)
+    for name, manifest in new.items():
+        wanted[canonicalize_name(name)] = manifest
+    requested = {canonicalize_name(n) for n in state.requested}
+    requested |= {p.name for p in pins if p.requested}
+    if exact:
+        requested &= set(wanted)
+    python = Path(state.python)
+    extra = [e for e in state.extra]
+    for name, old in current.items():
+        if name not in wanted or wanted[name].id != old.id:
+            remove_venv_files(old, state.venv)
+            extra = [e for e in extra if not e.path.startswith(_dist_info_prefix(old))]
+            summary.removed.append((old.name, old.version))
+    direct = {p.name: p.direct_url for p in pins}
+    for name, m in wanted.items():
+        if name in current and current[name].id == m.id:
+            summary.unchanged += 1
+            continue
+        install_venv_files(store, m, state.venv, python, purelib=state.site_packages)
+        extra = [e for e in extra if not e.path.startswith(_dist_info_prefix(m))]
+        extra.extend(venv_extra_files(store, m, requested=name in requested,
+                                      direct_url=direct.get(name)))
+        summary.installed.append((m.name, m.version))
+    state.dists = [m.id for m in wanted.values()]
+    state.extra = _dedup(extra)
+    state.requested = sorted(requested)
+    state.save()
+    reload(state)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _dedup(rows: list[FileEntry]) -> list[FileEntry]:
+    return list({e.path: e for e in rows}.values())
+
+
+def uninstall(state: VenvState, store: Store, names: Sequence[str]) -> Summary:
+    summary = Summary()
+    wanted = {canonicalize_name(n) for n in names}
+    keep: list[str] = []
+    extra = list(state.extra)
+    found: set[str] = set()
+    for dist_id in state.dists:
+        m = read_manifest(store, dist_id)
+        name = canonicalize_name(m.name)
+        if name in wanted:
+            found.add(name)
+            remove_venv_files(m, state.venv)
+            extra = [e for e in extra if not e.path.startswith(_dist_info_prefix(m))]
+            summary.removed.append((m.name, m.version))
+        else:
+            keep.append(dist_id)
+    missing = sorted(wanted - found)
+    if missing:
+        raise CowfsError(f"not installed in {state.venv}: {', '.join(missing)}")
+    state.dists, state.extra = keep, extra
+    state.requested = [n for n in state.requested if canonicalize_name(n) not in wanted]
+    state.save()
+    reload(state)
+    return summary
+
+
+def reload(state: VenvState) -> None:
+    """Tell a live daemon to swap in the new lower; mount when nothing is mounted."""
+    spec = state.mount_spec()
+    if mounting.mount_state(spec.mountpoint) == "live":
+        try:
+            control.request(spec.socket, "reload")
+            return
+        except (OSError, ValueError) as exc:
+            raise CowfsError(f"the mount daemon of {state.venv} did not reload: {exc}") \
+                from None
+    ensure_mounted(state)

@@ -1,0 +1,83 @@
+"""Venv creation and discovery: a real venv whose site-packages is a cowfs mount.
+
+`create_venv` makes the venv with the target interpreter's own `venv` module (so activation
+scripts and pyvenv.cfg are exactly what users expect), writes the automount hook into the
+real site-packages, records the venv state, registers a gc root in the store and mounts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from cowfs import mount as mounting
+from cowfs.errors import CowfsError
+from cowfs.spec import VenvState
+from cowfs.store import Store
+from installer.automount import write_hook
+from installer.interpreters import InterpreterInfo, query_interpreter
+
+
+def find_venv(explicit: str | Path | None = None) -> Path:
+    """--venv DIR, else $VIRTUAL_ENV, else ./.venv (the conventions uv and pip use)."""
+    if explicit:
+        venv = Path(explicit)
+    elif os.environ.get("VIRTUAL_ENV"):
+        venv = Path(os.environ["VIRTUAL_ENV"])
+    else:
+        venv = Path(".venv")
+    venv = venv.absolute()
+    if not VenvState.path_for(venv).exists():
+        if (venv / "pyvenv.cfg").exists():
+            raise CowfsError(f"{venv} is a venv but not a cowfs venv; `cowfs adopt {venv}` "
+                             "converts it")
+        raise CowfsError(f"no cowfs venv at {venv}; create one with `cowfs venv {venv}`")
+    return venv
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def ensure_mounted(state: VenvState) -> str:
+    """Mount the venv's overlay unless it is live; a dead mount is recovered."""
+    return mounting.mount(state.mount_spec())
+
+
+def create_venv(path: Path, python: str | None, store: Store) -> tuple[VenvState, str]:
+    venv = path.absolute()
+    if VenvState.path_for(venv).exists():
+        state = VenvState.load(venv)
+        return state, ensure_mounted(state)
+    if (venv / "pyvenv.cfg").exists():
+        raise CowfsError(f"{venv} is already a venv (not made by cowfs); `cowfs adopt` it "
+                         "or choose another directory")
+    if venv.exists() and (not venv.is_dir() or any(venv.iterdir())):
+        raise CowfsError(f"{venv} exists and is not an empty directory")
+    base = query_interpreter(python or "python3", store)
+    _run_venv(base, venv)
+    info = query_interpreter(venv_python(venv), store)
+    site = Path(info.paths["purelib"])
+    if not site.is_dir() or venv not in site.parents:
+        raise CowfsError(f"unexpected site-packages location {site} for {venv}")
+    state = VenvState(venv=venv, site_packages=site, store=store.root,
+                      python=str(venv_python(venv)))
+    write_hook(site, venv)
+    state.save()
+    store.ensure()
+    store.add_root(venv, VenvState.path_for(venv))
+    return state, ensure_mounted(state)
+
+
+def _run_venv(base: InterpreterInfo, venv: Path) -> None:
+    # --without-pip: pip inside a cowfs venv is optional, and `cowfs install` never needs it.
+    proc = subprocess.run([base.executable, "-m", "venv", "--without-pip", str(venv)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        raise CowfsError(f"creating the venv {venv} with {base.executable} failed: {detail}")
+
+
+def remove_venv_root(store: Store, venv: Path) -> None:
+    store.remove_root(venv)
