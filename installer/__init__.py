@@ -1,0 +1,1 @@
+"""The cowfs installer: resolves, fetches and installs distributions into cowfs venvs."""
