@@ -107,6 +107,13 @@ def _last_log_line(log: str) -> str:
 def mount(spec: MountSpec, foreground: bool = False) -> str:
     """Mount and return only once the mount answers. Returns 'mounted' or 'already mounted'."""
     mp = spec.mountpoint
+    state = mount_state(mp)
+    if state == "live":
+        return "already mounted"
+    if state == "foreign":
+        raise CowfsError(f"{mp} is already a mount point of another filesystem")
+    if state == "stale":
+        detach_stale(mp)  # the daemon died: "Transport endpoint is not connected"
     if not os.path.isdir(mp):
         raise CowfsError(f"mount point {mp} is not a directory")
     for d, what in ((spec.upper, "upperdir"), (spec.work, "workdir")):
@@ -117,13 +124,6 @@ def mount(spec: MountSpec, foreground: bool = False) -> str:
     for d in spec.lowerdirs:
         if not os.path.isdir(d):
             raise CowfsError(f"lowerdir {d} is not a directory")
-    state = mount_state(mp)
-    if state == "live":
-        return "already mounted"
-    if state == "foreign":
-        raise CowfsError(f"{mp} is already a mount point of another filesystem")
-    if state == "stale":
-        detach_stale(mp)
     spec_file = spec.save()
     if foreground:
         from cowfs.daemon import run

@@ -10,6 +10,7 @@ in one line on stderr and the interpreter carries on with an empty site-packages
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,14 +57,11 @@ _mount()
 def cowfs_command() -> list[str]:
     """How the hook runs cowfs: this very interpreter (absolute path), isolated (-I) when
     cowfs is installed in it, so neither PATH nor PYTHONPATH can redirect the hook."""
-    import importlib.metadata
-
     exe = os.path.abspath(sys.executable)  # not realpath: a venv python is a symlink
-    try:
-        importlib.metadata.distribution("cowfs")
-    except importlib.metadata.PackageNotFoundError:
-        return [exe, "-m", "cowfs"]  # a source checkout on sys.path (development)
-    return [exe, "-I", "-m", "cowfs"]
+    probe = subprocess.run([exe, "-I", "-c", "import cowfs"], capture_output=True)
+    if probe.returncode == 0:
+        return [exe, "-I", "-m", "cowfs"]
+    return [exe, "-m", "cowfs"]  # a source checkout on PYTHONPATH (development)
 
 
 def write_hook(site_packages: Path, venv: Path) -> None:

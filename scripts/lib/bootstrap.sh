@@ -51,9 +51,14 @@ ensure_python_env() {
     echo "cowfs: preparing the Python environment in $DEV_ENV" >&2
     [ -x "$DEV_ENV/bin/python" ] || "$PYTHON_BIN" -m venv "$DEV_ENV"
     local spec="$COWFS_ROOT"
-    [ -n "$extra" ] && spec="$COWFS_ROOT[$extra]"
-    "$DEV_ENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    "$DEV_ENV/bin/python" -m pip install -q -e "$spec"
+    [ -n "$extra" ] && spec="${COWFS_ROOT}[${extra}]"
+    local log="$DEV_ENV/install.log"
+    "$DEV_ENV/bin/python" -m pip install -q --upgrade pip >"$log" 2>&1 || true
+    if ! "$DEV_ENV/bin/python" -m pip install -q -e "$spec" >>"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        echo "cowfs: installing the Python dependencies failed (full log: $log)" >&2
+        exit 1
+    fi
     echo "$want" > "$DEV_ENV/.stamp"
 }
 

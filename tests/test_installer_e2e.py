@@ -1,0 +1,186 @@
+"""End to end through the `cowfs` CLI on the real pycowsay wheel (downloaded once, cached)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cowfs import control
+from cowfs import mount as mounting
+from cowfs.spec import VenvState
+from cowfs.store import Store, digest_bytes
+from tests.conftest import force_unmount
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from wheelcache import ensure_wheels  # noqa: E402
+
+PKG = "pycowsay==0.0.0.2"
+UDDER, EDITED = "||----w |", "||----ww|"
+
+
+@pytest.fixture(scope="session")
+def wheels() -> Path:
+    try:
+        return ensure_wheels([PKG])
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"real wheels unavailable offline: {exc}")
+
+
+def cowfs(*args: str, check: bool = True, env: dict[str, str] | None = None
+          ) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "cowfs", *args], capture_output=True,
+                          text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cowfs {' '.join(args)} failed: {proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def venvs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        venv = tmp_path / name / ".venv"
+        cowfs("venv", str(venv))
+        made.append(venv)
+        return venv
+
+    try:
+        yield make
+    finally:
+        for venv in made:
+            if VenvState.path_for(venv).exists():
+                force_unmount(str(VenvState.load(venv).site_packages))
+
+
+def site(venv: Path) -> Path:
+    return VenvState.load(venv).site_packages
+
+
+def cow(venv: Path) -> str:
+    out = subprocess.run([str(venv / "bin" / "pycowsay"), "moo"], capture_output=True,
+                         text=True, check=True).stdout
+    return next(ln.strip() for ln in out.splitlines() if "||--" in ln)
+
+
+def object_hashes(store: Store) -> dict[str, str]:
+    return {d: digest_bytes(p.read_bytes()) for d, p in store.iter_objects()}
+
+
+def test_two_projects_edit_stays_private(venvs: Callable[[str], Path], wheels: Path) -> None:
+    a, b = venvs("A"), venvs("B")
+    for v in (a, b):
+        cowfs("install", "--venv", str(v), PKG, "--no-index", "--find-links", str(wheels))
+    store = Store()
+    before = object_hashes(store)
+    assert all(d == h for d, h in before.items()), "objects are named by their content"
+    main_a = site(a) / "pycowsay" / "main.py"
+    main_a.write_text(main_a.read_text().replace(UDDER, EDITED))
+    assert cow(a) == EDITED
+    assert cow(b) == UDDER
+    assert object_hashes(store) == before  # the store is byte-identical
+    assert (a / ".cowfs" / "upper" / "pycowsay" / "main.py").read_text().count(EDITED) == 1
+    c = venvs("C")
+    cowfs("install", "--venv", str(c), PKG, "--no-index", "--find-links", str(wheels))
+    assert cow(c) == UDDER
+    # B and C share A's pristine object: the same inode content, not a copy per venv.
+    digest = digest_bytes((site(c) / "pycowsay" / "main.py").read_bytes())
+    assert store.has(digest)
+
+
+def test_installed_layout_follows_the_specs(venvs: Callable[[str], Path], wheels: Path) -> None:
+    a = venvs("A")
+    out = cowfs("install", "--venv", str(a), PKG, "--no-index", "--find-links", str(wheels),
+                "--json")
+    assert '"pycowsay==0.0.0.2"' in out.stdout
+    info = site(a) / "pycowsay-0.0.0.2.dist-info"
+    assert (info / "INSTALLER").read_text() == "cowfs\n"
+    assert (info / "REQUESTED").exists()
+    record = (info / "RECORD").read_text()
+    assert "pycowsay/main.py,sha256=" in record
+    script = (a / "bin" / "pycowsay").read_text()
+    assert script.startswith(f"#!{a}/bin/python")
+    proc = subprocess.run([str(a / "bin" / "python"), "-c",
+                           "import importlib.metadata as m; print(m.version('pycowsay'))"],
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "0.0.0.2"
+
+
+def test_uninstall_and_reinstall(venvs: Callable[[str], Path], wheels: Path) -> None:
+    a = venvs("A")
+    cowfs("install", "--venv", str(a), PKG, "--no-index", "--find-links", str(wheels))
+    cowfs("uninstall", "--venv", str(a), "pycowsay")
+    assert not (site(a) / "pycowsay").exists()
+    assert not (a / "bin" / "pycowsay").exists()
+    bad = cowfs("uninstall", "--venv", str(a), "pycowsay", check=False)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "not installed" in bad.stderr
+    cowfs("install", "--venv", str(a), PKG, "--no-index", "--find-links", str(wheels))
+    assert cow(a) == UDDER
+
+
+def test_automount_after_unmount(venvs: Callable[[str], Path], wheels: Path) -> None:
+    a = venvs("A")
+    cowfs("install", "--venv", str(a), PKG, "--no-index", "--find-links", str(wheels))
+    cowfs("umount", str(a))
+    assert mounting.find_mount(str(site(a))) is None
+    proc = subprocess.run([str(a / "bin" / "python"), "-c", "import pycowsay; print('ok')"],
+                          capture_output=True, text=True)
+    assert proc.stdout.strip() == "ok", proc.stderr
+    assert mounting.mount_state(str(site(a))) == "live"
+
+
+def test_dead_daemon_is_recovered(venvs: Callable[[str], Path], wheels: Path) -> None:
+    a = venvs("A")
+    cowfs("install", "--venv", str(a), PKG, "--no-index", "--find-links", str(wheels))
+    spec = VenvState.load(a).mount_spec()
+    pid = int(control.request(spec.socket, "status")["pid"])
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(200):
+        if mounting.mount_state(str(site(a))) == "stale":
+            break
+        time.sleep(0.02)
+    assert mounting.mount_state(str(site(a))) == "stale"
+    cowfs("mount", str(a))
+    assert mounting.mount_state(str(site(a))) == "live"
+    assert cow(a) == UDDER
+
+
+def test_uv_writes_land_in_the_upper_layer(venvs: Callable[[str], Path], wheels: Path,
+                                           tmp_path: Path) -> None:
+    uv = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
+    if not Path(uv).exists():
+        pytest.skip("uv is not installed (test extra)")
+    from tests.wheelbuild import build
+
+    a = venvs("A")
+    extra = tmp_path / "extra-wheels"
+    extra.mkdir()
+    build(extra, {"localpkg/__init__.py": b"X = 42\n"}, name="localpkg", meta_extra="")
+    proc = subprocess.run([uv, "pip", "install", "--python", str(a / "bin" / "python"),
+                           "--no-index", "--find-links", str(extra), "localpkg"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (a / ".cowfs" / "upper" / "localpkg" / "__init__.py").exists()
+    out = subprocess.run([str(a / "bin" / "python"), "-c", "import localpkg; print(localpkg.X)"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "42"
+
+
+def test_bad_input_gives_one_line(tmp_path: Path, wheels: Path) -> None:
+    missing = cowfs("install", "--venv", str(tmp_path / "nope"), "x", check=False)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("cowfs: error: no cowfs venv at")
+    assert missing.stderr.count("\n") == 1
+    usage = cowfs("mount", "-o", "lowerdir=/x,bogus=1", "a", "b", check=False)
+    assert usage.returncode == 1 and "unknown mount option" in usage.stderr
