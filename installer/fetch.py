@@ -1,0 +1,282 @@
+"""Parallel, hash-checked wheel downloads into the store's wheels/ directory.
+
+trio runs one task per wheel; each blocking download runs in a worker thread (urllib, stdlib
+only) under a CapacityLimiter. Threads cannot be cancelled from outside, so a shared Event
+tells the others to stop at their next chunk once one download has failed: the first error
+is reported without waiting for large downloads to finish.
+
+A download is written to a temporary file next to its destination, hashed while it streams,
+fsynced and renamed into place, so `dest` only ever holds complete wheels that matched their
+sha256. Local wheels (file:// URLs or plain paths) are used where they are, after the hash
+check, and a wheel already in `dest` with the right hash is not downloaded again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.client
+import os
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from cowfs import __version__
+from cowfs.errors import CowfsError
+from installer.resolve import Pin, local_path
+
+CHUNK = 1 << 18
+TIMEOUT = 60.0  # seconds without data before a connection is given up
+RETRIES = 2  # extra attempts after a transient failure (5xx, reset, timeout, short read)
+RETRY_DELAY = 0.5  # seconds before the first retry, doubled for each further one
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class _Aborted(Exception):
+    """Another download failed: stop this one quietly."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying; the message is reported if retries run out."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _expected(pin: Pin) -> frozenset[str]:
+    """The sha256 values the file may have; empty means unchecked."""
+    return frozenset((pin.sha256,)) if pin.sha256 else frozenset(pin.hashes)
+
+
+def _mismatch(pin: Pin, expected: frozenset[str], actual: str) -> str:
+    want = next(iter(expected)) if len(expected) == 1 else f"one of {len(expected)} hashes"
+    return f"{pin.filename}: sha256 mismatch (expected {want}, got {actual})"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+class _Progress:
+    """A redrawn one-line bar on a terminal, else one line per finished download."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled and total > 0
+        self.tty = sys.stderr.isatty()
+        self.total = total
+        self.done = 0
+        self.bytes = 0
+        self.start = time.monotonic()
+        self.last_draw = 0.0
+        self.lock = threading.Lock()
+
+    def _draw(self) -> None:
+        rate = self.bytes / max(time.monotonic() - self.start, 1e-3)
+        sys.stderr.write(f"\r\x1b[Kcowfs: downloading {self.done}/{self.total} wheels, "
+                         f"{_size(self.bytes)} ({_size(rate)}/s)")
+        sys.stderr.flush()
+
+    def advance(self, n: int) -> None:
+        if not self.enabled:
+            return
+        with self.lock:
+            self.bytes += n
+            now = time.monotonic()
+            if self.tty and now - self.last_draw > 0.1:
+                self.last_draw = now
+                self._draw()
+
+    def finished(self, filename: str, size: int) -> None:
+        if not self.enabled:
+            return
+        with self.lock:
+            self.done += 1
+            if self.tty:
+                self._draw()
+            else:
+                print(f"cowfs: downloaded {filename} ({_size(size)})", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.done:
+            self._draw()
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        if not isinstance(exc.reason, BaseException):
+            return str(exc.reason)
+        exc = exc.reason
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: threading.Event,
+                   meter: _Progress, timeout: float) -> None:
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{pin.filename}.", suffix=".part")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            h, size = hashlib.sha256(), 0
+            request = urllib.request.Request(pin.url,
+                                             headers={"User-Agent": f"cowfs/{__version__}"})
+            try:
+                with urllib.request.urlopen(request, timeout=timeout) as resp:
+                    length = int(resp.headers.get("Content-Length") or -1)
+                    while chunk := resp.read1(CHUNK):  # what has arrived: abort stays prompt
+                        if abort.is_set():
+                            raise _Aborted
+                        h.update(chunk)
+                        out.write(chunk)
+                        size += len(chunk)
+                        meter.advance(len(chunk))
+            except urllib.error.HTTPError as exc:
+                if exc.code in RETRY_STATUS:
+                    raise _Transient(_reason(exc)) from None
+                raise CowfsError(f"{pin.filename}: download failed: {_reason(exc)} "
+                                 f"({pin.url})") from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                raise _Transient(_reason(exc)) from None
+            if 0 <= length != size:
+                raise _Transient(f"connection closed after {size} of {length} bytes")
+            digest = h.hexdigest()
+            if expected and digest not in expected:
+                raise CowfsError(_mismatch(pin, expected, digest) + f" from {pin.url}; "
+                                 "the download was discarded")
+            out.flush()
+            os.fchmod(out.fileno(), 0o644)
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        meter.finished(pin.filename, size)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _download(pin: Pin, target: Path, expected: frozenset[str], abort: threading.Event,
+              meter: _Progress, timeout: float) -> None:
+    for attempt in range(RETRIES + 1):
+        if abort.is_set():
+            raise _Aborted
+        try:
+            _download_once(pin, target, expected, abort, meter, timeout)
+            return
+        except _Transient as exc:
+            if attempt == RETRIES:
+                raise CowfsError(f"{pin.filename}: download failed: {exc} ({pin.url})") from None
+            if abort.wait(RETRY_DELAY * 2**attempt):
+                raise _Aborted from None
+
+
+def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
+            timeout: float) -> Path:
+    """The local path of pin's wheel, downloading it into dest when it is remote."""
+    if not pin.filename or Path(pin.filename).name != pin.filename or \
+            not pin.filename.endswith(".whl"):
+        raise CowfsError(f"{pin.name}: {pin.filename!r} is not a wheel filename")
+    expected = _expected(pin)
+    try:
+        path = local_path(pin.url)
+        if path is not None:
+            if not path.is_file():
+                raise CowfsError(f"{pin.filename}: local wheel {path} does not exist")
+            if expected and (digest := _sha256(path)) not in expected:
+                raise CowfsError(_mismatch(pin, expected, digest) + f" for local file {path}")
+            return path
+        if not pin.url.startswith(("https://", "http://")):
+            raise CowfsError(f"{pin.filename}: cannot download from {pin.url!r}")
+        target = dest / pin.filename
+        # Same filename, right hash: already fetched. Without a hash, the filename (unique per
+        # version and build on an index) is all there is to go on.
+        if target.is_file() and (not expected or _sha256(target) in expected):
+            return target
+        _download(pin, target, expected, abort, meter, timeout)
+        return target
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        raise CowfsError(f"{pin.filename}: {exc.strerror or exc}{where}") from None
+
+
+async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
+                      progress: bool = True, timeout: float = TIMEOUT) -> dict[str, Path]:
+    """`fetch` for callers already inside trio."""
+    dest = Path(dest)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CowfsError(f"cannot create wheel directory {dest}: {exc.strerror}") from None
+    remote = sum(1 for p in pins if local_path(p.url) is None
+                 and not (dest / p.filename).is_file())
+    meter = _Progress(progress, remote)
+    limiter = trio.CapacityLimiter(max(1, max_parallel))
+    abort = threading.Event()
+    result: dict[str, Path] = {}
+    errors: list[CowfsError] = []
+
+    async def one(pin: Pin) -> None:
+        try:
+            result[pin.name] = await trio.to_thread.run_sync(
+                _obtain, pin, dest, abort, meter, timeout, limiter=limiter)
+        except CowfsError as exc:
+            errors.append(exc)
+            abort.set()
+        except _Aborted:
+            pass
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for pin in pins:
+                nursery.start_soon(one, pin)
+    finally:
+        abort.set()  # on cancellation too: running threads stop at their next chunk
+        meter.close()
+    if errors:
+        more = f" (and {len(errors) - 1} more failed)" if len(errors) > 1 else ""
+        raise CowfsError(f"{errors[0]}{more}")
+    return result
+
+
+def fetch(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8, progress: bool = True,
+          timeout: float = TIMEOUT) -> dict[str, Path]:
+    """Local wheel paths by pin name: remote wheels downloaded into dest, local ones in place.
+
+    Downloads run max_parallel at a time; sha256 is checked whenever the pin has one (from
+    `sha256` or a lock's `hashes`). Progress goes to stderr unless progress=False. Any
+    failure (HTTP error, refused connection, hash mismatch) is one CowfsError naming the
+    wheel, and leaves no partial file behind.
+    """
+    return trio.run(functools.partial(fetch_async, pins, dest, max_parallel=max_parallel,
+                                      progress=progress, timeout=timeout))
+
+
+__all__ = ["fetch", "fetch_async"]

@@ -1,0 +1,262 @@
+"""installer.fetch: local wheels in place, downloads from a 127.0.0.1 HTTP server: no network."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from cowfs.errors import CowfsError
+from installer import fetch as fetch_mod
+from installer.fetch import fetch, fetch_async
+from installer.resolve import Pin
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wheel_name(name: str) -> str:
+    return f"{name}-1.0-py3-none-any.whl"
+
+
+def pin(name: str, url: str, sha256: str | None = None, hashes: tuple[str, ...] = ()) -> Pin:
+    return Pin(name, "1.0", url, wheel_name(name), sha256=sha256, hashes=hashes)
+
+
+class Server:
+    """Serves `files` by name; `plan[name]` lists status codes to answer first (503, ...)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.plan: dict[str, list[int]] = {}
+        self.truncate: set[str] = set()
+        self.trickle: set[str] = set()  # sent in 20 pieces, 0.1 s apart
+        self.delay = 0.0
+        self.hits: Counter[str] = Counter()
+        self.active = self.max_active = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 10
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                name = self.path.lstrip("/")
+                with server.lock:
+                    server.hits[name] += 1
+                    server.active += 1
+                    server.max_active = max(server.max_active, server.active)
+                try:
+                    time.sleep(server.delay)
+                    planned = server.plan.get(name)
+                    if planned:
+                        self.send_error(planned.pop(0))
+                    elif name not in server.files:
+                        self.send_error(404)
+                    else:
+                        body = server.files[name]
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        if name in server.trickle:
+                            step = max(1, len(body) // 20)
+                            try:
+                                for i in range(0, len(body), step):
+                                    self.wfile.write(body[i:i + step])
+                                    self.wfile.flush()
+                                    time.sleep(0.1)
+                            except (BrokenPipeError, ConnectionResetError):
+                                pass  # the client gave up, as it should
+                        else:
+                            self.wfile.write(body[:10] if name in server.truncate else body)
+                finally:
+                    with server.lock:
+                        server.active -= 1
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def add(self, name: str, data: bytes) -> Pin:
+        self.files[wheel_name(name)] = data
+        return pin(name, f"{self.url}/{wheel_name(name)}", sha(data))
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    srv = Server()
+    thread = threading.Thread(target=srv.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield srv
+    srv.httpd.shutdown()
+    srv.httpd.server_close()
+    thread.join(5)
+
+
+@pytest.fixture(autouse=True)
+def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetch_mod, "RETRY_DELAY", 0.01)
+
+
+def leftovers(dest: Path) -> list[str]:
+    return sorted(p.name for p in dest.iterdir() if p.name.endswith(".part"))
+
+
+# -- local wheels --------------------------------------------------------------------------
+
+
+def test_local_wheels_are_used_in_place_after_the_hash_check(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / wheel_name("a")).write_bytes(b"wheel a")
+    (src / wheel_name("b")).write_bytes(b"wheel b")
+    dest = tmp_path / "dest"
+    got = fetch([pin("a", (src / wheel_name("a")).as_uri(), sha(b"wheel a")),
+                 pin("b", str(src / wheel_name("b")), hashes=("0" * 64, sha(b"wheel b")))],
+                dest, progress=False)
+    assert got == {"a": src / wheel_name("a"), "b": src / wheel_name("b")}
+    assert list(dest.iterdir()) == []  # nothing copied
+
+
+def test_local_hash_mismatch_and_missing_file(tmp_path: Path) -> None:
+    local = tmp_path / wheel_name("a")
+    local.write_bytes(b"tampered")
+    with pytest.raises(CowfsError, match=rf"^{wheel_name('a')}: sha256 mismatch \(expected "
+                                         rf"{'1' * 64}, got {sha(b'tampered')}\)"):
+        fetch([pin("a", local.as_uri(), "1" * 64)], tmp_path / "d", progress=False)
+    assert local.read_bytes() == b"tampered"  # a local file is never removed
+    with pytest.raises(CowfsError, match=r"local wheel .* does not exist"):
+        fetch([pin("b", (tmp_path / "nope.whl").as_uri())], tmp_path / "d", progress=False)
+
+
+def test_bad_filenames_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(CowfsError, match="is not a wheel filename"):
+        fetch([Pin("a", "1.0", "https://h/x", "../evil.whl")], tmp_path, progress=False)
+    with pytest.raises(CowfsError, match="cannot download from 'ftp://h/a"):
+        fetch([pin("a", f"ftp://h/{wheel_name('a')}")], tmp_path, progress=False)
+
+
+# -- downloads -----------------------------------------------------------------------------
+
+
+def test_parallel_downloads_are_bounded_and_atomic(server: Server, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    server.delay = 0.2
+    pins = [server.add(f"w{i}", bytes([i]) * (100_000 + i)) for i in range(8)]
+    dest = tmp_path / "wheels"
+    got = fetch(pins, dest, max_parallel=3)
+    assert set(got) == {p.name for p in pins}
+    for p in pins:
+        assert got[p.name] == dest / p.filename
+        assert sha(got[p.name].read_bytes()) == p.sha256
+        assert got[p.name].stat().st_mode & 0o777 == 0o644
+    assert 2 <= server.max_active <= 3
+    assert leftovers(dest) == []
+    err = capsys.readouterr().err  # not a tty: one line per downloaded wheel
+    assert err.count("cowfs: downloaded ") == 8 and "w7-1.0-py3-none-any.whl" in err
+
+
+def test_progress_bar_on_a_terminal(server: Server, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Tty()
+    monkeypatch.setattr(fetch_mod.sys, "stderr", term)
+    fetch([server.add("a", b"a" * 1500), server.add("b", b"b")], tmp_path)
+    out = term.getvalue()
+    assert out.startswith("\r\x1b[Kcowfs: downloading ") and out.endswith("\n")
+    assert "downloading 2/2 wheels, 1.5 kB" in out and out.count("\n") == 1
+
+
+def test_present_files_are_not_downloaded_again(server: Server, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    good = server.add("good", b"good bytes")
+    stale = server.add("stale", b"new bytes")
+    unhashed = pin("plain", f"{server.url}/{wheel_name('plain')}")
+    (tmp_path / good.filename).write_bytes(b"good bytes")
+    (tmp_path / stale.filename).write_bytes(b"corrupt")  # wrong hash: fetched again
+    (tmp_path / unhashed.filename).write_bytes(b"trusted by name")
+    got = fetch([good, stale, unhashed], tmp_path, progress=False)
+    assert server.hits == Counter({stale.filename: 1})
+    assert got["stale"].read_bytes() == b"new bytes"
+    assert capsys.readouterr().err == ""  # progress=False is quiet
+
+
+def test_404_fails_naming_the_wheel_and_leaves_nothing(server: Server, tmp_path: Path) -> None:
+    pins = [server.add(f"ok{i}", b"x" * 50_000) for i in range(4)]
+    missing = pin("gone", f"{server.url}/{wheel_name('gone')}", "0" * 64)
+    with pytest.raises(CowfsError, match=r"^[^\n]+$") as err:
+        fetch([*pins, missing], tmp_path, progress=False)
+    assert str(err.value) == (f"{wheel_name('gone')}: download failed: HTTP 404 Not Found "
+                              f"({missing.url})")
+    assert server.hits[wheel_name("gone")] == 1  # a 404 is not retried
+    assert leftovers(tmp_path) == []
+    assert not (tmp_path / wheel_name("gone")).exists()
+
+
+def test_hash_mismatch_download_is_discarded(server: Server, tmp_path: Path) -> None:
+    p = server.add("a", b"real")
+    bad = Pin(p.name, p.version, p.url, p.filename, sha256="f" * 64)
+    with pytest.raises(CowfsError, match=rf"{p.filename}: sha256 mismatch .*discarded"):
+        fetch([bad], tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    ok = Pin(p.name, p.version, p.url, p.filename, hashes=("f" * 64, sha(b"real")))
+    assert fetch([ok], tmp_path, progress=False)["a"].read_bytes() == b"real"
+
+
+def test_transient_failures_are_retried(server: Server, tmp_path: Path) -> None:
+    p = server.add("flaky", b"eventually")
+    server.plan[p.filename] = [503, 502]
+    assert fetch([p], tmp_path, progress=False)["flaky"].read_bytes() == b"eventually"
+    assert server.hits[p.filename] == 3
+    short = server.add("short", b"y" * 1000)
+    server.truncate.add(short.filename)
+    with pytest.raises(CowfsError, match=r"short-1.0-py3-none-any.whl: download failed: "):
+        fetch([short], tmp_path, progress=False)
+    assert server.hits[short.filename] == 1 + fetch_mod.RETRIES
+    assert leftovers(tmp_path) == []
+
+
+def test_connection_refused(tmp_path: Path) -> None:
+    srv = Server()  # bound, never served, then closed: the port refuses connections
+    url = f"{srv.url}/{wheel_name('a')}"
+    srv.httpd.server_close()
+    with pytest.raises(CowfsError, match=rf"^{wheel_name('a')}: download failed: "
+                                         r"Connection refused \(http://127\.0\.0\.1:\d+/"):
+        fetch([pin("a", url)], tmp_path, progress=False)
+
+
+def test_first_failure_stops_the_others(server: Server, tmp_path: Path) -> None:
+    slow = [server.add(f"s{i}", b"z" * 200_000) for i in range(4)]
+    server.trickle.update(p.filename for p in slow)  # 2 s each
+    missing = pin("gone", f"{server.url}/{wheel_name('gone')}")
+    start = time.monotonic()
+    with pytest.raises(CowfsError, match=r"^gone-1\.0-py3-none-any\.whl: download failed"):
+        fetch([missing, *slow], tmp_path, progress=False)
+    # The running downloads stop at their next piece instead of finishing.
+    assert time.monotonic() - start < 1.5
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_async_runs_inside_trio(server: Server, tmp_path: Path) -> None:
+    p = server.add("a", b"async")
+
+    async def main() -> dict[str, Path]:
+        return await fetch_async([p], tmp_path, progress=False)
+
+    assert trio.run(main)["a"].read_bytes() == b"async"
