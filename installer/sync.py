@@ -76,8 +76,8 @@ def venv_lock(venv: Path) -> Iterator[None]:
 def plan(request: Request, info: InterpreterInfo, store: Store, python: Path) -> tuple[
         list[Pin], str]:
     """Pins for the request: the local pip-sync fast path when it applies, else pip."""
-    wheel_dirs = [store.wheels] + [Path(p) for p in request.find_links
-                                   if local_path(p) is not None or os.path.isdir(p)]
+    local = (local_path(p) for p in request.find_links)
+    wheel_dirs = [store.wheels] + [p for p in local if p is not None and p.is_dir()]
     pins = pins_from_local_wheels(list(request.requirements), wheel_dirs, info.tags,
                                   info.markers, requirement_files=request.requirement_files)
     if pins is not None:
