@@ -131,6 +131,15 @@ def prepare_other(upper: Upper, meta: LowerEntry, symlink_target: str | None) ->
 
 
 def publish(upper: Upper, tmp: str, rel: str) -> None:
-    """Rename the prepared entry into place and make the rename durable."""
+    """Rename the prepared entry into place and make the rename durable.
+
+    A copy-up is invisible in the merged view, so the parent's times are put back after the
+    rename adds an entry to it (as overlayfs does): otherwise writing a file would change
+    the mtime of its directory, and with it anything keyed on that (caches, make, rsync).
+    """
+    parent = rel.rpartition("/")[0]
+    pst = upper.lstat(parent)
     upper.install(tmp, rel)
-    upper.fsync_dir(rel.rpartition("/")[0])
+    if pst is not None:
+        os.utime(upper.path(parent), ns=(pst.st_atime_ns, pst.st_mtime_ns))
+    upper.fsync_dir(parent)

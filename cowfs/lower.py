@@ -32,7 +32,9 @@ class LowerEntry:
     mode: int  # full st_mode
     size: int
     mtime_ns: int
-    source: str | None  # real path of the backing file (object or plain file); None for dirs
+    # Real path of the backing entry: the object or plain file; for a DirLower directory its
+    # top layer (for xattrs); None for synthetic manifest directories.
+    source: str | None
     uid: int = 0
     gid: int = 0
     rdev: int = 0
@@ -171,7 +173,7 @@ class DirLower:
     def _resolve(self, path: str) -> LowerEntry | None:
         if not path:
             st = os.lstat(self.layers[0])
-            return _entry_from_stat(st, None)
+            return _entry_from_stat(st, self.layers[0])
         parent = path.rpartition("/")[0]
         parent_entry = self.lookup(parent)
         if parent_entry is None or not parent_entry.is_dir:
@@ -187,7 +189,7 @@ class DirLower:
             if is_whiteout_stat(real, st):
                 break
             if found is None:
-                found = _entry_from_stat(st, None if stat.S_ISDIR(st.st_mode) else real)
+                found = _entry_from_stat(st, real)
                 if not stat.S_ISDIR(st.st_mode):
                     break
             elif not stat.S_ISDIR(st.st_mode):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from cowfs.copy_up import IS_ROOT
 from cowfs.inode import Node
 from cowfs.lower import join
-from cowfs.overlay import Overlay, oserror
+from cowfs.overlay import STRIP_OPEN, Overlay, oserror
 from cowfs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 
@@ -69,19 +69,27 @@ def _new_node(ov: Overlay, parent: Node, name: str, is_dir: bool) -> Node:
 def create(ov: Overlay, parent: Node, name: str, mode: int, flags: int, uid: int,
            gid: int) -> tuple[Node, int]:
     uid, gid, mode = _owner(ov, parent, uid, gid, mode)
+    fds: list[int] = []
 
     def make(target: str, _: bool) -> None:
-        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-        try:
-            if IS_ROOT:
-                os.fchown(fd, uid, gid)
-            os.fchmod(fd, stat.S_IMODE(mode))
-        finally:
-            os.close(fd)
+        # The creating open is the caller's handle: POSIX lets it write even when the new
+        # mode is read-only, which a second open would refuse (to a non-root daemon).
+        fd = os.open(target, (flags & ~(STRIP_OPEN | os.O_TRUNC)) | os.O_CREAT | os.O_EXCL
+                     | os.O_CLOEXEC, 0o600)
+        fds.append(fd)
+        if IS_ROOT:
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, stat.S_IMODE(mode))
 
-    _place(ov, parent, name, make)
+    try:
+        _place(ov, parent, name, make)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     node = _new_node(ov, parent, name, is_dir=False)
-    return node, ov.open(node, flags & ~os.O_TRUNC)
+    return node, ov.add_handle(node, fds[0], (flags & os.O_ACCMODE) != os.O_RDONLY,
+                               on_lower=False)
 
 
 def mkdir(ov: Overlay, parent: Node, name: str, mode: int, uid: int, gid: int) -> Node:
@@ -147,14 +155,13 @@ def _remove(ov: Overlay, parent: Node, name: str, want_dir: bool) -> None:
         raise oserror(errno.ENOTEMPTY)
     path = join(ov.path(parent), name)
     needs_whiteout = ov.lower_visible(parent, path)
-    if node.upper:
-        upath = ov.upper.path(path)
-        if is_dir:
-            ov.upper.clear_markers(path)
-            os.rmdir(upath)
-        else:
-            os.unlink(upath)
-    if needs_whiteout:
+    if node.upper and is_dir:
+        ov.upper.clear_markers(path)
+    if node.upper and needs_whiteout:
+        ov.upper.replace_with_whiteout(path, is_dir)
+    elif node.upper:
+        (os.rmdir if is_dir else os.unlink)(ov.upper.path(path))
+    elif needs_whiteout:
         ov.copy_up(parent)
         ov.upper.make_whiteout(path)
     if parent.upper:
@@ -180,6 +187,9 @@ def _materialise(ov: Overlay, node: Node) -> None:
 
 def rename(ov: Overlay, parent: Node, name: str, new_parent: Node, new_name: str,
            flags: int = 0) -> None:
+    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or \
+            (flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE):
+        raise oserror(errno.EINVAL)  # RENAME_WHITEOUT is the kernel overlay's, not a user's
     src = ov.child(parent, name)
     dst = ov.lookup(new_parent, new_name)
     if new_parent.children is None:

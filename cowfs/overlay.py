@@ -21,7 +21,7 @@ from cowfs.lower import Lower, LowerEntry, join
 from cowfs.upper import Upper, is_private_xattr
 
 # Flags that only make sense for the caller's open, not for the daemon's backing fd.
-_STRIP_OPEN = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | getattr(os, "O_DIRECT", 0)
+STRIP_OPEN = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | getattr(os, "O_DIRECT", 0)
 
 
 def oserror(code: int, path: str = "") -> OSError:
@@ -260,7 +260,7 @@ class Overlay:
 
     # -- files --------------------------------------------------------------------------
 
-    def _add_handle(self, node: Node, fd: int, writable: bool, on_lower: bool) -> int:
+    def add_handle(self, node: Node, fd: int, writable: bool, on_lower: bool) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = Handle(node, fd, writable, on_lower)
@@ -277,11 +277,11 @@ class Overlay:
             self.copy_up(node, with_data=not flags & os.O_TRUNC)
         if node.upper:
             fd = os.open(self.upper.path(self.path(node)),
-                         (flags & ~_STRIP_OPEN) | os.O_CLOEXEC)
-            return self._add_handle(node, fd, writable, on_lower=False)
+                         (flags & ~STRIP_OPEN) | os.O_CLOEXEC)
+            return self.add_handle(node, fd, writable, on_lower=False)
         assert node.lower is not None and node.lower.source is not None
         fd = os.open(node.lower.source, os.O_RDONLY | os.O_CLOEXEC)  # never writable
-        return self._add_handle(node, fd, False, on_lower=True)
+        return self.add_handle(node, fd, False, on_lower=True)
 
     def handle(self, fh: int) -> Handle:
         try:

@@ -18,6 +18,8 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
+import shutil
 import stat
 import uuid
 
@@ -26,6 +28,9 @@ OPAQUE_XATTR = "user.overlay.opaque"
 PRIVATE_XATTR_PREFIXES = ("user.overlay.", "trusted.overlay.")
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
+# Names this module creates in the work dir (temp_path, the xattr probe): only those are ever
+# deleted from it, since a user may point workdir= at a directory that holds other things.
+_WORK_NAME = re.compile(r"[0-9a-f]{32}|\.cowfs-xattr-probe-[0-9a-f]{32}")
 
 
 AT_FDCWD = -100
@@ -89,7 +94,20 @@ class Upper:
         os.makedirs(self.work, exist_ok=True)
         if os.stat(self.root).st_dev != os.stat(self.work).st_dev:
             raise ValueError("upperdir and workdir must be on the same filesystem")
+        self.clean_work()
         self.xattrs = probe_user_xattrs(self.work) if use_xattrs is None else use_xattrs
+
+    def clean_work(self) -> None:
+        """Drop half-built copy-ups a killed daemon left behind (never visible in the view)."""
+        with os.scandir(self.work) as it:
+            for de in it:
+                if not _WORK_NAME.fullmatch(de.name):
+                    continue
+                if de.is_dir(follow_symlinks=False):
+                    shutil.rmtree(de.path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(de.path)
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -127,11 +145,34 @@ class Upper:
             fd = os.open(self.path(marker), os.O_CREAT | os.O_WRONLY, 0o600)
             os.close(fd)
             return
+        os.rename(self._whiteout_temp(), self.path(rel))
+        self._mark_parent(parent)
+
+    def replace_with_whiteout(self, rel: str, is_dir: bool) -> None:
+        """Turn the upper entry at rel (an empty dir or a non-dir) into a whiteout atomically:
+        an unlink of a name that exists below never shows the lower entry, even on a crash."""
+        if not self.xattrs:
+            # Marker first: while the upper entry exists it still wins the lookup.
+            self.make_whiteout(rel)
+            (os.rmdir if is_dir else os.unlink)(self.path(rel))
+            return
+        tmp = self._whiteout_temp()
+        if is_dir:
+            renameat2(tmp, self.path(rel), RENAME_EXCHANGE)
+            shutil.rmtree(tmp, ignore_errors=True)  # the old, merged-empty directory
+        else:
+            os.rename(tmp, self.path(rel))
+        self._mark_parent(rel.rpartition("/")[0])
+
+    def _whiteout_temp(self) -> str:
         tmp = self.temp_path()
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         os.close(fd)
         os.setxattr(tmp, WHITEOUT_XATTR, b"y")
-        os.rename(tmp, self.path(rel))
+        return tmp
+
+    def _mark_parent(self, parent: str) -> None:
+        """The kernel's userxattr format flags a directory holding whiteouts with opaque=x."""
         if _getxattr(self.path(parent), OPAQUE_XATTR) is None:
             os.setxattr(self.path(parent), OPAQUE_XATTR, b"x")
 
