@@ -92,6 +92,7 @@ class VenvState:
     python: str = ""
     cowfs_exe: str = ""
     dists: list[str] = field(default_factory=list)  # distribution ids in install order
+    bytecode: list[str] = field(default_factory=list)  # shared-pyc manifests for these dists
     extra: list[FileEntry] = field(default_factory=list)  # venv-local files (REQUESTED...)
     requested: list[str] = field(default_factory=list)  # names the user asked for
     scripts: dict[str, list[str]] = field(default_factory=dict)  # dist id -> files in venv
@@ -129,6 +130,7 @@ class VenvState:
             "python": self.python,
             "cowfs_exe": self.cowfs_exe,
             "dists": self.dists,
+            "bytecode": self.bytecode,
             "extra": [[e.path, e.digest, e.size, e.mode] for e in self.extra],
             "requested": self.requested,
             "scripts": self.scripts,
@@ -160,6 +162,7 @@ class VenvState:
                 venv=Path(doc["venv"]), site_packages=Path(doc["site_packages"]),
                 store=Path(doc["store"]), python=str(doc.get("python", "")),
                 cowfs_exe=str(doc.get("cowfs_exe", "")), dists=list(doc.get("dists", [])),
+                bytecode=list(doc.get("bytecode", [])),
                 extra=list(_rows(doc.get("extra", []))),
                 requested=list(doc.get("requested", [])),
                 scripts=dict(doc.get("scripts", {})),

@@ -19,7 +19,8 @@ def build_lower(spec: MountSpec) -> Lower:
     if spec.venv is not None:
         state = VenvState.load(Path(spec.venv))
         store = Store(state.store)
-        manifests = [read_manifest(store, d) for d in state.dists]
+        # Bytecode first: later manifests win a clash, and a wheel's own file must win.
+        manifests = [read_manifest(store, d) for d in [*state.bytecode, *state.dists]]
         st = os.stat(state.venv)
         return ManifestLower.from_manifests(store.objects, manifests, state.extra,
                                             uid=st.st_uid, gid=st.st_gid)

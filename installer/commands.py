@@ -57,6 +57,8 @@ _install_options = [
     click.option("--offline", is_flag=True, help="No network at all."),
     click.option("--quiet", "-q", is_flag=True, help="No progress or listing."),
     click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
+    click.option("--no-compile", is_flag=True,
+                 help="Do not compile shared bytecode into the store."),
 ]
 
 
@@ -73,7 +75,7 @@ def install_options(fn):  # type: ignore[no-untyped-def]
 @install_options
 def install_cmd(requirements: tuple[str, ...], req_files: tuple[str, ...], venv_opt: str | None,
                 find_links: tuple[str, ...], no_index: bool, index_url: str | None,
-                offline: bool, quiet: bool, as_json: bool) -> None:
+                offline: bool, quiet: bool, as_json: bool, no_compile: bool) -> None:
     """Install packages into a cowfs venv (resolution by pip, files by reference)."""
     if not requirements and not req_files:
         raise CowfsError("nothing to install: give requirements or -r FILE")
@@ -88,7 +90,7 @@ def install_cmd(requirements: tuple[str, ...], req_files: tuple[str, ...], venv_
                            index_url=index_url, quiet=quiet or as_json)
     pins, how = sync.plan(request, info, store, Path(state.python))
     summary = sync.apply(state, store, info, pins, exact=False, quiet=quiet or as_json,
-                         resolver=how)
+                         resolver=how, compile_bytecode=not no_compile)
     _report(summary, as_json, quiet, "Installed")
 
 
@@ -106,7 +108,8 @@ def uninstall_cmd(names: tuple[str, ...], venv_opt: str | None, as_json: bool) -
 @click.argument("lock", type=click.Path())
 @install_options
 def sync_cmd(lock: str, venv_opt: str | None, find_links: tuple[str, ...], no_index: bool,
-             index_url: str | None, offline: bool, quiet: bool, as_json: bool) -> None:
+             index_url: str | None, offline: bool, quiet: bool, as_json: bool,
+             no_compile: bool) -> None:
     """Make the venv hold exactly what LOCK pins (requirements with pins, or pylock.toml)."""
     if not Path(lock).is_file():
         raise CowfsError(f"lock file {lock} not found")
@@ -117,7 +120,7 @@ def sync_cmd(lock: str, venv_opt: str | None, find_links: tuple[str, ...], no_in
                   no_index=no_index, supported_tags=info.tags, index_url=index_url,
                   offline=offline)
     summary = sync.apply(state, store, info, pins, exact=True, quiet=quiet or as_json,
-                         resolver="lock")
+                         resolver="lock", compile_bytecode=not no_compile)
     _report(summary, as_json, quiet, "Synced")
 
 

@@ -26,6 +26,7 @@ from cowfs.errors import CowfsError
 from cowfs.manifest import FileEntry, Manifest, read_manifest
 from cowfs.spec import VenvState
 from cowfs.store import Store
+from installer.bytecode import ensure_bytecode
 from installer.fetch import fetch
 from installer.interpreters import InterpreterInfo
 from installer.locks import pins_from_local_wheels
@@ -102,8 +103,17 @@ def _dist_info_prefix(m: Manifest) -> str:
     return f"{m.dist_info}/"
 
 
+def _bytecode(store: Store, manifests: Sequence[Manifest], info: InterpreterInfo,
+              python: Path) -> list[str]:
+    """Shared pyc manifests for these distributions; compiled once per interpreter."""
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        ids = pool.map(lambda m: ensure_bytecode(store, m, info, python), manifests)
+        return [i for i in ids if i is not None]
+
+
 def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[Pin], *,
-          exact: bool, quiet: bool = False, resolver: str = "") -> Summary:
+          exact: bool, quiet: bool = False, resolver: str = "",
+          compile_bytecode: bool = True) -> Summary:
     """Make the venv hold pins (plus what it had, unless exact) and reload the mount."""
     started = time.perf_counter()
     summary = Summary(resolver=resolver)
@@ -137,6 +147,11 @@ def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[
                                       direct_url=direct.get(name)))
         summary.installed.append((m.name, m.version))
     state.dists = [m.id for m in wanted.values()]
+    if compile_bytecode:
+        with store.lock():
+            state.bytecode = _bytecode(store, list(wanted.values()), info, python)
+    else:
+        state.bytecode = [b for b in state.bytecode if b.rpartition(".")[0] in state.dists]
     state.extra = _dedup(extra)
     state.requested = sorted(requested)
     state.save()
@@ -169,6 +184,7 @@ def uninstall(state: VenvState, store: Store, names: Sequence[str]) -> Summary:
     if missing:
         raise CowfsError(f"not installed in {state.venv}: {', '.join(missing)}")
     state.dists, state.extra = keep, extra
+    state.bytecode = [b for b in state.bytecode if b.rpartition(".")[0] in keep]
     state.requested = [n for n in state.requested if canonicalize_name(n) not in wanted]
     state.save()
     reload(state)

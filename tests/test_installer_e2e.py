@@ -184,3 +184,28 @@ def test_bad_input_gives_one_line(tmp_path: Path, wheels: Path) -> None:
     assert missing.stderr.count("\n") == 1
     usage = cowfs("mount", "-o", "lowerdir=/x,bogus=1", "a", "b", check=False)
     assert usage.returncode == 1 and "unknown mount option" in usage.stderr
+
+
+def test_shared_bytecode_and_private_recompile(venvs: Callable[[str], Path],
+                                               wheels: Path) -> None:
+    a, b = venvs("A"), venvs("B")
+    for v in (a, b):
+        cowfs("install", "--venv", str(v), PKG, "--no-index", "--find-links", str(wheels))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+    def imports(venv: Path) -> str:
+        return subprocess.run([str(venv / "bin" / "python"), "-v", "-c", "import pycowsay.main"],
+                              capture_output=True, text=True, env=env, check=True).stderr
+
+    pyc = f"pycowsay/__pycache__/main.cpython-{sys.version_info[0]}{sys.version_info[1]}.pyc"
+    assert (site(a) / pyc).exists()  # served from the store
+    assert f"{pyc} matches" in imports(a)
+    upper = a / ".cowfs" / "upper"
+    assert not list(upper.rglob("*")), "a fresh venv imports warm and writes no bytecode"
+    main_a = site(a) / "pycowsay" / "main.py"
+    main_a.write_text(main_a.read_text().replace(UDDER, EDITED))
+    os.utime(main_a, (1, 1))  # a different source mtime, whatever the clock resolution
+    assert f"code object from '{site(a) / pyc}'" not in imports(a)
+    assert (upper / pyc).exists(), "the edited module is recompiled privately"
+    assert f"{pyc} matches" in imports(b)  # B still uses the shared pyc
+    assert not list((b / ".cowfs" / "upper").rglob("*"))
