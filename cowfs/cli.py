@@ -10,17 +10,51 @@ import click
 from cowfs import __version__
 from cowfs.errors import CowfsError
 
-# Modules that export COMMANDS: list[click.Command]. Imported lazily so that a broken
-# optional part cannot take down unrelated commands.
+# Modules that export COMMANDS: list[click.Command]. Imported only when one of their commands
+# runs (or for --help), so `cowfs install` does not pay for importing everything else.
 COMMAND_MODULES = (
     "cowfs.commands",
     "installer.commands",
     "installer.interpreter_commands",
 )
+# Where the hot commands live; anything not listed is found by importing every module.
+COMMAND_INDEX = {
+    "mount": "cowfs.commands", "umount": "cowfs.commands", "mounts": "cowfs.commands",
+    "venv": "installer.commands", "install": "installer.commands",
+    "uninstall": "installer.commands", "sync": "installer.commands",
+}
+
+
+def _commands(module_name: str) -> list[click.Command]:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        return []
+    return list(getattr(module, "COMMANDS", ()))
 
 
 class CowfsGroup(click.Group):
-    """Turns CowfsError (and OS errors) into one line on stderr and exit status 1."""
+    """Lazy command loading; CowfsError (and OS errors) become one line and exit status 1."""
+
+    def _load(self, module_name: str) -> None:
+        for command in _commands(module_name):
+            if command.name not in self.commands:
+                self.add_command(command)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_INDEX:
+            self._load(COMMAND_INDEX[cmd_name])
+        if cmd_name not in self.commands:
+            for module_name in COMMAND_MODULES:
+                self._load(module_name)
+        return self.commands.get(cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        for module_name in COMMAND_MODULES:
+            self._load(module_name)
+        return sorted(self.commands)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -38,18 +72,3 @@ class CowfsGroup(click.Group):
 @click.version_option(__version__, prog_name="cowfs")
 def main() -> None:
     """Copy-on-write package storage for Python environments."""
-
-
-def _register() -> None:
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        for command in getattr(module, "COMMANDS", ()):
-            main.add_command(command)
-
-
-_register()

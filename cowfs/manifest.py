@@ -104,13 +104,17 @@ class Manifest:
 
 
 def check_relpath(path: Any) -> str:
-    """A relative POSIX path with no '..', '.', empty or absolute components."""
+    """A relative POSIX path with no '..', '.', empty or absolute components.
+
+    Written as substring tests rather than a split: the daemon validates every row of every
+    manifest when it (re)builds a lower, ~20k rows on the reference workload.
+    """
     if not isinstance(path, str) or not path:
         raise StoreError(f"bad path in manifest: {path!r}")
-    if path.startswith("/") or "\\" in path or "\0" in path:
-        raise StoreError(f"unsafe path in manifest: {path!r}")
-    parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts) or any(len(p.encode()) > 255 for p in parts):
+    framed = f"/{path}/"
+    if "//" in framed or "/./" in framed or "/../" in framed or "\\" in path \
+            or "\0" in path or (len(path) > 255 and any(
+                len(p.encode("utf-8", "surrogateescape")) > 255 for p in path.split("/"))):
         raise StoreError(f"unsafe path in manifest: {path!r}")
     return path
 

@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,8 +61,11 @@ def digest_fd(fd: int) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+_DIGEST = re.compile(r"[0-9a-f]{32}")
+
+
 def is_digest(name: str) -> bool:
-    return len(name) == DIGEST_LEN and all(c in "0123456789abcdef" for c in name)
+    return _DIGEST.fullmatch(name) is not None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -26,8 +26,6 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-import trio
-
 from cowfs import __version__
 from cowfs.errors import CowfsError
 from installer.resolve import Pin, local_path
@@ -230,6 +228,8 @@ def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
 async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
                       progress: bool = True, timeout: float = TIMEOUT) -> dict[str, Path]:
     """`fetch` for callers already inside trio."""
+    import trio
+
     dest = Path(dest)
     try:
         dest.mkdir(parents=True, exist_ok=True)
@@ -275,6 +275,12 @@ def fetch(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8, progress: b
     failure (HTTP error, refused connection, hash mismatch) is one CowfsError naming the
     wheel, and leaves no partial file behind.
     """
+    if all(local_path(p.url) is not None and not _expected(p) for p in pins):
+        # Nothing to download or hash (the warm path): no event loop, no threads.
+        return {p.name: _obtain(p, Path(dest), threading.Event(), _Progress(False, 0),
+                                timeout) for p in pins}
+    import trio  # only when there is real work: importing it costs ~50 ms
+
     return trio.run(functools.partial(fetch_async, pins, dest, max_parallel=max_parallel,
                                       progress=progress, timeout=timeout))
 

@@ -31,6 +31,8 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 from packaging.version import Version
 
 from cowfs.errors import CowfsError
+from cowfs.store import Store
+from installer import wheel_index
 from installer.resolve import (
     PIP_TIMEOUT,
     Pin,
@@ -367,9 +369,17 @@ def _metadata_cached(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, ..
 
 
 def wheel_metadata(path: Path) -> tuple[tuple[str, ...], str | None]:
-    """(Requires-Dist, Requires-Python) of a wheel file, cached by path, size and mtime."""
+    """(Requires-Dist, Requires-Python) of a wheel file, cached in memory and in the store's
+    wheel index (by full stat fingerprint), so a warm install opens no zip file."""
     st = path.stat()
-    return _metadata_cached(str(path), st.st_size, st.st_mtime_ns)
+    store = Store()
+    facts = wheel_index.get(store, path, st)
+    if isinstance(facts.get("requires_dist"), list):
+        return tuple(facts["requires_dist"]), facts.get("requires_python")
+    requires_dist, requires_python = _metadata_cached(str(path), st.st_size, st.st_mtime_ns)
+    wheel_index.put(store, path, st, requires_dist=list(requires_dist),
+                    requires_python=requires_python)
+    return requires_dist, requires_python
 
 
 def pins_from_local_wheels(

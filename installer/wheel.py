@@ -30,6 +30,7 @@ from packaging.version import Version
 from cowfs.errors import StoreError
 from cowfs.manifest import DATA_KEYS, FileEntry, Manifest, read_manifest, write_manifest
 from cowfs.store import CHUNK, Store
+from installer import wheel_index
 from installer.wheel_archive import (
     RECORD_SIGNATURES,
     SCHEMES,
@@ -262,14 +263,23 @@ def ingest_wheel(
         raise WheelError(
             f"wheel {wheel} is not compatible with this interpreter (tags {', '.join(tags)})"
         )
+    if not force:
+        known = wheel_index.get(store, wheel_path).get("sha256")
+        if isinstance(known, str):
+            try:  # warm path: the same unchanged file was ingested before
+                return read_manifest(store, f"{name}-{version}-{known[:16]}")
+            except StoreError:
+                pass
     with _open_wheel(wheel_path) as f:
         # Hash and unpack the same open file, so the id names exactly what was read.
+        st = os.fstat(f.fileno())
         sha = hashlib.sha256()
         while chunk := f.read(CHUNK):
             sha.update(chunk)
         f.seek(0)
         wheel_sha256 = sha.hexdigest()
         store.ensure()
+        wheel_index.put(store, wheel_path, st, sha256=wheel_sha256)
         if not force:
             try:
                 return read_manifest(store, f"{name}-{version}-{wheel_sha256[:16]}")
