@@ -1,0 +1,1 @@
+"""Benchmark machinery for scripts/bench (see /work/shared/bench/README.md for the spec)."""

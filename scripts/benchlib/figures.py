@@ -1,0 +1,181 @@
+"""The figures of the spec, measured side by side (peers interleaved within each repetition,
+so that drift on a noisy machine hits every peer alike)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from benchlib.common import (
+    Ctx,
+    cpu_seconds,
+    drop_caches,
+    du_added,
+    log,
+    median,
+    proc_status,
+    timed,
+)
+from benchlib.peers import Cowfs, Env, Peer, _Overlay
+
+FIGURES = ("install-warm", "import-warm", "import-first", "walk", "read-all", "read-all-cold",
+           "disk-per-venv", "daemon-rss", "mount-time")
+QUICK_FIGURES = ("install-warm", "import-warm", "import-first", "walk", "read-all",
+                 "disk-per-venv", "daemon-rss", "mount-time")
+UNITS = {"disk-per-venv": "MB", "daemon-rss": "MB"}
+
+# Read every regular file's bytes (the same tiny reader for every peer).
+READER = """
+import os, sys
+buf = bytearray(1 << 20)
+n = 0
+for root, dirs, files in os.walk(sys.argv[1]):
+    for name in files:
+        with open(os.path.join(root, name), 'rb', buffering=0) as f:
+            while (k := f.readinto(buf)):
+                n += k
+print(n)
+"""
+
+
+@dataclass
+class Results:
+    """figure -> peer -> list of samples (seconds, or MB for the size figures)."""
+
+    samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    extra: dict[str, dict[str, object]] = field(default_factory=dict)
+
+    def add(self, figure: str, peer: str, value: float) -> None:
+        self.samples.setdefault(figure, {}).setdefault(peer, []).append(value)
+
+    def note(self, figure: str, key: str, value: object) -> None:
+        self.extra.setdefault(figure, {})[key] = value
+
+    def med(self, figure: str, peer: str) -> float:
+        return median(self.samples.get(figure, {}).get(peer, []))
+
+
+def _interleaved(ctx: Ctx, res: Results, figure: str, envs: dict[str, Env],
+                 measure: Callable[[Env], float], reps: int) -> None:
+    for rep in range(reps):
+        for name, env in envs.items():
+            res.add(figure, name, measure(env))
+        log(f"{figure} {rep + 1}/{reps}: " + ", ".join(
+            f"{n}={res.samples[figure][n][-1]:.3f}" for n in envs))
+
+
+def install_warm(ctx: Ctx, res: Results, peers: dict[str, Peer]) -> None:
+    installers = {n: p for n, p in peers.items() if p.installs}
+    for rep in range(ctx.reps):
+        for name, peer in installers.items():
+            res.add("install-warm", name, peer.install_time())
+        log(f"install-warm {rep + 1}/{ctx.reps}: " + ", ".join(
+            f"{n}={res.samples['install-warm'][n][-1]:.3f}" for n in installers))
+
+
+def import_cmd(ctx: Ctx, env: Env) -> list[str]:
+    return [str(env.python), "-c", ctx.import_cmd]
+
+
+def import_first(ctx: Ctx, res: Results, peers: dict[str, Peer]) -> dict[str, Env]:
+    """Fresh venvs, first import each (bytecode not yet written); then the disk they use.
+
+    Returns the first fresh venv of every peer (already imported once): the venv the warm
+    figures are measured on."""
+    main: dict[str, Env] = {}
+    for i in range(ctx.fresh):
+        for name, peer in peers.items():
+            env = peer.new_env()
+            time.sleep(0.2)  # let the install's writeback start before measuring
+            res.add("import-first", name, timed(ctx, import_cmd(ctx, env)))
+            res.add("disk-per-venv", name, du_added([env.venv], env.shared) / 1e6)
+            if name not in main:
+                main[name] = env
+            else:
+                peer.close(env)
+        log(f"import-first {i + 1}/{ctx.fresh}: " + ", ".join(
+            f"{n}={res.samples['import-first'][n][-1]:.3f}s/"
+            f"{res.samples['disk-per-venv'][n][-1]:.1f}MB" for n in peers))
+    return main
+
+
+def main_envs(ctx: Ctx, peers: dict[str, Peer]) -> dict[str, Env]:
+    """Venvs for the warm figures when import-first was not measured: one untimed import."""
+    envs = {}
+    for name, peer in peers.items():
+        envs[name] = peer.new_env()
+        timed(ctx, import_cmd(ctx, envs[name]))
+    return envs
+
+
+def import_warm(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
+    for env in envs.values():
+        timed(ctx, import_cmd(ctx, env))  # bytecode is written, pages are cached
+    cpu0 = {n: cpu_seconds(e.pid) for n, e in envs.items() if e.pid}
+    _interleaved(ctx, res, "import-warm", envs, lambda e: timed(ctx, import_cmd(ctx, e)),
+                 ctx.reps)
+    for n, c0 in cpu0.items():  # the daemon's own CPU per warm import
+        cpu = (cpu_seconds(envs[n].pid) - c0) / ctx.reps  # type: ignore[arg-type]
+        res.note("import-warm", f"{n}.daemon_cpu_s_per_import", round(cpu, 4))
+
+
+def walk(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
+    def cmd(e: Env) -> list[str]:
+        return ["find", str(e.site), "-type", "f", "-printf", "%s %m\n"]
+
+    for env in envs.values():
+        timed(ctx, cmd(env))
+    _interleaved(ctx, res, "walk", envs, lambda e: timed(ctx, cmd(e)), ctx.reps)
+
+
+def reader(ctx: Ctx, env: Env) -> list[str]:
+    return [ctx.python, "-I", "-S", "-c", READER, str(env.site)]
+
+
+def read_all(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
+    for env in envs.values():
+        timed(ctx, reader(ctx, env))
+    _interleaved(ctx, res, "read-all", envs, lambda e: timed(ctx, reader(ctx, e)), ctx.reps)
+
+
+def read_all_cold(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
+    def cold(e: Env) -> float:
+        if not drop_caches():
+            res.note("read-all-cold", "warning", "drop_caches not permitted: NOT cold")
+        return timed(ctx, reader(ctx, e))
+
+    _interleaved(ctx, res, "read-all-cold", envs, cold, ctx.cold_reps)
+
+
+def daemon_rss(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
+    """Peak RSS (VmHWM) of each daemon so far, i.e. over import-warm and read-all."""
+    for name, env in envs.items():
+        if env.pid:
+            st = proc_status(env.pid)
+            if "VmHWM" in st:
+                res.add("daemon-rss", name, st["VmHWM"] / 1024)
+                res.note("daemon-rss", f"{name}.VmRSS_MB", round(st["VmRSS"] / 1024, 1))
+    if "cowfs" in envs and envs["cowfs"].pid:
+        from cowfs import control
+        from cowfs.spec import MountSpec
+
+        spec = MountSpec.for_mountpoint(str(envs["cowfs"].site))
+        status = control.try_request(spec.socket, "status") if spec else None
+        if status:
+            res.note("daemon-rss", "cowfs.nodes", status.get("nodes"))
+
+
+def mount_time(ctx: Ctx, res: Results, peers: dict[str, Peer], envs: dict[str, Env]) -> None:
+    """cowfs: `cowfs umount` + `cowfs mount VENV` until it answers (whole CLI process), and
+    the same through the API; the overlay peers' remount for comparison."""
+    for rep in range(ctx.reps):
+        for name, env in envs.items():
+            peer = peers[name]
+            if isinstance(peer, Cowfs):
+                res.add("mount-time", name, peer.remount_time(env))
+                res.add("mount-time-api", name, peer.remount_time_api(env))
+            elif isinstance(peer, _Overlay):
+                res.add("mount-time", name, peer.remount_time(env))
+        log(f"mount-time {rep + 1}/{ctx.reps}: " + ", ".join(
+            f"{n}={v[-1]:.3f}" for n, v in res.samples.get("mount-time", {}).items()))
