@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "cowfs.commands",
     "installer.commands",
     "installer.interpreter_commands",
+    "installer.maintenance_commands",
 )
 # Where the hot commands live; anything not listed is found by importing every module.
 COMMAND_INDEX = {

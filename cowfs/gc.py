@@ -1,0 +1,452 @@
+"""Store maintenance: which venvs are alive, verify objects, collect garbage, measure usage.
+
+Liveness comes only from gc roots (`roots/*.json`): a root is live while its venv exists and
+the venv's state still points at this store. Link counts are never consulted: objects are
+served through mounts, not hard-linked into venvs. Anything the live states reference (their
+distributions, bytecode manifests, venv-local extra rows) is kept; the rest is garbage.
+
+gc holds the store lock exclusively: installs hold it shared from ingest until a root
+refers to what they ingested, so gc never sees a half-installed distribution as garbage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cowfs.errors import CowfsError, StoreError
+from cowfs.manifest import FileEntry, Manifest, iter_manifests, manifest_path, read_manifest
+from cowfs.spec import VenvState
+from cowfs.store import OBJECT_MODE, Store, digest_fd
+
+TMP_GRACE_S = 3600  # tmp/ entries younger than this may belong to a running writer
+
+
+@dataclass
+class Root:
+    file: Path
+    venv: Path | None
+    status: str  # live, dead, broken (unreadable root or state: liveness unknown)
+    reason: str = ""
+    state: VenvState | None = None
+    bytecode: list[str] = field(default_factory=list)
+
+    @property
+    def dist_ids(self) -> list[str]:
+        return [*self.state.dists, *self.bytecode] if self.state else []
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def scan_roots(store: Store) -> list[Root]:
+    roots: list[Root] = []
+    for f in sorted(store.roots.glob("*.json")) if store.roots.is_dir() else ():
+        try:
+            doc = json.loads(f.read_text())
+            venv = Path(doc["venv"])
+        except (OSError, ValueError, KeyError, TypeError):
+            roots.append(Root(f, None, "broken", "unreadable root file"))
+            continue
+        state_file = VenvState.path_for(venv)
+        if not venv.is_dir():
+            roots.append(Root(f, venv, "dead", "venv deleted"))
+            continue
+        if not state_file.exists():
+            roots.append(Root(f, venv, "dead", "no cowfs state any more"))
+            continue
+        try:
+            state = VenvState.load(venv)
+            raw = json.loads(state_file.read_text())
+        except (OSError, ValueError, CowfsError) as exc:
+            roots.append(Root(f, venv, "broken", str(exc)))
+            continue
+        if not _same_dir(state.store, store.root):
+            roots.append(Root(f, venv, "dead", f"venv now uses the store {state.store}"))
+            continue
+        roots.append(Root(f, venv, "live", "", state, _bytecode_ids(raw)))
+    return roots
+
+
+def _bytecode_ids(doc: Any) -> list[str]:
+    """`bytecode` in a state: a list of manifest ids (tolerates a dict or nested lists)."""
+    out: list[str] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk(doc.get("bytecode", []) if isinstance(doc, dict) else [])
+    return out
+
+
+def manifest_rows(m: Manifest) -> Iterable[FileEntry]:
+    yield from m.files
+    for rows in m.data.values():
+        yield from rows
+
+
+# -- verify ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    digest: str
+    kind: str  # corrupt, missing, size, writable
+    detail: str = ""
+    dists: list[str] = field(default_factory=list)  # manifest ids that reference it
+    venvs: list[str] = field(default_factory=list)
+    repaired: bool = False
+    repair_note: str = ""
+
+
+@dataclass
+class VerifyReport:
+    objects: int = 0
+    manifests: int = 0
+    problems: dict[str, Problem] = field(default_factory=dict)
+    bad_manifests: dict[str, str] = field(default_factory=dict)
+    roots: list[Root] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_manifests and all(p.repaired for p in self.problems.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "objects": self.objects, "manifests": self.manifests,
+                "bad_manifests": self.bad_manifests,
+                "problems": [vars(p) for p in sorted(self.problems.values(),
+                                                     key=lambda p: p.digest)]}
+
+
+def _check_object(path: Path, digest: str) -> tuple[str, str] | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return "corrupt", f"unreadable: {exc.strerror}"
+    try:
+        actual, _ = digest_fd(fd)
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    if actual != digest:
+        return "corrupt", f"content hashes to {actual}"
+    if mode & 0o222:
+        return "writable", f"mode {mode:o}: objects must be read-only"
+    return None
+
+
+def verify(store: Store) -> VerifyReport:
+    """Rehash every object, check every manifest row, and name who is affected."""
+    rep = VerifyReport(roots=scan_roots(store))
+    sizes: dict[str, int] = {}
+    objects = list(store.iter_objects())
+    rep.objects = len(objects)
+    # Reads release the GIL; hashing many small objects in parallel keeps the disk busy.
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        results = pool.map(lambda o: (o, _check_object(o[1], o[0])), objects)
+        for (digest, path), bad in results:
+            with contextlib.suppress(OSError):
+                sizes[digest] = path.stat().st_size
+            if bad is not None:
+                rep.problems[digest] = Problem(digest, *bad)
+    users: dict[str, list[str]] = {}  # digest -> manifest ids
+    for ident in iter_manifests(store):
+        rep.manifests += 1
+        try:
+            m = read_manifest(store, ident)
+        except StoreError as exc:
+            rep.bad_manifests[ident] = str(exc)
+            continue
+        for fe in manifest_rows(m):
+            users.setdefault(fe.digest, []).append(ident)
+            _check_row(rep, fe, sizes, ident)
+    venv_dists = {str(r.venv): set(r.dist_ids) for r in rep.roots if r.status == "live"}
+    for r in rep.roots:
+        for fe in r.state.extra if r.state and r.status == "live" else ():
+            _check_row(rep, fe, sizes, f"venv-local file {fe.path} of {r.venv}")
+            if fe.digest in rep.problems:
+                rep.problems[fe.digest].venvs.append(str(r.venv))
+    for digest, p in rep.problems.items():
+        p.dists = sorted(set(users.get(digest, [])))
+        p.venvs = sorted(set(p.venvs) | {v for v, ids in venv_dists.items()
+                                          if ids & set(p.dists)})
+    return rep
+
+
+def _check_row(rep: VerifyReport, fe: FileEntry, sizes: dict[str, int], who: str) -> None:
+    if fe.digest not in sizes:
+        rep.problems.setdefault(fe.digest, Problem(fe.digest, "missing", f"needed by {who}"))
+    elif sizes[fe.digest] != fe.size and fe.digest not in rep.problems:
+        rep.problems[fe.digest] = Problem(
+            fe.digest, "size", f"{who} says {fe.size} bytes, the object has {sizes[fe.digest]}")
+
+
+def repair(store: Store, rep: VerifyReport, reingest: Callable[[Path], object]) -> None:
+    """Fix what can be fixed; caller holds the store lock exclusively.
+
+    Writable objects with the right content are made read-only. Corrupt and missing objects
+    come back by re-ingesting (force) a wheel kept in store.wheels whose sha256 matches a
+    manifest that references them; a corrupt object is moved aside first (ingest refuses to
+    trust an existing object that differs) and put back if re-ingesting fails, so a failed
+    repair never turns a corrupt object into a missing one.
+    """
+    for p in rep.problems.values():
+        if p.kind == "writable":
+            os.chmod(store.object_path(p.digest), OBJECT_MODE)
+            p.repaired, p.repair_note = True, "made read-only"
+        elif not p.dists:
+            if p.kind == "corrupt":  # nothing refers to it: garbage, drop it
+                store.object_path(p.digest).unlink(missing_ok=True)
+                p.repaired, p.repair_note = True, "unreferenced: removed"
+            else:
+                p.repair_note = "not in any manifest (a venv-local file): reinstall the venv"
+    wheels = _wheels_for(store, rep)
+    for wheel, digests in wheels.items():
+        aside = {d: _move_aside(store, d) for d in digests
+                 if rep.problems[d].kind in ("corrupt", "size")}
+        try:
+            reingest(wheel)
+            failure = ""
+        except Exception as exc:  # any failure: restore what was there, report, go on
+            failure = str(exc)
+        for d in digests:
+            ok = not failure and _check_object(store.object_path(d), d) is None
+            p = rep.problems[d]
+            p.repaired = ok
+            p.repair_note = f"re-ingested {wheel.name}" if ok else \
+                f"re-ingesting {wheel.name} failed: {failure or 'object still wrong'}"
+        for d, moved in aside.items():
+            if moved is not None and not store.object_path(d).exists():
+                os.rename(moved, store.object_path(d))
+            elif moved is not None:
+                moved.unlink(missing_ok=True)
+    for p in rep.problems.values():
+        if not p.repaired and not p.repair_note:
+            p.repair_note = ("no wheel in " + str(store.wheels) + " for "
+                             + ", ".join(p.dists) + ": reinstall to repair")
+
+
+def _wheels_for(store: Store, rep: VerifyReport) -> dict[Path, list[str]]:
+    """wheel file -> broken digests it can restore (the wheel must match the manifest)."""
+    out: dict[Path, list[str]] = {}
+    checked: dict[str, Path | None] = {}
+    for p in rep.problems.values():
+        if p.repaired or p.kind == "writable":
+            continue
+        for ident in p.dists:
+            if ident not in checked:
+                checked[ident] = _wheel_of(store, ident)
+            if (wheel := checked[ident]) is not None:
+                out.setdefault(wheel, []).append(p.digest)
+                break
+    return out
+
+
+def _wheel_of(store: Store, ident: str) -> Path | None:
+    import hashlib
+
+    try:
+        m = read_manifest(store, ident)
+    except StoreError:
+        return None
+    if not m.wheel or not m.wheel_sha256 or "/" in m.wheel:
+        return None
+    path = store.wheels / m.wheel
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return None
+    return path if h.hexdigest() == m.wheel_sha256 else None
+
+
+def _move_aside(store: Store, digest: str) -> Path | None:
+    src = store.object_path(digest)
+    dst = store.tmp / f"corrupt-{digest}-{os.getpid()}"
+    try:
+        os.rename(src, dst)
+    except FileNotFoundError:
+        return None
+    return dst
+
+
+# -- gc --------------------------------------------------------------------------------------
+
+
+@dataclass
+class GcReport:
+    dry_run: bool
+    live_roots: int = 0
+    dead_roots: list[str] = field(default_factory=list)
+    manifests_kept: int = 0
+    manifests_deleted: list[str] = field(default_factory=list)
+    objects_kept: int = 0
+    objects_deleted: int = 0
+    bytes_freed: int = 0
+    tmp_deleted: int = 0
+    missing_manifests: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def collect(store: Store, dry_run: bool = False, now: float | None = None) -> GcReport:
+    rep = GcReport(dry_run)
+    if not store.exists():
+        return rep
+    now = time.time() if now is None else now
+    with store.lock(exclusive=True):
+        roots = scan_roots(store)
+        broken = [r for r in roots if r.status == "broken"]
+        if broken:
+            r = broken[0]
+            raise StoreError(f"gc root {r.file} ({r.venv or '?'}): {r.reason}; fix or remove "
+                             "it first (its venv's contents cannot be known): nothing collected")
+        keep_dists: set[str] = set()
+        keep_objects: set[str] = set()
+        for r in roots:
+            if r.status == "live":
+                rep.live_roots += 1
+                keep_dists.update(r.dist_ids)
+                keep_objects.update(fe.digest for fe in r.state.extra)  # type: ignore[union-attr]
+            else:
+                rep.dead_roots.append(str(r.venv))
+        for ident in sorted(keep_dists):
+            if not manifest_path(store, ident).exists():
+                rep.missing_manifests.append(ident)
+                continue
+            try:
+                m = read_manifest(store, ident)
+            except StoreError as exc:
+                raise StoreError(f"{exc}: its objects cannot be known, nothing collected "
+                                 "(`cowfs store verify`)") from None
+            keep_objects.update(fe.digest for fe in manifest_rows(m))
+        for ident in iter_manifests(store):
+            if ident in keep_dists:
+                rep.manifests_kept += 1
+                continue
+            rep.manifests_deleted.append(ident)
+            if not dry_run:
+                manifest_path(store, ident).unlink(missing_ok=True)
+        for digest, path in store.iter_objects():
+            if digest in keep_objects:
+                rep.objects_kept += 1
+                continue
+            rep.objects_deleted += 1
+            with contextlib.suppress(OSError):
+                rep.bytes_freed += path.lstat().st_size
+                if not dry_run:
+                    path.unlink()
+        rep.tmp_deleted = _clean_tmp(store, now, dry_run)
+        if not dry_run:
+            for r in roots:
+                if r.status == "dead":
+                    r.file.unlink(missing_ok=True)
+    return rep
+
+
+def _clean_tmp(store: Store, now: float, dry_run: bool) -> int:
+    n = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(store.tmp) as it:
+        for de in list(it):
+            try:
+                if now - de.stat(follow_symlinks=False).st_mtime < TMP_GRACE_S:
+                    continue
+            except FileNotFoundError:
+                continue
+            n += 1
+            if dry_run:
+                continue
+            if de.is_dir(follow_symlinks=False):
+                shutil.rmtree(de.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(de.path)
+    return n
+
+
+# -- usage -----------------------------------------------------------------------------------
+
+
+def _tree_size(path: Path) -> tuple[int, int]:
+    """(files, bytes) under path."""
+    files = size = 0
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(dirpath, n)).st_size
+                files += 1
+    return files, size
+
+
+def usage(store: Store) -> dict[str, Any]:
+    """Store size by part, roots, and logical (per-venv) vs physical size of what is live."""
+    objects = objects_bytes = objects_disk = 0
+    obj_size: dict[str, int] = {}
+    for digest, path in store.iter_objects():
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            objects += 1
+            objects_bytes += st.st_size
+            objects_disk += st.st_blocks * 512
+            obj_size[digest] = st.st_size
+    roots = scan_roots(store)
+    logical = 0
+    referenced: set[str] = set()
+    venvs = []
+    cache: dict[str, Manifest | None] = {}
+    for r in roots:
+        if r.status != "live" or r.state is None:
+            continue
+        view: dict[str, FileEntry] = {}
+        for ident in [*r.bytecode, *r.state.dists]:  # in the lower's order: later wins
+            if ident not in cache:
+                try:
+                    cache[ident] = read_manifest(store, ident)
+                except StoreError:
+                    cache[ident] = None
+            for fe in cache[ident].files if cache[ident] else ():
+                view[fe.path] = fe
+        for fe in r.state.extra:
+            view[fe.path] = fe
+        size = sum(fe.size for fe in view.values())
+        logical += size
+        referenced.update(fe.digest for fe in view.values())
+        venvs.append({"venv": str(r.venv), "files": len(view), "bytes": size})
+    physical = sum(obj_size.get(d, 0) for d in referenced)
+    parts = {name: _tree_size(getattr(store, name))
+             for name in ("dists", "wheels", "interpreters", "tmp")}
+    return {
+        "store": str(store.root),
+        "objects": {"count": objects, "bytes": objects_bytes, "disk_bytes": objects_disk},
+        "manifests": len(iter_manifests(store)),
+        **{name: {"files": f, "bytes": b} for name, (f, b) in parts.items()},
+        "roots": {s: [str(r.venv or r.file) for r in roots if r.status == s]
+                  for s in ("live", "dead", "broken")},
+        "venvs": venvs,
+        "logical_bytes": logical,
+        "physical_bytes": physical,
+        "dedup_ratio": round(logical / physical, 2) if physical else None,
+    }

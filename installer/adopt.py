@@ -1,0 +1,387 @@
+"""`cowfs adopt`: turn an existing venv (made by pip, uv or anything) into a cowfs venv.
+
+Every installed distribution (a dist-info directory with a RECORD) becomes a manifest of
+its own whose files go into the store -- but only files whose bytes still match their
+RECORD hash. A file that does not match was edited (for instance through a hard link into a
+shared uv cache): it stays private in the venv's upper layer, and its manifest row holds the
+pristine content only when the store already has it from a verified wheel, so that
+`cowfs reset` can bring it back. Files no RECORD names (user files, caches) stay private too.
+
+Crash safety: the store and a staging directory next to site-packages are written first;
+the original venv is untouched until one atomic rename turns the staging directory into
+VENV/.cowfs. A marker file there says the swap is unfinished; `cowfs adopt` on such a venv
+finishes it (hook, emptying the real site-packages, mount), each step being idempotent.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import stat
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+from packaging.utils import canonicalize_name
+
+from cowfs import mount as mounting
+from cowfs.errors import CowfsError, StoreError
+from cowfs.manifest import (
+    DEFAULT_MTIME_NS,
+    FileEntry,
+    Manifest,
+    iter_manifests,
+    read_manifest,
+    write_manifest,
+)
+from cowfs.spec import VenvState
+from cowfs.store import CHUNK, Store
+from cowfs.upper import RENAME_NOREPLACE, renameat2
+from installer.automount import HOOK_MODULE, HOOK_PTH, write_hook
+from installer.changes import dist_identity, parse_installed_record
+from installer.interpreters import InterpreterInfo, query_interpreter
+from installer.venv import ensure_mounted, venv_python
+
+MARKER = "adopting"  # in VENV/.cowfs while the swap is unfinished
+STAGING_PREFIX = ".cowfs-adopt-"
+PER_VENV = ("REQUESTED", "direct_url.json")  # never shared: they differ per venv (as install)
+
+
+@dataclass
+class AdoptedDist:
+    manifest: Manifest
+    private: list[str] = field(default_factory=list)  # edited, pristine known: reset works
+    unknown: list[str] = field(default_factory=list)  # edited, pristine unknown
+
+
+@dataclass
+class AdoptResult:
+    state: VenvState
+    dists: list[AdoptedDist] = field(default_factory=list)
+    shared: int = 0  # files moved into the store
+    private: int = 0  # files kept in the upper layer
+    dropped_pycs: int = 0
+    mounted: str = ""
+
+
+@contextlib.contextmanager
+def _locked(venv: Path) -> Iterator[None]:
+    """One adopter per venv; flock on the directory itself leaves no file behind."""
+    fd = os.open(venv, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def adopt(path: Path, store: Store) -> AdoptResult:
+    venv = path.absolute()
+    if not (venv / "pyvenv.cfg").is_file():
+        raise CowfsError(f"{venv} is not a venv (no pyvenv.cfg)")
+    with _locked(venv):
+        state_dir = VenvState.state_dir(venv)
+        if (state_dir / MARKER).exists() and VenvState.path_for(venv).exists():
+            state = VenvState.load(venv)
+            return _finish(state, AdoptResult(state))  # an interrupted adopt: finish it
+        if VenvState.path_for(venv).exists():
+            raise CowfsError(f"{venv} is already a cowfs venv")
+        if state_dir.exists():
+            if not (state_dir / MARKER).exists():
+                raise CowfsError(f"{state_dir} exists but is no cowfs state; move it away")
+            shutil.rmtree(state_dir)  # a swap that crashed before the state was saved
+        for old in venv.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(old, ignore_errors=True)  # left by a crashed adopt
+        store.ensure()
+        info = query_interpreter(venv_python(venv), store)
+        site = Path(info.paths["purelib"])
+        _check_site(venv, site, Path(info.paths.get("platlib", site)))
+        staging = venv / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+        # Shared lock from the first object until the gc root names the manifests.
+        with store.lock():
+            try:
+                state, result = _build(venv, site, store, staging, info)
+                renameat2(str(staging), str(state_dir), RENAME_NOREPLACE)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            _fsync(venv)
+            state.save()
+            store.add_root(venv, VenvState.path_for(venv))
+        return _finish(state, result)
+
+
+def _check_site(venv: Path, site: Path, platlib: Path) -> None:
+    if venv not in site.parents or not site.is_dir():
+        raise CowfsError(f"unexpected site-packages location {site} for {venv}")
+    if mounting.find_mount(str(site)) is not None:
+        raise CowfsError(f"{site} is a mount point; unmount it first")
+    if os.path.realpath(platlib) != os.path.realpath(site) and platlib.is_dir() and any(
+            platlib.iterdir()):
+        raise CowfsError(f"{venv} has a separate platlib {platlib}; not supported by adopt")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _walk(site: Path) -> tuple[dict[str, os.stat_result], list[str]]:
+    """Every non-directory under site (lstat) and every empty directory, relative."""
+    files: dict[str, os.stat_result] = {}
+    empty: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(site):
+        rel = os.path.relpath(dirpath, site)
+        rel = "" if rel == "." else rel
+        # os.walk does not descend into symlinked directories: they are entries like files.
+        links = [d for d in dirnames if os.path.islink(f"{dirpath}/{d}")]
+        for name in [*filenames, *links]:
+            files[f"{rel}/{name}" if rel else name] = os.lstat(f"{dirpath}/{name}")
+        if rel and not dirnames and not filenames:
+            empty.append(rel)
+    return files, empty
+
+
+def _file_hash(path: Path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return f"{algo}=" + base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
+
+
+def _pristine_index(store: Store, key: str) -> dict[str, FileEntry]:
+    """sha256 RECORD hash -> store entry, from manifests ingested from verified wheels.
+
+    The installed RECORD the ingest wrote names the sha256 of every site-packages file, and
+    ingest checked each member against the wheel's own RECORD before storing it.
+    """
+    index: dict[str, FileEntry] = {}
+    for ident in iter_manifests(store):
+        if not ident.startswith(f"{key}-") or "-adopted-" in ident:
+            continue
+        try:
+            m = read_manifest(store, ident)
+        except StoreError:
+            continue
+        if not m.wheel or str(canonicalize_name(m.name)) != key:
+            continue
+        by_path = {fe.path: fe for fe in m.files}
+        rec = by_path.get(f"{m.dist_info}/RECORD")
+        if rec is None:
+            continue
+        try:
+            with store.open_object(rec.digest) as f:
+                rows = parse_installed_record(f.read())
+        except OSError:
+            continue
+        for path, hash_, _ in rows:
+            if hash_.startswith("sha256=") and path in by_path:
+                index.setdefault(hash_.rstrip("="), by_path[path])
+    return index
+
+
+def _verified(store: Store, fe: FileEntry, want: str) -> bool:
+    """The object really has the content the RECORD hash names (a store can rot)."""
+    try:
+        return _file_hash(store.object_path(fe.digest), "sha256") == want
+    except OSError:
+        return False
+
+
+def _build(venv: Path, site: Path, store: Store, staging: Path, info: InterpreterInfo
+           ) -> tuple[VenvState, AdoptResult]:
+    files, empty_dirs = _walk(site)
+    claimed: dict[str, tuple[str, str]] = {}  # path -> (dist-info dir, RECORD hash)
+    infos = sorted(p for p in files if p.count("/") == 1 and p.endswith(".dist-info/RECORD"))
+    for rec in infos:
+        info_dir = rec.partition("/")[0]
+        for path, hash_, _ in parse_installed_record((site / rec).read_bytes(), str(site)):
+            if path in files and not path.startswith("../"):
+                claimed.setdefault(path, (info_dir, hash_))
+    upper = staging / "upper"
+    upper.mkdir(parents=True)
+    (staging / "work").mkdir()
+    state = VenvState(venv=venv, site_packages=site, store=store.root,
+                      python=str(venv_python(venv)))
+    result = AdoptResult(state)
+    private: set[str] = set()
+    rows: dict[str, list[FileEntry]] = {rec.partition("/")[0]: [] for rec in infos}
+    unknown: dict[str, list[str]] = {d: [] for d in rows}
+    edited: dict[str, list[str]] = {d: [] for d in rows}
+    index_cache: dict[str, dict[str, FileEntry]] = {}
+    pycs: list[str] = []
+    for path, st in sorted(files.items()):
+        owner = claimed.get(path)
+        if _is_pyc(path):
+            pycs.append(path)  # decided below, once it is known which sources are shared
+            continue
+        if owner is None or not stat.S_ISREG(st.st_mode):
+            private.add(path)
+            continue
+        info_dir, hash_ = owner
+        mode = stat.S_IMODE(st.st_mode) & 0o777
+        if path.startswith(f"{info_dir}/") and path.rpartition("/")[2] in PER_VENV:
+            digest, size = store.put_file(site / path)
+            state.extra.append(FileEntry(path, digest, size, mode))
+            if path.endswith("/REQUESTED"):
+                state.requested.append(dist_identity(site / info_dir)[0])
+            continue
+        algo = hash_.partition("=")[0]
+        if hash_ and (algo not in hashlib.algorithms_available
+                      or _file_hash(site / path, algo) != hash_.rstrip("=")):
+            private.add(path)
+            key = str(canonicalize_name(dist_identity(site / info_dir)[0]))
+            if key not in index_cache:
+                index_cache[key] = _pristine_index(store, key)
+            fe = index_cache[key].get(hash_.rstrip("="))
+            if fe is not None and _verified(store, fe, hash_.rstrip("=")):
+                rows[info_dir].append(FileEntry(path, fe.digest, fe.size, mode))
+                edited[info_dir].append(path)
+            else:
+                unknown[info_dir].append(path)
+            continue
+        digest, size = store.put_file(site / path)
+        rows[info_dir].append(FileEntry(path, digest, size, mode))
+    shared = {fe.path for entries in rows.values() for fe in entries} - private
+    for path in pycs:
+        if _pyc_source(path) in shared:
+            # Compiled against the pre-adoption mtime of a source that now carries the
+            # manifest's fixed mtime: stale. The shared bytecode manifest replaces it.
+            result.dropped_pycs += 1
+        else:
+            private.add(path)
+    for path in sorted(private):
+        _copy_private(site, upper, path)
+        result.private += 1
+    for d in empty_dirs:
+        (upper / d).mkdir(parents=True, exist_ok=True)
+    _copy_dir_stats(site, upper)
+    result.shared = len(shared)
+    for info_dir in sorted(rows):
+        m = _manifest(site, info_dir, rows[info_dir], unknown[info_dir], edited[info_dir])
+        write_manifest(store, m)
+        state.dists.append(m.id)
+        result.dists.append(AdoptedDist(m, edited[info_dir], unknown[info_dir]))
+    state.bytecode = _bytecode(store, [d.manifest for d in result.dists], info, venv)
+    (staging / MARKER).write_text(json.dumps({"site_packages": str(site)}))
+    _fsync_tree(staging)
+    return state, result
+
+
+def _is_pyc(path: str) -> bool:
+    parent, _, name = path.rpartition("/")
+    return parent.rpartition("/")[2] == "__pycache__" and name.endswith(".pyc")
+
+
+def _pyc_source(path: str) -> str:
+    """pkg/__pycache__/mod.cpython-311.pyc -> pkg/mod.py"""
+    parent, _, name = path.rpartition("/")
+    pkg = parent.rpartition("/")[0]
+    src = name.split(".")[0] + ".py"
+    return f"{pkg}/{src}" if pkg else src
+
+
+def _copy_private(site: Path, upper: Path, rel: str) -> None:
+    """A copy (never a link: a hard link would keep sharing the inode with a cache)."""
+    src, dst = site / rel, upper / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    st = os.lstat(src)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), dst)
+    elif stat.S_ISREG(st.st_mode):
+        with open(src, "rb") as fi, open(dst, "xb") as fo:
+            shutil.copyfileobj(fi, fo, CHUNK)
+            fo.flush()
+            os.fsync(fo.fileno())
+        shutil.copystat(src, dst)
+    else:
+        return  # sockets, fifos, devices: nothing a package ships
+    if os.geteuid() == 0:
+        os.lchown(dst, st.st_uid, st.st_gid)
+
+
+def _copy_dir_stats(site: Path, upper: Path) -> None:
+    """Upper directories get the mode and times of the originals (deepest first)."""
+    for dirpath, _, _ in sorted(os.walk(upper), key=lambda t: -len(t[0])):
+        rel = os.path.relpath(dirpath, upper)
+        if rel != ".":
+            with contextlib.suppress(OSError):
+                shutil.copystat(site / rel, dirpath)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, _ in os.walk(root):
+        _fsync(Path(dirpath))
+
+
+def _manifest(site: Path, info_dir: str, rows: list[FileEntry], unknown: list[str],
+              edited: list[str]) -> Manifest:
+    name, version = dist_identity(site / info_dir)
+    key = str(canonicalize_name(name))
+    rows = sorted(rows, key=lambda e: e.path)
+    doc = json.dumps([[e.path, e.digest, e.size, e.mode] for e in rows] + [unknown])
+    installer = ""
+    with contextlib.suppress(OSError):
+        installer = (site / info_dir / "INSTALLER").read_text().strip()
+    return Manifest(
+        id=f"{key}-{version}-adopted-{xxhash.xxh3_64_hexdigest(doc.encode())}",
+        name=name, version=version, files=tuple(rows), mtime_ns=DEFAULT_MTIME_NS,
+        dist_info=info_dir, entry_points=_entry_points(site / info_dir),
+        extra={"adopted": True, "installer": installer, "unknown_pristine": sorted(unknown),
+               "edited_at_adoption": sorted(edited)})
+
+
+def _entry_points(info_dir: Path) -> dict[str, dict[str, str]]:
+    """So that `cowfs uninstall` removes the launchers the other installer wrote."""
+    from installer.wheel_archive import WheelError, parse_entry_points
+
+    try:
+        return parse_entry_points((info_dir / "entry_points.txt").read_bytes(), info_dir.name)
+    except (OSError, WheelError):
+        return {}
+
+
+def _bytecode(store: Store, manifests: list[Manifest], info: InterpreterInfo,
+              venv: Path) -> list[str]:
+    """Shared pycs for the adopted dists, as `cowfs install` makes them (optional)."""
+    from installer.bytecode import ensure_bytecode
+
+    out = []
+    for m in manifests:
+        with contextlib.suppress(Exception):  # an optimisation: never fail adopt over it
+            if (ident := ensure_bytecode(store, m, info, venv_python(venv))) is not None:
+                out.append(ident)
+    return out
+
+
+def _finish(state: VenvState, result: AdoptResult) -> AdoptResult:
+    """After the swap: hook first (so any interrupted state still mounts on use), then empty
+    the real site-packages, drop the marker, mount. Safe to run again."""
+    site = state.site_packages
+    if mounting.find_mount(str(site)) is None:
+        write_hook(site, state.venv)
+        keep = {HOOK_MODULE, HOOK_PTH}
+        for entry in list(site.iterdir()):
+            if entry.name in keep:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        _fsync(site)
+    (VenvState.state_dir(state.venv) / MARKER).unlink(missing_ok=True)
+    result.mounted = ensure_mounted(state)
+    return result
+
+
