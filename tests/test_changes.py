@@ -22,19 +22,14 @@ from cowfs.spec import VenvState
 from cowfs.store import Store
 from cowfs.upper import OPAQUE_XATTR, WHITEOUT_XATTR
 from installer import changes
-from tests.test_installer_e2e import (  # noqa: F401  (venvs and wheels are fixtures)
-    EDITED,
-    PKG,
-    UDDER,
-    cow,
-    cowfs,
-    site,
-    venvs,
-    wheels,
-)
+from tests import test_installer_e2e as e2e
+from tests.test_installer_e2e import EDITED, PKG, UDDER, cow, cowfs, site
 from tests.wheelbuild import build
 
 MAIN = "pycowsay/main.py"
+# Shared fixtures (assigned, so pytest finds them here): real venvs, the cached wheels.
+venvs = e2e.venvs
+wheels = e2e.wheels
 
 
 def install(venv: Path, wheel_dir: Path, *reqs: str) -> None:

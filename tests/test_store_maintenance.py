@@ -1,0 +1,132 @@
+"""`cowfs store verify|gc|du|info` on real venvs sharing one store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cowfs.manifest import read_manifest
+from cowfs.spec import VenvState
+from cowfs.store import Store, digest_bytes
+from tests import test_installer_e2e as e2e
+from tests.conftest import force_unmount
+from tests.test_changes import install, one_line_error
+from tests.test_installer_e2e import UDDER, cow, cowfs, site
+from tests.wheelbuild import build
+
+MAIN = "pycowsay/main.py"
+# Shared fixtures (assigned, so pytest finds them here): real venvs, the cached wheels.
+venvs = e2e.venvs
+wheels = e2e.wheels
+
+
+def _object_of(venv: Path, path: str) -> str:
+    store = Store()
+    state = VenvState.load(venv)
+    for ident in state.dists:
+        for fe in read_manifest(store, ident).files:
+            if fe.path == path:
+                return fe.digest
+    raise AssertionError(f"{path} not in {venv}")
+
+
+def _verify(*args: str) -> tuple[int, dict[str, object]]:
+    proc = cowfs("store", "verify", "--json", *args, check=False)
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_verify_finds_and_repairs_corrupt_and_missing_objects(
+        venvs: Callable[[str], Path], wheels: Path) -> None:
+    store = Store().ensure()
+    wheel = next(wheels.glob("pycowsay-0.0.0.2-*.whl"))
+    a = venvs("A")
+    install(a, wheels)  # found by the local fast path via --find-links, not kept in store
+    assert _verify()[0] == 0
+    digest = _object_of(a, MAIN)
+    obj = store.object_path(digest)
+    obj.chmod(0o644)
+    obj.write_bytes(obj.read_bytes().replace(b"w |", b"X |"))
+    rc, doc = _verify()
+    assert rc == 1
+    (problem,) = doc["problems"]  # type: ignore[misc]
+    assert problem["digest"] == digest and problem["kind"] == "corrupt"
+    assert problem["venvs"] == [str(a)]
+    assert any(d.startswith("pycowsay-0.0.0.2-") for d in problem["dists"])
+    # No wheel in the store: cannot repair, and the object is not made worse (not removed).
+    rc, doc = _verify("--repair")
+    assert rc == 1 and obj.exists()
+    assert "no wheel" in doc["problems"][0]["repair_note"]  # type: ignore[index]
+    text = cowfs("store", "verify", check=False)
+    assert text.returncode == 1 and "corrupt object" in text.stdout and str(a) in text.stdout
+    shutil.copy(wheel, store.wheels / wheel.name)
+    license_digest = _object_of(a, "pycowsay-0.0.0.2.dist-info/LICENSE")
+    store.object_path(license_digest).unlink()
+    rc, doc = _verify()
+    assert rc == 1 and {p["kind"] for p in doc["problems"]} == {"corrupt", "missing"}  # type: ignore[union-attr]
+    out = cowfs("store", "verify", "--repair").stdout
+    assert "all problems repaired" in out
+    assert digest_bytes(obj.read_bytes()) == digest and not obj.stat().st_mode & 0o222
+    assert store.has(license_digest)
+    assert _verify()[0] == 0
+    assert UDDER in (site(a) / MAIN).read_text()  # first read through the mount: repaired
+    assert cow(a) == UDDER
+
+
+def test_gc_collects_a_deleted_venv_and_keeps_shared_objects(
+        venvs: Callable[[str], Path], wheels: Path, tmp_path: Path) -> None:
+    store = Store()
+    solo_dir = tmp_path / "solo-wheels"
+    solo_dir.mkdir()
+    build(solo_dir, {"solo/__init__.py": b"ONLY_IN_B = 1\n"}, name="solo", meta_extra="")
+    a, b = venvs("A"), venvs("B")
+    install(a, wheels)
+    install(b, wheels)
+    cowfs("install", "--venv", str(b), "solo==1.0", "--no-index", "--find-links", str(solo_dir),
+          "-q")
+    info = json.loads(cowfs("store", "info", "--json").stdout)
+    assert info["store"] == str(store.root) and len(info["roots"]["live"]) == 2
+    assert info["dedup_ratio"] > 1.5  # pycowsay stored once, seen by two venvs
+    assert "dedup" in cowfs("store", "du").stdout
+    shared = _object_of(a, MAIN)
+    unique = _object_of(b, "solo/__init__.py")
+    b_ids = set(VenvState.load(b).dists) - set(VenvState.load(a).dists)
+    force_unmount(str(site(b)))
+    shutil.rmtree(b)
+    old, new = store.tmp / "old-leftover", store.tmp / "fresh"
+    old.write_text("x")
+    new.write_text("y")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+
+    dry = json.loads(cowfs("store", "gc", "--dry-run", "--json").stdout)
+    assert dry["dead_roots"] == [str(b)] and dry["objects_deleted"] >= 1
+    assert store.has(unique) and old.exists()  # a dry run changes nothing
+    text = cowfs("store", "info").stdout
+    assert "1 live, 1 dead" in text
+    done = json.loads(cowfs("store", "gc", "--json").stdout)
+    assert done["live_roots"] == 1 and done["bytes_freed"] > 0
+    assert b_ids <= set(done["manifests_deleted"])
+    assert not store.has(unique) and store.has(shared)
+    assert not old.exists() and new.exists()
+    assert [p.name for p in store.roots.glob("*.json")] == [store.root_path(a).name]
+    again = json.loads(cowfs("store", "gc", "--json").stdout)
+    assert again["objects_deleted"] == 0 and again["dead_roots"] == []
+    assert _verify()[0] == 0
+    assert cow(a) == UDDER  # A lost nothing: bytecode manifests and REQUESTED were kept
+
+
+def test_gc_refuses_when_a_live_venv_state_is_unreadable(tmp_path: Path) -> None:
+    store = Store().ensure()
+    orphan = store.put_bytes(b"garbage nobody references")
+    venv = tmp_path / "venv"
+    (venv / ".cowfs").mkdir(parents=True)
+    (venv / ".cowfs" / "state.json").write_text("{broken")
+    store.add_root(venv, VenvState.path_for(venv))
+    one_line_error(cowfs("store", "gc", check=False), "nothing collected")
+    assert store.has(orphan)
+    (venv / ".cowfs" / "state.json").unlink()  # no cowfs state any more: a dead root
+    done = json.loads(cowfs("store", "gc", "--json").stdout)
+    assert done["dead_roots"] == [str(venv)] and not store.has(orphan)
