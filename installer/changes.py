@@ -279,7 +279,7 @@ class _Scanner:
             src = posixpath.join(pkg, name.split(".")[0] + ".py")
             if src in self.p.files:
                 return self.p.files[src][1]
-            return self.record_owner.get(src, "")
+            return self.p.unknown.get(src) or self.record_owner.get(src, "")
         return ""
 
     def _owner_any(self, path: str) -> str:
