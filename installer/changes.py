@@ -249,6 +249,7 @@ class _Scanner:
 
     def _upper_dists(self) -> None:
         """dist-info directories with a RECORD in the upper layer: things pip/uv wrote."""
+        infos: list[Path] = []
         with contextlib.suppress(OSError), os.scandir(self.root) as it:
             infos = [Path(de.path) for de in it
                      if de.name.endswith(".dist-info") and de.is_dir(follow_symlinks=False)]
@@ -322,10 +323,9 @@ class _Scanner:
     def _dir(self, rel: str, hidden: str | None) -> None:
         kind = self.p.kind(rel)
         if kind == "file":
+            # The "type" change covers the lower file; nothing lies below a file.
             self.changes.append(Change(rel, "type", self._owner_any(rel), hidden or rel,
                                        self.p.files[rel][0], is_dir=True))
-            if hidden is None:
-                self.hide_roots.append(rel)
             self._walk(rel, hidden or rel)
             return
         if self._walk(rel, hidden) == 0 and kind is None:

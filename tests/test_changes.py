@@ -244,7 +244,8 @@ def test_bad_venvs_give_one_line(tmp_path: Path) -> None:
 def _fake_venv(tmp_path: Path) -> VenvState:
     store = Store(tmp_path / "store").ensure()
     files = {"pkg/__init__.py": b"", "pkg/a.py": b"A = 1\n", "pkg/sub/b.py": b"B = 2\n",
-             "pkg/data.bin": b"\0\1\2", "pkg-1.0.dist-info/RECORD": b"pkg/a.py,,\n"}
+             "pkg/data.bin": b"\0\1\2", "pkg-1.0.dist-info/RECORD": b"pkg/a.py,,\n",
+             "pkg/typed.py": b"T = 1\n", "lone/c.py": b"C = 3\n"}
     rows = tuple(FileEntry(p, store.put_bytes(d), len(d), 0o644) for p, d in files.items())
     write_manifest(store, Manifest(id="pkg-1.0-x", name="pkg", version="1.0", files=rows,
                                    dist_info="pkg-1.0.dist-info"))
@@ -271,6 +272,9 @@ def test_classifier_on_both_marker_formats(tmp_path: Path, monkeypatch: pytest.M
     (up / "pkg" / "__pycache__").mkdir()
     (up / "pkg" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"pyc")
     (up / "newdir").mkdir()
+    (up / "pkg" / "typed.py").mkdir()  # a directory where a file was
+    (up / "pkg" / "typed.py" / "x.txt").write_text("x\n")
+    (up / "lone").write_text("a file where a directory was\n")
     if xattrs:
         wh = up / "pkg" / "__init__.py"
         wh.touch()
@@ -289,10 +293,16 @@ def test_classifier_on_both_marker_formats(tmp_path: Path, monkeypatch: pytest.M
         "pkg/sub/b.py": ("deleted", "pkg", "pkg/sub"),
         "pkg/__pycache__/a.cpython-311.pyc": ("added", "pkg", "pkg/__pycache__/a.cpython-311.pyc"),
         "newdir": ("added", "", "newdir"),
+        "pkg/typed.py": ("type", "pkg", "pkg/typed.py"),
+        "pkg/typed.py/x.txt": ("added", "", "pkg/typed.py/x.txt"),
+        "lone": ("type", "pkg", "lone"),
+        "lone/c.py": ("deleted", "pkg", "lone"),
     }
+    assert len(report.changes) == len(got)  # one change per path
     diff = list(changes.diff_lines(report, report.changes))
     assert "Binary files a/pkg/data.bin and b/pkg/data.bin differ" in diff
     assert "new empty directory: newdir/" in diff
+    assert "type change: pkg/typed.py is now a directory" in diff
     # Offline reset (no daemon serves this venv) removes exactly the upper entries.
     result = changes.reset(report, changes.select(report, ["pkg"]))
     assert not result.live and "pkg/sub" in result.removed
