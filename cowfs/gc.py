@@ -12,6 +12,7 @@ refers to what they ingested, so gc never sees a half-installed distribution as 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from typing import Any
 from cowfs.errors import CowfsError, StoreError
 from cowfs.manifest import FileEntry, Manifest, iter_manifests, manifest_path, read_manifest
 from cowfs.spec import VenvState
-from cowfs.store import OBJECT_MODE, Store, digest_fd
+from cowfs.store import OBJECT_MODE, Store, digest_bytes, digest_fd
 
 TMP_GRACE_S = 3600  # tmp/ entries younger than this may belong to a running writer
 
@@ -201,49 +202,90 @@ def _check_row(rep: VerifyReport, fe: FileEntry, sizes: dict[str, int], who: str
             fe.digest, "size", f"{who} says {fe.size} bytes, the object has {sizes[fe.digest]}")
 
 
-def repair(store: Store, rep: VerifyReport, reingest: Callable[[Path], object]) -> None:
-    """Fix what can be fixed; caller holds the store lock exclusively.
+class _NotApplicable(Exception):
+    """The repair path does not apply to this manifest: leave the problem as it was."""
+
+
+def repair(store: Store, rep: VerifyReport, reingest: Callable[[Path], object],
+           rebuild: Callable[[str], bool | None] | None = None) -> None:
+    """Fix what can be fixed; the caller holds the store lock exclusively.
 
     Writable objects with the right content are made read-only. Corrupt and missing objects
     come back by re-ingesting (force) a wheel kept in store.wheels whose sha256 matches a
-    manifest that references them; a corrupt object is moved aside first (ingest refuses to
-    trust an existing object that differs) and put back if re-ingesting fails, so a failed
-    repair never turns a corrupt object into a missing one.
+    manifest that references them, else through `rebuild(manifest id)` (the installer
+    recompiles bytecode manifests; None means it does not apply). A corrupt object is
+    moved aside first (ingest refuses to trust an existing object that differs) and put
+    back if the repair fails, so a failed repair never turns a corrupt object into a
+    missing one.
     """
     for p in rep.problems.values():
         if p.kind == "writable":
             os.chmod(store.object_path(p.digest), OBJECT_MODE)
             p.repaired, p.repair_note = True, "made read-only"
-        elif not p.dists:
-            if p.kind == "corrupt":  # nothing refers to it: garbage, drop it
-                store.object_path(p.digest).unlink(missing_ok=True)
-                p.repaired, p.repair_note = True, "unreferenced: removed"
-            else:
-                p.repair_note = "not in any manifest (a venv-local file): reinstall the venv"
-    wheels = _wheels_for(store, rep)
-    for wheel, digests in wheels.items():
-        aside = {d: _move_aside(store, d) for d in digests
-                 if rep.problems[d].kind in ("corrupt", "size")}
-        try:
-            reingest(wheel)
-            failure = ""
-        except Exception as exc:  # any failure: restore what was there, report, go on
-            failure = str(exc)
-        for d in digests:
-            ok = not failure and _check_object(store.object_path(d), d) is None
-            p = rep.problems[d]
-            p.repaired = ok
-            p.repair_note = f"re-ingested {wheel.name}" if ok else \
-                f"re-ingesting {wheel.name} failed: {failure or 'object still wrong'}"
-        for d, moved in aside.items():
-            if moved is not None and not store.object_path(d).exists():
-                os.rename(moved, store.object_path(d))
-            elif moved is not None:
-                moved.unlink(missing_ok=True)
+        elif not p.dists and not p.venvs and p.kind == "corrupt":
+            store.object_path(p.digest).unlink(missing_ok=True)  # garbage nobody uses
+            p.repaired, p.repair_note = True, "unreferenced: removed"
+        elif not p.dists and p.digest == digest_bytes(b""):
+            _attempt(store, rep, [p.digest], lambda: store.put_bytes(b""), "rewritten (empty)")
+    for wheel, digests in _wheels_for(store, rep).items():
+        _attempt(store, rep, digests, functools.partial(reingest, wheel),
+                 f"re-ingested {wheel.name}")
+    for ident, digests in _unrepaired_by_manifest(rep).items() if rebuild else ():
+        def act(ident: str = ident) -> None:
+            done = rebuild(ident)  # type: ignore[misc]
+            if done is None:
+                raise _NotApplicable
+            if not done:
+                raise StoreError(f"{ident} could not be rebuilt")
+        _attempt(store, rep, digests, act, f"rebuilt {ident}")
     for p in rep.problems.values():
         if not p.repaired and not p.repair_note:
-            p.repair_note = ("no wheel in " + str(store.wheels) + " for "
-                             + ", ".join(p.dists) + ": reinstall to repair")
+            p.repair_note = (f"no wheel in {store.wheels} for {', '.join(p.dists)}: reinstall"
+                             if p.dists else "a venv-local file: reinstall the distribution")
+
+
+def _attempt(store: Store, rep: VerifyReport, digests: list[str], action: Callable[[], object],
+             note: str) -> None:
+    aside = {d: _move_aside(store, d) for d in digests
+             if rep.problems[d].kind in ("corrupt", "size")}
+    skip = False
+    try:
+        action()
+        failure = ""
+    except _NotApplicable:
+        skip, failure = True, "not applicable"
+    except Exception as exc:  # any failure: restore what was there, report, go on
+        failure = str(exc) or type(exc).__name__
+    for d in digests:
+        p = rep.problems[d]
+        # A rebuilt manifest may no longer name the digest at all (a fresh compile).
+        needed = any(d in {fe.digest for fe in _rows_of(store, i)} for i in p.dists) \
+            or not p.dists
+        p.repaired = not failure and (not needed or _check_object(store.object_path(d), d)
+                                      is None)
+        if not skip:
+            p.repair_note = note if p.repaired else f"{note} failed: {failure or 'still wrong'}"
+        moved = aside.get(d)
+        if moved is not None:
+            if needed and not store.object_path(d).exists():
+                os.rename(moved, store.object_path(d))
+            else:
+                moved.unlink(missing_ok=True)
+
+
+def _rows_of(store: Store, ident: str) -> list[FileEntry]:
+    try:
+        return list(manifest_rows(read_manifest(store, ident)))
+    except StoreError:
+        return []
+
+
+def _unrepaired_by_manifest(rep: VerifyReport) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for p in rep.problems.values():
+        if not p.repaired and not p.repair_note and p.dists:
+            out.setdefault(p.dists[0], []).append(p.digest)
+    return out
 
 
 def _wheels_for(store: Store, rep: VerifyReport) -> dict[Path, list[str]]:
@@ -251,7 +293,7 @@ def _wheels_for(store: Store, rep: VerifyReport) -> dict[Path, list[str]]:
     out: dict[Path, list[str]] = {}
     checked: dict[str, Path | None] = {}
     for p in rep.problems.values():
-        if p.repaired or p.kind == "writable":
+        if p.repaired or p.repair_note or p.kind == "writable":
             continue
         for ident in p.dists:
             if ident not in checked:

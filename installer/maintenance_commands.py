@@ -164,7 +164,8 @@ def verify_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
     with store.lock(exclusive=repair):
         rep = gc.verify(store)
         if repair:
-            gc.repair(store, rep, lambda wheel: ingest_wheel(store, wheel, force=True))
+            gc.repair(store, rep, lambda wheel: ingest_wheel(store, wheel, force=True),
+                      lambda ident: _rebuild_bytecode(store, ident, rep.roots))
     if as_json:
         click.echo(json.dumps({"store": str(store.root), **rep.to_json()}, indent=1))
     else:
@@ -186,6 +187,35 @@ def verify_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
                    f"{_plural(left, 'problem')} remain" if left else "all problems repaired")
     if not rep.ok:
         ctx.exit(1)
+
+
+def _rebuild_bytecode(store: Store, ident: str, roots: list[gc.Root]) -> bool | None:
+    """Recompile a shared-bytecode manifest with the interpreter of a venv that uses it;
+    None when ident is no bytecode manifest or no live venv uses it."""
+    from cowfs.manifest import manifest_path, read_manifest
+    from installer.bytecode import cache_tag, ensure_bytecode
+    from installer.interpreters import query_interpreter
+
+    m = read_manifest(store, ident)
+    source = m.extra.get("bytecode_for")
+    user = next((r.state for r in roots if r.state and ident in r.bytecode), None)
+    if not isinstance(source, str) or user is None:
+        return None
+    info = query_interpreter(user.python, store)
+    if cache_tag(info) != m.extra.get("cache_tag"):
+        return False
+    path = manifest_path(store, ident)
+    aside = path.with_name(f".{path.name}.repair")
+    path.rename(aside)  # ensure_bytecode compiles only when the manifest is absent
+    try:
+        done = ensure_bytecode(store, read_manifest(store, source), info,
+                               Path(user.python)) == ident
+    finally:
+        if path.exists():
+            aside.unlink()
+        else:
+            aside.rename(path)
+    return done
 
 
 @store_group.command("gc")

@@ -73,6 +73,15 @@ def test_verify_finds_and_repairs_corrupt_and_missing_objects(
     assert store.has(license_digest)
     assert _verify()[0] == 0
     assert UDDER in (site(a) / MAIN).read_text()  # first read through the mount: repaired
+    # Shared bytecode is no wheel member: it is recompiled with the venv's interpreter.
+    (bytecode,) = VenvState.load(a).bytecode
+    pyc = read_manifest(store, bytecode).files[0].digest
+    store.object_path(pyc).chmod(0o644)
+    store.object_path(pyc).write_bytes(b"not bytecode")
+    rc, doc = _verify("--repair")
+    assert rc == 0, doc
+    assert doc["problems"][0]["repair_note"] == f"rebuilt {bytecode}"  # type: ignore[index]
+    assert _verify()[0] == 0
     assert cow(a) == UDDER
 
 
