@@ -304,15 +304,18 @@ class _Scanner:
                 if de.name != WH_OPAQUE:
                     self._whiteout(posixpath.join(rel, de.name[len(WH_PREFIX):]), hidden)
                 continue
-            st = de.stat(follow_symlinks=False)
-            if is_whiteout_stat(de.path, st):
-                self._whiteout(child, hidden)
-                continue
+            try:
+                st = de.stat(follow_symlinks=False)
+                if is_whiteout_stat(de.path, st):
+                    self._whiteout(child, hidden)
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    self._dir(child, hidden)
+                else:
+                    self._file(child, de.path, st, hidden)
+            except FileNotFoundError:
+                continue  # a live daemon removed it meanwhile (rename, reset): not a change
             visible += 1
-            if stat.S_ISDIR(st.st_mode):
-                self._dir(child, hidden)
-            else:
-                self._file(child, de.path, st, hidden)
         return visible
 
     def _whiteout(self, rel: str, hidden: str | None) -> None:
