@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -62,6 +63,10 @@ class CowfsGroup(click.Group):
             return super().invoke(ctx)
         except CowfsError as exc:
             click.echo(f"cowfs: error: {exc}", err=True)
+            sys.exit(1)
+        except BrokenPipeError:
+            # `cowfs status | head`: the reader is gone; say nothing more, like coreutils.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
         except OSError as exc:
             where = f": {exc.filename}" if getattr(exc, "filename", None) else ""

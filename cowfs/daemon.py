@@ -72,6 +72,16 @@ class Daemon:
             await self.invalidate(inv)
             log.info("reset %d paths", len(removed))
             return {"ok": True, "removed": removed}
+        if op == "invalidate":
+            # After `store verify --repair`: the kernel may still cache a corrupt object's
+            # pages under the unchanged lower entry; drop them for every node it backs.
+            wanted = {str(d) for d in req.get("objects", [])}
+            inv = Invalidation(inodes=[
+                n.ino for n in self.ov.table.by_ino.values()
+                if n.lower is not None and n.lower.source is not None
+                and "".join(n.lower.source.rsplit("/", 2)[-2:]) in wanted])
+            await self.invalidate(inv)
+            return {"ok": True, "invalidated": len(inv.inodes)}
         if op == "unmount":
             log.info("unmount requested")
             pyfuse3.terminate()

@@ -166,6 +166,7 @@ def manifest_path(store: Store, dist_id: str) -> Path:
 
 def write_manifest(store: Store, manifest: Manifest) -> Path:
     path = manifest_path(store, manifest.id)
+    store.sync_objects()  # a crash must never leave a manifest naming a lost object
     store.write_json(path, manifest.to_json())
     return path
 

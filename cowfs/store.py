@@ -110,6 +110,7 @@ class Store:
         self.roots = self.root / "roots"
         self.tmp = self.root / "tmp"
         self._made_fanout: set[str] = set()
+        self._dirty_fanouts: set[Path] = set()
 
     # -- layout -------------------------------------------------------------------------
 
@@ -205,14 +206,21 @@ class Store:
 
     def _publish(self, tmp: Path, final: Path, digest: str) -> None:
         """Atomically move tmp to final; a concurrent writer of the same digest is fine."""
-        self._fanout(digest)
+        fanout = self._fanout(digest)
         try:
             os.link(tmp, final)  # fails if it exists: never replace a published object
         except FileExistsError:
             if not _same_file_content(final, tmp):
                 raise CollisionError(f"digest collision or corrupt object {digest}") from None
+        else:
+            self._dirty_fanouts.add(fanout)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def sync_objects(self) -> None:
+        """Make new object names durable; called before anything that references them."""
+        while self._dirty_fanouts:
+            _fsync_dir(self._dirty_fanouts.pop())
 
     def open_object(self, digest: str) -> IO[bytes]:
         return open(self.object_path(digest), "rb")

@@ -150,6 +150,17 @@ def store_group() -> None:
     """Check, collect and measure the shared store."""
 
 
+def _invalidate_live_mounts(store: Store, digests: list[str]) -> None:
+    """Repaired objects: live mounts must not keep serving the corrupt pages they cached."""
+    if not digests:
+        return
+    from cowfs import control
+
+    for root in gc.scan_roots(store):
+        if root.state is not None:
+            control.try_request(root.state.mount_spec().socket, "invalidate", objects=digests)
+
+
 @store_group.command("verify")
 @click.option("--repair", is_flag=True, help="Re-ingest from cached wheels where possible.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -166,6 +177,8 @@ def verify_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
         if repair:
             gc.repair(store, rep, lambda wheel: ingest_wheel(store, wheel, force=True),
                       lambda ident: _rebuild_bytecode(store, ident, rep.roots))
+            _invalidate_live_mounts(store, [p.digest for p in rep.problems.values()
+                                            if p.repaired])
     if as_json:
         click.echo(json.dumps({"store": str(store.root), **rep.to_json()}, indent=1))
     else:

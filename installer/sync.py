@@ -116,10 +116,22 @@ def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[
           compile_bytecode: bool = True) -> Summary:
     """Make the venv hold pins (plus what it had, unless exact) and reload the mount."""
     started = time.perf_counter()
-    summary = Summary(resolver=resolver)
+    # Shared store lock from the first new object until the venv state names it: a gc in
+    # between would otherwise collect what no root references yet.
     with store.lock():
-        paths = fetch(pins, store.ensure().wheels, progress=not quiet)
-        new = _ingest_all(store, pins, paths, info)
+        summary = _apply_locked(state, store, info, pins, exact=exact, quiet=quiet,
+                                resolver=resolver, compile_bytecode=compile_bytecode)
+    reload(state)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[Pin],
+                  *, exact: bool, quiet: bool, resolver: str,
+                  compile_bytecode: bool) -> Summary:
+    summary = Summary(resolver=resolver)
+    paths = fetch(pins, store.ensure().wheels, progress=not quiet)
+    new = _ingest_all(store, pins, paths, info)
     current = {canonicalize_name(m.name): m for m in (read_manifest(store, d)
                                                         for d in state.dists)}
     wanted: dict[str, Manifest] = {} if exact else dict(current)
@@ -148,15 +160,12 @@ def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[
         summary.installed.append((m.name, m.version))
     state.dists = [m.id for m in wanted.values()]
     if compile_bytecode:
-        with store.lock():
-            state.bytecode = _bytecode(store, list(wanted.values()), info, python)
+        state.bytecode = _bytecode(store, list(wanted.values()), info, python)
     else:
         state.bytecode = [b for b in state.bytecode if b.rpartition(".")[0] in state.dists]
     state.extra = _dedup(extra)
     state.requested = sorted(requested)
     state.save()
-    reload(state)
-    summary.seconds = time.perf_counter() - started
     return summary
 
 
