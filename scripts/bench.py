@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "bench-results")
     p.add_argument("--workdir", type=Path, help="parent of the scratch directory (default /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (unmounted)")
+    p.add_argument("--no-chart", action="store_true", help="no PNG (no matplotlib needed)")
     args = p.parse_args(argv)
     if args.figures:
         args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
@@ -205,13 +206,13 @@ def measure(ctx: Ctx, args: argparse.Namespace, res: F.Results) -> dict[str, obj
     if "mount-time" in figs:
         F.mount_time(ctx, res, peers, envs)
     if args.profile and "cowfs" in peers:
-        from benchlib import profile
+        from benchlib import fuseprof
 
-        sections["profile"] = profile.run(ctx, peers["cowfs"], envs.get("native"))
+        sections["profile"] = fuseprof.run(ctx, peers["cowfs"], envs.get("native"))
     if args.scale:
         from benchlib import scale
 
-        sections["scale"] = scale.run(ctx, args.scale_files, args.torch)
+        sections["scale"] = scale.run_scale(ctx, args.scale_files, args.torch)
     return sections
 
 
@@ -245,11 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         figs = report.build_figures(res, args.figures)
         rows = report.verdicts(figs, sections.get("scale"))  # type: ignore[arg-type]
         doc = {"meta": meta(ctx, args, sections["skipped"]), "figures": figs,  # type: ignore[arg-type]
-               "targets": rows, "scale": sections.get("scale"),
+               "targets": rows, "trees": res.extra.get("tree"), "scale": sections.get("scale"),
                "profile": sections.get("profile")}
         report.write_json(out_json, doc)
         shown = [p for p in args.peers if any(p in f["peers"] for f in figs.values())]
-        print(report.table(figs, shown, rows))
+        print(report.table(figs, shown, rows, res.extra.get("tree")))
         for section in ("scale", "profile"):
             if sections.get(section):
                 from benchlib import summary
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(summary.render(section, sections[section]))
         png = out_json.with_suffix(".png")
         pythons = [*sections["pythons"], Path(sys.executable)]  # type: ignore[misc]
-        if figs and report.chart(out_json, png, pythons, ctx.env):
+        if figs and not args.no_chart and report.chart(out_json, png, pythons, ctx.env):
             print(f"\nchart: {png}")
         print(f"json:  {out_json}")
     except BenchError as exc:

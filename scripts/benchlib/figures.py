@@ -3,7 +3,7 @@ so that drift on a noisy machine hits every peer alike)."""
 
 from __future__ import annotations
 
-import time
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -87,7 +87,7 @@ def import_first(ctx: Ctx, res: Results, peers: dict[str, Peer]) -> dict[str, En
     for i in range(ctx.fresh):
         for name, peer in peers.items():
             env = peer.new_env()
-            time.sleep(0.2)  # let the install's writeback start before measuring
+            os.sync()  # the install's writeback must not land in the measurement
             res.add("import-first", name, timed(ctx, import_cmd(ctx, env)))
             res.add("disk-per-venv", name, du_added([env.venv], env.shared) / 1e6)
             if name not in main:
@@ -127,6 +127,23 @@ def walk(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
     for env in envs.values():
         timed(ctx, cmd(env))
     _interleaved(ctx, res, "walk", envs, lambda e: timed(ctx, cmd(e)), ctx.reps)
+    tree_sizes(res, envs)
+
+
+def tree_sizes(res: Results, envs: dict[str, Env]) -> None:
+    """Files, directories and bytes of each site-packages: the trees differ (cowfs serves
+    shared bytecode for every module; the others hold .pyc only for what was imported)."""
+    for name, env in envs.items():
+        files = dirs = size = 0
+        for _root, ds, fs in os.walk(env.site):
+            dirs += len(ds)
+            files += len(fs)
+            for f in fs:
+                try:
+                    size += os.lstat(os.path.join(_root, f)).st_size
+                except OSError:
+                    pass
+        res.note("tree", name, {"files": files, "dirs": dirs, "mb": round(size / 1e6, 1)})
 
 
 def reader(ctx: Ctx, env: Env) -> list[str]:

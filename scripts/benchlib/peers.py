@@ -121,6 +121,7 @@ class Native(Peer):
     def install_time(self) -> float:
         venv = self.ctx.new_dir(f"{self.name}-inst") / "venv"
         self.uv_venv(venv)
+        os.sync()  # the previous run's writeback must not land in this measurement
         t = timed(self.ctx, self.install_cmd(venv))
         rmtree(venv.parent)
         return t
@@ -284,6 +285,7 @@ class Cowfs(Peer):
 
     def install_time(self) -> float:
         env = self.venv(self.ctx.new_dir(f"{self.name}-inst") / "venv")
+        os.sync()
         t = timed(self.ctx, self.install_cmd(env.venv))
         self.close(env)
         rmtree(env.venv.parent)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,13 @@ def build_figures(res: Results, figures: list[str]) -> dict[str, Any]:
             warm = median(res.samples.get("import-warm", {}).get("native", []))
             doc["ratio_vs_native_warm"] = {p: _num(median(r) / warm)
                                            for p, r in per_peer.items()}
+        trees = res.extra.get("tree", {})
+        if fig in ("walk", "read-all", "read-all-cold") and "native" in trees and base:
+            key = "files" if fig == "walk" else "mb"
+            nat = base / trees["native"][key]
+            doc["ratio_per_" + ("file" if key == "files" else "mb")] = {
+                p: _num(median(r) / trees[p][key] / nat)
+                for p, r in per_peer.items() if trees.get(p, {}).get(key)}
         if fig in res.extra:
             doc["extra"] = res.extra[fig]
         out[fig] = doc
@@ -101,7 +109,8 @@ def _fmt(v: float | None, unit: str) -> str:
     return f"{v:.1f}{unit}"
 
 
-def table(figs: dict[str, Any], peers: list[str], rows: list[dict[str, Any]]) -> str:
+def table(figs: dict[str, Any], peers: list[str], rows: list[dict[str, Any]],
+          trees: dict[str, Any] | None = None) -> str:
     width = 20
     head = f"{'figure':<15}" + "".join(f"{p:>{width}}" for p in peers)
     lines = [head, "-" * len(head)]
@@ -124,10 +133,18 @@ def table(figs: dict[str, Any], peers: list[str], rows: list[dict[str, Any]]) ->
     if iw:
         lines.append("install-warm vs uv-copy: " + ", ".join(
             f"{p} {v:.2f}x" for p, v in iw.items() if v))
+    for fig, key in (("walk", "ratio_per_file"), ("read-all", "ratio_per_mb")):
+        norm = figs.get(fig, {}).get(key)
+        if norm:
+            lines.append(f"{fig} normalised ({key.replace('ratio_', '')}, the trees differ): "
+                         + ", ".join(f"{p} {v:.2f}x" for p, v in norm.items() if v))
     fw = figs.get("import-first", {}).get("ratio_vs_native_warm")
     if fw:
         lines.append("import-first vs native import-warm: " + ", ".join(
             f"{p} {v:.2f}x" for p, v in fw.items() if v))
+    if trees:
+        lines.append("site-packages trees: " + "; ".join(
+            f"{p} {t['files']} files/{t['dirs']} dirs/{t['mb']}MB" for p, t in trees.items()))
     lines.append("")
     lines.append("cowfs targets:")
     for r in rows:
@@ -178,7 +195,16 @@ def chart(json_path: Path, png_path: Path, pythons: list[Path], env: dict[str, s
         if proc.returncode == 0 and png_path.exists():
             return True
         log(f"chart with {py} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return False
+    # None of them has matplotlib: install it into the dev env (this interpreter) on demand.
+    log("installing matplotlib into the dev env for the chart")
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"],
+                         capture_output=True, text=True)
+    if pip.returncode != 0:
+        log("pip install matplotlib failed; no chart")
+        return False
+    proc = subprocess.run([sys.executable, "-c", CHART, str(json_path), str(png_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    return proc.returncode == 0 and png_path.exists()
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
