@@ -143,7 +143,8 @@ def tree_sizes(res: Results, envs: dict[str, Env]) -> None:
                     size += os.lstat(os.path.join(_root, f)).st_size
                 except OSError:
                     pass
-        res.note("tree", name, {"files": files, "dirs": dirs, "mb": round(size / 1e6, 1)})
+        res.note("tree", name, {"files": files, "dirs": dirs, "bytes": size,
+                                "mb": round(size / 1e6, 1)})
 
 
 def reader(ctx: Ctx, env: Env) -> list[str]:

@@ -50,10 +50,11 @@ def build_figures(res: Results, figures: list[str]) -> dict[str, Any]:
             doc["ratio_vs_native_warm"] = {p: _num(median(r) / warm)
                                            for p, r in per_peer.items()}
         trees = res.extra.get("tree", {})
-        if fig in ("walk", "read-all", "read-all-cold") and "native" in trees and base:
-            key = "files" if fig == "walk" else "mb"
+        key = "files" if fig == "walk" else "bytes"
+        if fig in ("walk", "read-all", "read-all-cold") and trees.get("native", {}).get(key) \
+                and base and not math.isnan(base):
             nat = base / trees["native"][key]
-            doc["ratio_per_" + ("file" if key == "files" else "mb")] = {
+            doc["ratio_per_" + ("file" if key == "files" else "byte")] = {
                 p: _num(median(r) / trees[p][key] / nat)
                 for p, r in per_peer.items() if trees.get(p, {}).get(key)}
         if fig in res.extra:
@@ -133,7 +134,7 @@ def table(figs: dict[str, Any], peers: list[str], rows: list[dict[str, Any]],
     if iw:
         lines.append("install-warm vs uv-copy: " + ", ".join(
             f"{p} {v:.2f}x" for p, v in iw.items() if v))
-    for fig, key in (("walk", "ratio_per_file"), ("read-all", "ratio_per_mb")):
+    for fig, key in (("walk", "ratio_per_file"), ("read-all", "ratio_per_byte")):
         norm = figs.get(fig, {}).get(key)
         if norm:
             lines.append(f"{fig} normalised ({key.replace('ratio_', '')}, the trees differ): "

@@ -1,0 +1,83 @@
+"""Smoke test of the benchmark machinery (scripts/bench.py) on three tiny synthetic wheels.
+
+Checks the plumbing only: every figure is measured, the JSON has every figure key, ratios
+are positive numbers, and nothing stays mounted. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import wheelbuild
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchlib.figures import FIGURES  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+    reason="needs root, /dev/fuse and fusermount3")
+
+
+def _uv() -> str | None:
+    beside = Path(sys.executable).parent / "uv"
+    return str(beside) if beside.exists() else shutil.which("uv")
+
+
+def _mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [ln.split()[4] for ln in f if ln.split()[4].startswith(str(path))]
+
+
+@pytest.mark.skipif(_uv() is None, reason="uv is not installed")
+def test_bench_produces_every_figure_with_positive_ratios(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for i, name in enumerate(("benchdemo_a", "benchdemo_b", "benchdemo_c")):
+        files = {f"{name}/__init__.py": f"from {name} import util\nVALUE = {i}\n".encode(),
+                 f"{name}/util.py": b"def f(x):\n    return x * 2\n" * 20,
+                 f"{name}/data/blob.bin": bytes(range(256)) * 16}
+        wheelbuild.build(wheels, files, name=name, version="1.0", meta_extra="")
+    workload = tmp_path / "workload.txt"
+    workload.write_text("# synthetic\nbenchdemo-a==1.0\nbenchdemo_b==1.0\nbenchdemo-c==1.0\n")
+    out = tmp_path / "results"
+    work = tmp_path / "scratch"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("COWFS_HOME", "COWFS_RUNTIME_DIR")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--workload", str(workload),
+         "--wheels", str(wheels), "--imports", "benchdemo_a,benchdemo_b,benchdemo_c",
+         "--reps", "2", "--fresh", "1", "--cold-reps", "1", "--out", str(out),
+         "--workdir", str(work), "--no-chart"],
+        capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cowfs targets:" in proc.stdout
+    docs = list(out.glob("bench-*.json"))
+    assert len(docs) == 1
+    doc = json.loads(docs[0].read_text())
+
+    figures = doc["figures"]
+    assert set(FIGURES) <= set(figures), set(FIGURES) - set(figures)
+    for fig in FIGURES:
+        peers = figures[fig]["peers"]
+        assert "cowfs" in peers, f"{fig}: no cowfs value"
+        for peer, d in peers.items():
+            r = d["ratio"]
+            assert isinstance(r, float | int) and math.isfinite(r) and r > 0, (fig, peer, d)
+    for fig in ("install-warm", "import-warm", "import-first", "walk", "read-all"):
+        assert {"native", "cowfs"} <= set(figures[fig]["peers"]), fig
+    assert figures["install-warm"]["ratio_vs_uv_copy"]["cowfs"] > 0
+    assert figures["import-first"]["ratio_vs_native_warm"]["cowfs"] > 0
+    assert {r["figure"] for r in doc["targets"]} >= {"install-warm", "import-warm", "walk"}
+    # Everything it mounted is gone, and so is its scratch directory.
+    assert not _mounts_under(work)
+    assert not any(work.iterdir())
