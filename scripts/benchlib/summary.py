@@ -26,6 +26,10 @@ def _scale(data: dict[str, Any]) -> str:
         lines.append(f"  {case:<16}{d.get('files', 0):>9}{s('mount_time_s'):>11}"
                      f"{s('mount_time_api_s'):>11}{s('daemon_rss_mb', '{:.1f}MB'):>16}"
                      f"{s('walk_s'):>9}{d.get('nodes', '-'):>9}")
+        if d.get("fuse_overlayfs"):
+            fo = d["fuse_overlayfs"]
+            lines.append(f"    fuse-overlayfs, same lower: mount {fo['mount_time_s']:.3f}s, walk "
+                         f"{fo['walk_s']:.3f}s, RSS {fo['daemon_rss_mb']:.1f}MB")
         if d.get("note"):
             lines.append(f"    note: {d['note']}")
     return "\n".join(lines)
