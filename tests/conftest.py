@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import hashlib
 import os
 import shutil
 import signal
+import stat
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -97,3 +101,48 @@ def populate(root: Path) -> None:
     tool.write_text("#!/bin/sh\necho tool\n")
     tool.chmod(0o755)
     (root / "pkg" / "link").symlink_to("main.py")
+
+
+def fingerprint(root: Path) -> dict[str, tuple[object, ...]]:
+    """Everything about a tree that a mount must never change: bytes, metadata, xattrs."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in ["", *dirs, *files]:
+            full = Path(dirpath) / name if name else Path(dirpath)
+            st = full.lstat()
+            digest = hashlib.sha256(full.read_bytes()).hexdigest() \
+                if stat.S_ISREG(st.st_mode) else ""
+            xattrs = {n: os.getxattr(full, n, follow_symlinks=False)
+                      for n in os.listxattr(full, follow_symlinks=False)}
+            out[str(full)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                              st.st_ino, st.st_nlink, digest, sorted(xattrs.items()))
+    return out
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD, _AT_SYMLINK_NOFOLLOW, _AT_STATX_FORCE_SYNC = -100, 0x100, 0x2000
+_STATX_BASIC_STATS = 0x7FF
+
+
+@dataclass(frozen=True)
+class Statx:
+    mode: int
+    nlink: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+
+def statx_fresh(path: Path | str) -> Statx:
+    """lstat that bypasses the kernel's attribute cache (AT_STATX_FORCE_SYNC): on FUSE it
+    asks the daemon, so a cache that hides a wrong daemon answer cannot hide it here."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statx(_AT_FDCWD, os.fsencode(path), _AT_SYMLINK_NOFOLLOW | _AT_STATX_FORCE_SYNC,
+                   _STATX_BASIC_STATS, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    nlink, = struct.unpack_from("I", buf, 16)
+    mode, = struct.unpack_from("H", buf, 28)
+    ino, size = struct.unpack_from("QQ", buf, 32)
+    sec, nsec = struct.unpack_from("qI", buf, 112)
+    return Statx(mode, nlink, ino, size, sec * 10**9 + nsec)

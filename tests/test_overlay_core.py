@@ -10,7 +10,6 @@ nothing lives only in the daemon's memory.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import stat
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import populate
+from conftest import fingerprint, populate
 
 from cowfs import copy_up, namespace
 from cowfs.inode import Node
@@ -130,22 +129,6 @@ def real_tree(root: Path) -> dict[str, tuple[object, ...]]:
             else:
                 out[rel] = ("f", stat.S_IMODE(st.st_mode), full.read_bytes())
     return dict(sorted(out.items()))
-
-
-def fingerprint(root: Path) -> dict[str, tuple[object, ...]]:
-    """Everything about a tree that a mount must never change: bytes, metadata, xattrs."""
-    out: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in ["", *dirs, *files]:
-            full = Path(dirpath) / name if name else Path(dirpath)
-            st = full.lstat()
-            digest = hashlib.sha256(full.read_bytes()).hexdigest() \
-                if stat.S_ISREG(st.st_mode) else ""
-            xattrs = {n: os.getxattr(full, n, follow_symlinks=False)
-                      for n in os.listxattr(full, follow_symlinks=False)}
-            out[str(full)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-                              st.st_ino, st.st_nlink, digest, sorted(xattrs.items()))
-    return out
 
 
 @dataclass

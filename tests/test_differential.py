@@ -1,0 +1,408 @@
+"""Differential test: a real mount against a plain copy of its lower, op for op.
+
+A hypothesis state machine runs the same namespace and data operations on a cowfs mount over
+a populated lower and on `shutil.copytree(lower, symlinks=True)` on the host filesystem. Each
+operation's result or errno must match, and after every step the two whole trees must match:
+names, file contents, modes, sizes, st_nlink of files and directories, symlink targets, and
+mtimes wherever nothing has changed them since the copy or since the test set them. Inode
+numbers must map one to one (hard links share one, renames and copy-ups keep it). Now and
+then the overlay is unmounted and mounted again on the same upper dir, which must show the
+same tree. At the end the lower must be byte- and metadata-identical to before.
+
+Profile: COWFS_DIFF_PROFILE=thorough runs many more and longer examples than CI's default.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import fingerprint, force_unmount, populate, statx_fresh
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from cowfs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+
+settings.register_profile(
+    "cowfs-diff-ci", max_examples=14, stateful_step_count=45, deadline=None,
+    derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+settings.register_profile(
+    "cowfs-diff-thorough", max_examples=300, stateful_step_count=120, deadline=None,
+    suppress_health_check=list(HealthCheck))
+PROFILE = f"cowfs-diff-{os.environ.get('COWFS_DIFF_PROFILE', 'ci')}"
+
+# Names the operations draw from, besides paths that exist: the populated lower's names
+# (so ops hit lower, copied-up and whited-out entries) and a few fresh ones.
+POOL = ["top.txt", "tool.sh", "pkg", "pkg/main.py", "pkg/__init__.py", "pkg/link", "pkg/sub",
+        "pkg/empty", "pkg/sub/data.bin", "a", "b", "pkg/a", "pkg/sub/b", "a/b", "pkg/empty/c"]
+# Relative and never through "..": a symlink must not lead out of the tree under test.
+LINK_TARGETS = ["main.py", "top.txt", "sub", "missing", "a/b", ".", "sub/data.bin"]
+FILE_MODES = [0o644, 0o600, 0o755, 0o444, 0o4755]
+DIR_MODES = [0o755, 0o700, 0o2775, 0o1777, 0o555]
+MTIMES = [10**9, 1_500_000_000_123_456_789, 2_000_000_000 * 10**9]
+OFFSETS = [0, 3, 100, 4095, 20000]
+SIZES = [0, 1, 7, 5000, 70000]
+MAX_HELD = 3
+
+Outcome = tuple[str, Any]
+
+
+def outcome(fn: Callable[[Path], Any], root: Path) -> Outcome:
+    try:
+        return ("ok", fn(root))
+    except OSError as exc:
+        return ("err", exc.errno)
+
+
+def is_fifo(path: Path) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+class OverlayVsPlain(RuleBasedStateMachine):
+    """One example: a fresh mount (fresh upper) and a fresh plain copy of the lower."""
+
+    make_mount: Callable[..., Any]
+    lower: Path
+    base: Path
+    counter = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        OverlayVsPlain.counter += 1
+        name = f"ex{OverlayVsPlain.counter}"
+        self.ref = self.base / f"ref-{name}"
+        shutil.copytree(self.lower, self.ref, symlinks=True)
+        self.om = self.make_mount(self.lower, name=name)
+        self.mnt = Path(self.om.mnt)
+        self.held: list[tuple[int, int]] = []  # (overlay fd, plain fd) pairs
+        # plain inode -> mtime that no operation since has changed: at first every entry's
+        # (copies keep the lower's), then the ones utime sets. Copy-ups must not show here.
+        self.pinned: dict[int, int] = {}
+        for rel in self.existing():
+            s = (self.ref / rel).lstat()
+            self.pinned[s.st_ino] = s.st_mtime_ns
+        self.ino_map: dict[int, int] = {}  # plain inode -> overlay inode
+        self.steps_since_remount = 0
+
+    def teardown(self) -> None:
+        self._close_held()
+        force_unmount(str(self.mnt))
+        shutil.rmtree(self.ref, ignore_errors=True)
+        shutil.rmtree(self.om.upper, ignore_errors=True)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def existing(self) -> list[str]:
+        out = []
+        for dirpath, dirs, files in os.walk(self.ref):
+            for n in dirs + files:
+                out.append(str((Path(dirpath) / n).relative_to(self.ref)))
+        return sorted(out)
+
+    def pick(self, data: st.DataObject, label: str) -> str:
+        existing = self.existing()
+        if existing and data.draw(st.booleans(), label=f"{label} exists"):
+            return data.draw(st.sampled_from(existing), label=label)
+        return data.draw(st.sampled_from(POOL), label=label)
+
+    def both(self, what: str, fn: Callable[[Path], Any]) -> Outcome:
+        self.steps_since_remount += 1
+        ref = outcome(fn, self.ref)
+        got = outcome(fn, self.mnt)
+        assert got == ref, f"{what}: overlay gave {got}, plain gave {ref}"
+        return ref
+
+    def ref_ino(self, rel: str, follow: bool = False) -> int | None:
+        try:
+            return os.stat(self.ref / rel, follow_symlinks=follow).st_ino
+        except OSError:
+            return None
+
+    def unpin(self, *inos: int | None) -> None:
+        for ino in inos:
+            self.pinned.pop(ino, None)  # type: ignore[arg-type]
+
+    def parent_ino(self, rel: str) -> int | None:
+        return self.ref_ino(str(Path(rel).parent))
+
+    def _close_held(self) -> None:
+        for a, b in self.held:
+            os.close(a)
+            os.close(b)
+        self.held.clear()
+
+    # -- namespace operations ---------------------------------------------------------------
+
+    @rule(data=st.data(), mode=st.sampled_from(FILE_MODES))
+    def create(self, data: st.DataObject, mode: int) -> None:
+        p = self.pick(data, "path")
+        parent = self.parent_ino(p)
+
+        def op(root: Path) -> None:
+            os.close(os.open(root / p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode))
+
+        if self.both(f"create {p}", op)[0] == "ok":
+            self.unpin(parent)
+
+    @rule(data=st.data(), mode=st.sampled_from(DIR_MODES))
+    def mkdir(self, data: st.DataObject, mode: int) -> None:
+        p = self.pick(data, "path")
+        parent = self.parent_ino(p)
+        if self.both(f"mkdir {p}", lambda root: os.mkdir(root / p, mode))[0] == "ok":
+            self.unpin(parent)
+
+    @rule(data=st.data())
+    def mkfifo(self, data: st.DataObject) -> None:
+        p = self.pick(data, "path")
+        parent = self.parent_ino(p)
+        if self.both(f"mkfifo {p}", lambda root: os.mkfifo(root / p, 0o640))[0] == "ok":
+            self.unpin(parent)
+
+    @rule(data=st.data(), dest=st.sampled_from(LINK_TARGETS))
+    def symlink(self, data: st.DataObject, dest: str) -> None:
+        p = self.pick(data, "path")
+        parent = self.parent_ino(p)
+        if self.both(f"symlink {p} -> {dest}",
+                     lambda root: os.symlink(dest, root / p))[0] == "ok":
+            self.unpin(parent)
+
+    @rule(data=st.data())
+    def link(self, data: st.DataObject) -> None:
+        src, dst = self.pick(data, "src"), self.pick(data, "dst")
+        parent = self.parent_ino(dst)
+        if self.both(f"link {src} {dst}", lambda root: os.link(
+                root / src, root / dst, follow_symlinks=False))[0] == "ok":
+            self.unpin(parent)
+
+    @rule(data=st.data())
+    def unlink(self, data: st.DataObject) -> None:
+        p = self.pick(data, "path")
+        parent = self.parent_ino(p)
+        if self.both(f"unlink {p}", lambda root: os.unlink(root / p))[0] == "ok":
+            self.unpin(parent)
+
+    @rule(data=st.data())
+    def rmdir(self, data: st.DataObject) -> None:
+        p = self.pick(data, "path")
+        parent = self.parent_ino(p)
+        if self.both(f"rmdir {p}", lambda root: os.rmdir(root / p))[0] == "ok":
+            self.unpin(parent)
+
+    @rule(data=st.data(), flags=st.sampled_from([0, 0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE]))
+    def rename(self, data: st.DataObject, flags: int) -> None:
+        src, dst = self.pick(data, "src"), self.pick(data, "dst")
+        parents = (self.parent_ino(src), self.parent_ino(dst))
+
+        def op(root: Path) -> None:
+            if flags:
+                renameat2(str(root / src), str(root / dst), flags)
+            else:
+                os.rename(root / src, root / dst)
+
+        if self.both(f"rename {src} {dst} flags={flags}", op)[0] == "ok":
+            self.unpin(*parents)
+
+    # -- data and attribute operations ------------------------------------------------------
+
+    @rule(data=st.data(), offset=st.sampled_from(OFFSETS), payload=st.binary(max_size=48))
+    def write(self, data: st.DataObject, offset: int, payload: bytes) -> None:
+        p = self.pick(data, "path")
+        if is_fifo(self.ref / p):
+            return
+        ino = self.ref_ino(p, follow=True)
+
+        def op(root: Path) -> int:
+            fd = os.open(root / p, os.O_WRONLY)
+            try:
+                return os.pwrite(fd, payload, offset)
+            finally:
+                os.close(fd)
+
+        if self.both(f"write {p} @{offset} {len(payload)}B", op)[0] == "ok":
+            self.unpin(ino)
+
+    @rule(data=st.data(), payload=st.binary(max_size=48))
+    def overwrite(self, data: st.DataObject, payload: bytes) -> None:
+        """Like the shell's `>`: O_CREAT|O_TRUNC, follows symlinks."""
+        p = self.pick(data, "path")
+        if is_fifo(self.ref / p):
+            return
+        ino, parent = self.ref_ino(p, follow=True), self.parent_ino(p)
+
+        def op(root: Path) -> int:
+            fd = os.open(root / p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                return os.write(fd, payload)
+            finally:
+                os.close(fd)
+
+        if self.both(f"overwrite {p} {len(payload)}B", op)[0] == "ok":
+            self.unpin(ino, parent)
+
+    @rule(data=st.data(), size=st.sampled_from(SIZES))
+    def truncate(self, data: st.DataObject, size: int) -> None:
+        p = self.pick(data, "path")
+        if is_fifo(self.ref / p):
+            return
+        ino = self.ref_ino(p, follow=True)
+        if self.both(f"truncate {p} {size}", lambda root: os.truncate(root / p, size))[0] \
+                == "ok":
+            self.unpin(ino)
+
+    @rule(data=st.data(), mode=st.sampled_from(FILE_MODES + DIR_MODES))
+    def chmod(self, data: st.DataObject, mode: int) -> None:
+        p = self.pick(data, "path")
+        self.both(f"chmod {p} {mode:o}", lambda root: os.chmod(root / p, mode))
+
+    @rule(data=st.data(), mtime=st.sampled_from(MTIMES))
+    def utime(self, data: st.DataObject, mtime: int) -> None:
+        p = self.pick(data, "path")
+        if self.both(f"utime {p} {mtime}", lambda root: os.utime(
+                root / p, ns=(mtime - 7, mtime), follow_symlinks=False))[0] == "ok":
+            ino = self.ref_ino(p)
+            assert ino is not None
+            self.pinned[ino] = mtime
+
+    @rule(data=st.data())
+    def read(self, data: st.DataObject) -> None:
+        p = self.pick(data, "path")
+        if not is_fifo(self.ref / p):
+            self.both(f"read {p}", lambda root: (root / p).read_bytes())
+
+    # -- file handles that outlive namespace changes ----------------------------------------
+
+    @precondition(lambda self: len(self.held) < MAX_HELD)
+    @rule(data=st.data(), writable=st.booleans())
+    def hold(self, data: st.DataObject, writable: bool) -> None:
+        p = self.pick(data, "path")
+        if is_fifo(self.ref / p):
+            return
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        ref = outcome(lambda root: os.open(root / p, flags), self.ref)
+        got = outcome(lambda root: os.open(root / p, flags), self.mnt)
+        if got[0] == "ok" and ref[0] == "ok":
+            self.held.append((got[1], ref[1]))
+            return
+        for r in (got, ref):
+            if r[0] == "ok":
+                os.close(r[1])
+        assert got == ref, f"open {p} flags={flags}: overlay gave {got}, plain gave {ref}"
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), offset=st.sampled_from(OFFSETS), payload=st.binary(max_size=32))
+    def use_held(self, data: st.DataObject, offset: int, payload: bytes) -> None:
+        """Read through a held fd (it must see writes made since), or write through it."""
+        a, b = self.held[data.draw(st.integers(0, len(self.held) - 1), label="fd")]
+        if payload:
+            ino = os.fstat(b).st_ino
+            if self.both("pwrite held", lambda root: os.pwrite(
+                    a if root == self.mnt else b, payload, offset))[0] == "ok":
+                self.unpin(ino)
+        self.both("pread held", lambda root: os.pread(a if root == self.mnt else b, 1 << 17, 0))
+        fa, fb = os.fstat(a), os.fstat(b)
+        assert (fa.st_nlink, fa.st_mode) == (fb.st_nlink, fb.st_mode)
+        if stat.S_ISREG(fb.st_mode):
+            assert fa.st_size == fb.st_size
+
+    @precondition(lambda self: self.held)
+    @rule()
+    def release(self) -> None:
+        a, b = self.held.pop(0)
+        os.close(a)
+        os.close(b)
+
+    @precondition(lambda self: self.steps_since_remount >= 12)
+    @rule()
+    def remount(self) -> None:
+        """Unmount and mount the same upper again: nothing may live only in daemon memory."""
+        self._close_held()
+        force_unmount(str(self.mnt))
+        self.om = self.make_mount(self.lower, name=self.om.mnt.parent.name[3:])
+        self.ino_map.clear()  # inode numbers are stable for a mount's life only
+        self.steps_since_remount = 0
+
+    # -- the whole-tree comparison ----------------------------------------------------------
+
+    def snapshot(self, root: Path) -> tuple[dict[str, tuple[Any, ...]], dict[str, int]]:
+        tree: dict[str, tuple[Any, ...]] = {}
+        inos: dict[str, int] = {}
+        for dirpath, dirs, files in os.walk(root):
+            for name in ["", *dirs, *files]:
+                full = Path(dirpath) / name if name else Path(dirpath)
+                rel = str(full.relative_to(root))
+                s = full.lstat()
+                row: tuple[Any, ...] = (stat.filemode(s.st_mode), s.st_nlink)
+                if stat.S_ISREG(s.st_mode):
+                    row += (s.st_size, full.read_bytes())
+                elif stat.S_ISLNK(s.st_mode):
+                    row += (s.st_size, os.readlink(full))
+                tree[rel] = row
+                inos[rel] = s.st_ino
+        return dict(sorted(tree.items())), inos
+
+    @invariant()
+    def trees_match(self) -> None:
+        ref_tree, ref_inos = self.snapshot(self.ref)
+        got_tree, got_inos = self.snapshot(self.mnt)
+        assert got_tree == ref_tree
+        # What the kernel cached must be what the daemon says now (nothing stale, nothing
+        # wrong that only a cache hides): ask the daemon directly for every entry.
+        for rel, (_, nlink, *rest) in got_tree.items():
+            fresh = statx_fresh(self.mnt / rel)
+            assert (stat.filemode(fresh.mode), fresh.nlink, fresh.ino) == \
+                (got_tree[rel][0], nlink, got_inos[rel]), f"daemon vs kernel cache: {rel}"
+            if rest:
+                assert fresh.size == rest[0], f"daemon vs kernel cache: size of {rel}"
+        live = set(ref_inos.values()) | {os.fstat(b).st_ino for _, b in self.held}
+        # The host reuses freed inode numbers: forget what we knew about dead ones.
+        self.ino_map = {k: v for k, v in self.ino_map.items() if k in live}
+        self.pinned = {k: v for k, v in self.pinned.items() if k in live}
+        reverse = {v: k for k, v in self.ino_map.items()}
+        for rel, ino in ref_inos.items():
+            if rel == ".":
+                continue  # the mount point's number is not the overlay's business
+            got = got_inos[rel]
+            assert self.ino_map.setdefault(ino, got) == got, f"inode of {rel} changed"
+            assert reverse.setdefault(got, ino) == ino, f"{rel} shares an inode wrongly"
+        for rel, ino in ref_inos.items():
+            if ino in self.pinned and rel != ".":
+                mt = (self.ref / rel).lstat().st_mtime_ns
+                assert mt == self.pinned[ino], f"plain copy changed the mtime of {rel}?"
+                assert (self.mnt / rel).lstat().st_mtime_ns == mt, f"mtime of {rel}"
+                assert statx_fresh(self.mnt / rel).mtime_ns == mt, f"daemon's mtime of {rel}"
+
+
+def test_overlay_behaves_like_a_plain_directory(tmp_path: Path, overlay_mount: Any) -> None:
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    populate(lower)
+    (lower / "pkg" / "sub" / "deep").mkdir()
+    (lower / "pkg" / "sub" / "deep" / "x.txt").write_text("deep\n")
+    os.utime(lower / "pkg", ns=(10**18, 10**18))  # distinct times, so copy-ups show
+    before = fingerprint(lower)
+    OverlayVsPlain.make_mount = staticmethod(overlay_mount)  # type: ignore[assignment]
+    OverlayVsPlain.lower = lower
+    OverlayVsPlain.base = tmp_path
+    OverlayVsPlain.counter = 0
+    run_state_machine_as_test(OverlayVsPlain, settings=settings.get_profile(PROFILE))
+    assert fingerprint(lower) == before, "the lower directory was modified"
+    assert OverlayVsPlain.counter > 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    pytest.main([__file__, "-q"])
