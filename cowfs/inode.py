@@ -10,15 +10,19 @@ holds open is dropped.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from cowfs.lower import LowerEntry
+
+if TYPE_CHECKING:
+    from cowfs.overlay import Attr
 
 ROOT_INO = 1
 
 
 class Node:
-    __slots__ = ("children", "extra_links", "handles", "ino", "lower", "name", "nlookup",
-                 "parent", "upper")
+    __slots__ = ("children", "extra_links", "gone", "handles", "ino", "lower", "name",
+                 "nlookup", "parent", "upper")
 
     def __init__(self, ino: int, parent: Node | None, name: str, lower: LowerEntry | None,
                  upper: bool) -> None:
@@ -31,6 +35,9 @@ class Node:
         self.nlookup = 0
         self.children: dict[str, Node] | None = None  # known children (dirs only)
         self.handles: set[int] | None = None  # open file handle ids
+        # Attributes at the moment the last name went away: an open directory or a cwd can
+        # still be fstat'ed after rmdir, and must answer (nlink 0), not fail.
+        self.gone: Attr | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.ino} {self.name!r} upper={self.upper} lower={self.lower is not None}>"

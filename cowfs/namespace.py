@@ -153,6 +153,7 @@ def _remove(ov: Overlay, parent: Node, name: str, want_dir: bool) -> None:
         raise oserror(errno.EISDIR)
     if is_dir and not ov.is_empty_dir(node):
         raise oserror(errno.ENOTEMPTY)
+    attr = ov.getattr(node)
     path = join(ov.path(parent), name)
     needs_whiteout = ov.lower_visible(parent, path)
     if node.upper and is_dir:
@@ -166,7 +167,7 @@ def _remove(ov: Overlay, parent: Node, name: str, want_dir: bool) -> None:
         ov.upper.make_whiteout(path)
     if parent.upper:
         ov.upper.fsync_dir(ov.path(parent))
-    ov.table.unlink(parent, name)
+    ov.forget_name(parent, name, attr)
 
 
 def unlink(ov: Overlay, parent: Node, name: str) -> None:
@@ -212,6 +213,7 @@ def rename(ov: Overlay, parent: Node, name: str, new_parent: Node, new_name: str
             raise oserror(errno.EISDIR)
         if dst_dir and not ov.is_empty_dir(dst):
             raise oserror(errno.ENOTEMPTY)
+    dst_attr = ov.getattr(dst) if dst is not None else None
     src_path = join(ov.path(parent), name)
     src_whiteout = ov.lower_visible(parent, src_path)
     if src_dir:
@@ -228,14 +230,15 @@ def rename(ov: Overlay, parent: Node, name: str, new_parent: Node, new_name: str
         os.unlink(dst_upper)  # a whiteout file; the renamed dir is opaque already
     elif st is None:
         ov.upper.remove_whiteout(dst_path)  # prefix-format marker, if any
-    os.rename(ov.upper.path(src_path), dst_upper)
     if src_whiteout:
-        ov.upper.make_whiteout(src_path)
+        ov.upper.rename_leaving_whiteout(src_path, dst_path)
+    else:
+        os.rename(ov.upper.path(src_path), dst_upper)
     ov.upper.fsync_dir(ov.path(parent))
     if new_parent is not parent:
         ov.upper.fsync_dir(ov.path(new_parent))
     if dst is not None:
-        ov.table.unlink(new_parent, new_name)
+        ov.forget_name(new_parent, new_name, dst_attr)
     ov.table.move(src, parent, name, new_parent, new_name)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cowfs import copy_up
 from cowfs.inode import Node, NodeTable
@@ -146,23 +146,40 @@ class Overlay:
     # -- attributes ---------------------------------------------------------------------
 
     def getattr(self, node: Node) -> Attr:
+        try:
+            path = self.path(node)
+        except FileNotFoundError:
+            return self._detached_attr(node)
         if node.upper:
-            try:
-                attr = _attr_from_stat(os.lstat(self.upper.path(self.path(node))))
-            except FileNotFoundError:
-                fd = self._any_fd(node)
-                if fd is None:
-                    raise
-                attr = _attr_from_stat(os.fstat(fd))
-                attr.nlink = 0
-                return attr
+            attr = _attr_from_stat(os.lstat(self.upper.path(path)))
             if node.children is not None:
                 attr.nlink = 2 + self._subdir_count(node)
             return attr
         assert node.lower is not None
         if node.children is not None:
-            return _attr_from_lower(node.lower, 2 + self.lower.subdir_count(self.path(node)))
-        return _attr_from_lower(node.lower, 1 if node.parent is not None else 0)
+            return _attr_from_lower(node.lower, 2 + self.lower.subdir_count(path))
+        return _attr_from_lower(node.lower, 1)
+
+    def _detached_attr(self, node: Node) -> Attr:
+        """A node whose last name is gone but which is still open or someone's cwd."""
+        fd = self._any_fd(node) if node.upper else None
+        if fd is not None:
+            attr = _attr_from_stat(os.fstat(fd))  # may still be written to
+        elif node.gone is not None:
+            attr = replace(node.gone)
+        elif node.lower is not None:
+            attr = _attr_from_lower(node.lower, 0)
+        else:
+            raise oserror(errno.ENOENT)
+        attr.nlink = 0
+        return attr
+
+    def forget_name(self, parent: Node, name: str, attr: Attr | None) -> None:
+        """Drop parent/name from the tree; attr (taken before the entry was removed) is what
+        the node answers from then on if that was its last name."""
+        node = self.table.unlink(parent, name)
+        if node is not None and node.parent is None and attr is not None:
+            node.gone = replace(attr, nlink=0)
 
     def _any_fd(self, node: Node) -> int | None:
         for fh in node.handles or ():

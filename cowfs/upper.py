@@ -36,6 +36,7 @@ _WORK_NAME = re.compile(r"[0-9a-f]{32}|\.cowfs-xattr-probe-[0-9a-f]{32}")
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -94,6 +95,7 @@ class Upper:
         os.makedirs(self.work, exist_ok=True)
         if os.stat(self.root).st_dev != os.stat(self.work).st_dev:
             raise ValueError("upperdir and workdir must be on the same filesystem")
+        self._rename_whiteout = True  # until the kernel says otherwise
         self.clean_work()
         self.xattrs = probe_user_xattrs(self.work) if use_xattrs is None else use_xattrs
 
@@ -147,6 +149,22 @@ class Upper:
             return
         os.rename(self._whiteout_temp(), self.path(rel))
         self._mark_parent(parent)
+
+    def rename_leaving_whiteout(self, src: str, dst: str) -> None:
+        """rename(src, dst) plus a whiteout at src, in one step where the kernel can do it
+        (RENAME_WHITEOUT: a 0/0 device whiteout, needs CAP_MKNOD), so that a crash between
+        the two never shows the lower src again next to its renamed copy."""
+        if self.xattrs and self._rename_whiteout:
+            try:
+                renameat2(self.path(src), self.path(dst), RENAME_WHITEOUT)
+                self._mark_parent(src.rpartition("/")[0])
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self._rename_whiteout = False  # unprivileged or unsupported: two steps
+        os.rename(self.path(src), self.path(dst))
+        self.make_whiteout(src)
 
     def replace_with_whiteout(self, rel: str, is_dir: bool) -> None:
         """Turn the upper entry at rel (an empty dir or a non-dir) into a whiteout atomically:
