@@ -110,7 +110,7 @@ class Overlay:
         else:
             if st.st_nlink > 1:
                 known = self.table.by_upper_id.get((st.st_dev, st.st_ino))
-                if known is not None and self.table.is_attached(known):
+                if known is not None and self._is_upper_inode(known, st):
                     self.table.add_link(known, parent, name)
                     return known
             node = self.table.new(parent, name, None, upper=True)
@@ -119,6 +119,14 @@ class Overlay:
         if stat.S_ISDIR(st.st_mode if st is not None else lower.mode):  # type: ignore[union-attr]
             node.children = {}
         return node
+
+    def _is_upper_inode(self, node: Node, st: os.stat_result) -> bool:
+        """Is node (still) a name of the upper inode st? Inode numbers get reused, and a
+        reset can take a node back to the lower: a stale map entry must not alias files."""
+        if not node.upper or not self.table.is_attached(node):
+            return False
+        mine = self.upper.lstat(self.path(node))
+        return mine is not None and (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino)
 
     def child(self, parent: Node, name: str) -> Node:
         node = self.lookup(parent, name)

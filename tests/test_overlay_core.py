@@ -442,6 +442,19 @@ def test_hard_links(ov: Overlay, layers: Layers) -> None:
     assert exc.value.errno == errno.EEXIST
 
 
+def test_stale_hard_link_map_entry_does_not_alias(ov: Overlay, layers: Layers) -> None:
+    """Upper inode numbers are reused: a map entry for a gone inode must not merge files."""
+    (layers.upper / "x").write_text("x")
+    os.link(layers.upper / "x", layers.upper / "y")
+    st = os.lstat(layers.upper / "x")
+    other = node_at(ov, "pkg/main.py")
+    write(ov, "pkg/main.py", b"copied up")
+    ov.table.by_upper_id[(st.st_dev, st.st_ino)] = other  # as if left from a reset
+    x = node_at(ov, "x")
+    assert x is not other and node_at(ov, "y") is x
+    assert ov.getattr(x).nlink == 2 and read(ov, "y") == b"x"
+
+
 def test_inode_numbers_follow_the_file(ov: Overlay) -> None:
     before = {p: node_at(ov, p).ino for p in ("pkg", "pkg/sub", "pkg/sub/data.bin", "top.txt")}
     write(ov, "pkg/sub/data.bin", b"x")
