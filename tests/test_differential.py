@@ -77,7 +77,7 @@ class OverlayVsPlain(RuleBasedStateMachine):
     """One example: a fresh mount (fresh upper) and a fresh plain copy of the lower."""
 
     make_mount: Callable[..., Any]
-    lower: Path
+    layers: list[Path]  # lower layers, top first
     base: Path
     counter = 0
 
@@ -86,8 +86,8 @@ class OverlayVsPlain(RuleBasedStateMachine):
         OverlayVsPlain.counter += 1
         name = f"ex{OverlayVsPlain.counter}"
         self.ref = self.base / f"ref-{name}"
-        shutil.copytree(self.lower, self.ref, symlinks=True)
-        self.om = self.make_mount(self.lower, name=name)
+        merge_layers(self.layers, self.ref)
+        self.om = self.make_mount(*self.layers, name=name)
         self.mnt = Path(self.om.mnt)
         self.held: list[tuple[int, int]] = []  # (overlay fd, plain fd) pairs
         # plain inode -> mtime that no operation since has changed: at first every entry's
@@ -332,7 +332,7 @@ class OverlayVsPlain(RuleBasedStateMachine):
         """Unmount and mount the same upper again: nothing may live only in daemon memory."""
         self._close_held()
         force_unmount(str(self.mnt))
-        self.om = self.make_mount(self.lower, name=self.om.mnt.parent.name[3:])
+        self.om = self.make_mount(*self.layers, name=self.om.mnt.parent.name[3:])
         self.ino_map.clear()  # inode numbers are stable for a mount's life only
         self.steps_since_remount = 0
 
@@ -387,21 +387,105 @@ class OverlayVsPlain(RuleBasedStateMachine):
                 assert statx_fresh(self.mnt / rel).mtime_ns == mt, f"daemon's mtime of {rel}"
 
 
-def test_overlay_behaves_like_a_plain_directory(tmp_path: Path, overlay_mount: Any) -> None:
-    lower = tmp_path / "lower"
-    lower.mkdir()
-    populate(lower)
-    (lower / "pkg" / "sub" / "deep").mkdir()
-    (lower / "pkg" / "sub" / "deep" / "x.txt").write_text("deep\n")
-    os.utime(lower / "pkg", ns=(10**18, 10**18))  # distinct times, so copy-ups show
-    before = fingerprint(lower)
+def is_marker(path: str) -> tuple[bool, bool]:
+    """(whiteout, opaque dir) in the kernel's formats, judged without cowfs code."""
+    st = os.lstat(path)
+    names = os.listxattr(path, follow_symlinks=False)
+    whiteout = (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0) or (
+        stat.S_ISREG(st.st_mode) and st.st_size == 0 and "user.overlay.whiteout" in names)
+    opaque = stat.S_ISDIR(st.st_mode) and "user.overlay.opaque" in names and \
+        os.getxattr(path, "user.overlay.opaque") == b"y"
+    return whiteout, opaque
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def _copy_entry(src: str, dst: Path) -> None:
+    if os.path.isdir(src) and not os.path.islink(src):
+        dst.mkdir()
+        for de in os.scandir(src):
+            if not is_marker(de.path)[0]:
+                _copy_entry(de.path, dst / de.name)
+        shutil.copystat(src, dst)
+    else:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _apply_layer(src: str, dst: Path) -> None:
+    for de in os.scandir(src):
+        target = dst / de.name
+        whiteout, opaque = is_marker(de.path)
+        if whiteout:
+            _remove(target)
+        elif de.is_dir(follow_symlinks=False) and target.is_dir() and \
+                not target.is_symlink() and not opaque:
+            _apply_layer(de.path, target)
+        else:
+            _remove(target)
+            _copy_entry(de.path, target)
+    shutil.copystat(src, dst)  # a merged directory shows its top layer's attributes
+
+
+def merge_layers(layers: list[Path], dest: Path) -> None:
+    """The reference: what `mount -t overlay -o lowerdir=A:B` shows, built as a plain tree."""
+    shutil.copytree(layers[-1], dest, symlinks=True)
+    for layer in reversed(layers[:-1]):
+        _apply_layer(str(layer), dest)
+
+
+def run_machine(tmp_path: Path, overlay_mount: Any, layers: list[Path],
+                examples: int) -> None:
+    before = [fingerprint(layer) for layer in layers]
     OverlayVsPlain.make_mount = staticmethod(overlay_mount)  # type: ignore[assignment]
-    OverlayVsPlain.lower = lower
+    OverlayVsPlain.layers = layers
     OverlayVsPlain.base = tmp_path
     OverlayVsPlain.counter = 0
-    run_state_machine_as_test(OverlayVsPlain, settings=settings.get_profile(PROFILE))
-    assert fingerprint(lower) == before, "the lower directory was modified"
+    profile = settings.get_profile(PROFILE)
+    run_state_machine_as_test(OverlayVsPlain, settings=settings(profile, max_examples=examples))
+    assert [fingerprint(layer) for layer in layers] == before, "a lower layer was modified"
     assert OverlayVsPlain.counter > 0
+
+
+def bottom_layer(root: Path) -> Path:
+    root.mkdir()
+    populate(root)
+    (root / "pkg" / "sub" / "deep").mkdir()
+    (root / "pkg" / "sub" / "deep" / "x.txt").write_text("deep\n")
+    os.utime(root / "pkg", ns=(10**18, 10**18))  # distinct times, so copy-ups show
+    return root
+
+
+def test_overlay_behaves_like_a_plain_directory(tmp_path: Path, overlay_mount: Any) -> None:
+    layers = [bottom_layer(tmp_path / "lower")]
+    run_machine(tmp_path, overlay_mount, layers, settings.get_profile(PROFILE).max_examples)
+
+
+def test_two_lower_layers_behave_like_their_merge(tmp_path: Path, overlay_mount: Any) -> None:
+    """Whiteouts (both formats), an opaque dir, a dir over a file and a file over a dir in
+    the top lower layer: every operation must also see through them correctly."""
+    bottom = bottom_layer(tmp_path / "bottom")
+    top = tmp_path / "top"
+    (top / "pkg" / "sub").mkdir(parents=True)
+    (top / "pkg" / "main.py").touch()
+    os.setxattr(top / "pkg" / "main.py", "user.overlay.whiteout", b"y")
+    os.mknod(top / "pkg" / "empty", stat.S_IFCHR | 0o600, 0)
+    os.setxattr(top / "pkg" / "sub", "user.overlay.opaque", b"y")
+    (top / "pkg" / "sub" / "only.txt").write_text("top layer\n")
+    (top / "pkg" / "new.py").write_text("new = True\n")
+    (top / "top.txt").write_text("top layer wins\n")
+    (top / "tool.sh" / "inner").mkdir(parents=True)  # a directory above a file
+    (top / "pkg" / "link").mkdir()
+    (top / "extra").mkdir()
+    (top / "extra" / "f.txt").write_text("f\n")
+    os.utime(top / "pkg", ns=(2 * 10**18, 2 * 10**18))
+    layers = [top, bottom]
+    examples = max(1, settings.get_profile(PROFILE).max_examples * 2 // 3)
+    run_machine(tmp_path, overlay_mount, layers, examples)
 
 
 if __name__ == "__main__":  # pragma: no cover
