@@ -129,6 +129,11 @@ class Ctx:
         return d
 
     @property
+    def cowfs_python(self) -> str:
+        """The interpreter cowfs (and its mount daemons) run on."""
+        return sys.executable
+
+    @property
     def import_cmd(self) -> str:
         mods = [m.strip() for m in self.imports.split(",") if m.strip()]
         return "import " + ", ".join(mods)

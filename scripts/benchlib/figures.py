@@ -197,3 +197,10 @@ def mount_time(ctx: Ctx, res: Results, peers: dict[str, Peer], envs: dict[str, E
                 res.add("mount-time", name, peer.remount_time(env))
         log(f"mount-time {rep + 1}/{ctx.reps}: " + ", ".join(
             f"{n}={v[-1]:.3f}" for n, v in res.samples.get("mount-time", {}).items()))
+    if "cowfs" in envs:
+        # Where a cowfs mount's time goes: the CLI process start, the daemon's imports.
+        parts = {"cli_version_s": [*ctx.cowfs, "--version"],
+                 "daemon_imports_s": [ctx.cowfs_python, "-c", "import cowfs.daemon"],
+                 "python_bare_s": [ctx.cowfs_python, "-c", "pass"]}
+        for key, cmd in parts.items():
+            res.note("mount-time", key, round(median([timed(ctx, cmd) for _ in range(5)]), 4))
