@@ -17,10 +17,9 @@ import os
 import stat
 
 from cowfs.lower import LowerEntry
-from cowfs.upper import Upper, is_private_xattr
+from cowfs.upper import IS_ROOT, Upper, is_private_xattr, owner_writable
 
 FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int)
-IS_ROOT = os.geteuid() == 0
 _NO_REFLINK = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF,
                errno.ENOSYS, errno.EPERM}
 
@@ -139,7 +138,16 @@ def publish(upper: Upper, tmp: str, rel: str) -> None:
     """
     parent = rel.rpartition("/")[0]
     pst = upper.lstat(parent)
-    upper.install(tmp, rel)
+    tst = os.lstat(tmp)
+    # rename(2) of a directory to another parent rewrites its "..": an unprivileged
+    # daemon needs write access to it for the moment (a lower dir may well be 0555).
+    lend_write = not IS_ROOT and stat.S_ISDIR(tst.st_mode) and not tst.st_mode & 0o200
+    if lend_write:
+        os.chmod(tmp, stat.S_IMODE(tst.st_mode) | 0o200)
+    with owner_writable(upper.path(parent)):
+        upper.install(tmp, rel)
+    if lend_write:
+        os.chmod(upper.path(rel), stat.S_IMODE(tst.st_mode))
     if pst is not None:
         os.utime(upper.path(parent), ns=(pst.st_atime_ns, pst.st_mtime_ns))
     upper.fsync_dir(parent)

@@ -14,11 +14,10 @@ import os
 import stat
 from collections.abc import Callable
 
-from cowfs.copy_up import IS_ROOT
 from cowfs.inode import Node
 from cowfs.lower import join
 from cowfs.overlay import STRIP_OPEN, Overlay, oserror
-from cowfs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from cowfs.upper import IS_ROOT, RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 
 def _owner(ov: Overlay, parent: Node, uid: int, gid: int, mode: int) -> tuple[int, int, int]:
@@ -98,12 +97,13 @@ def mkdir(ov: Overlay, parent: Node, name: str, mode: int, uid: int, gid: int) -
     def make(target: str, over_whiteout: bool) -> None:
         os.mkdir(target, 0o700)
         _chown(target, uid, gid)
-        os.chmod(target, stat.S_IMODE(mode))
         if over_whiteout:
             # The lower directory of the same name must not merge into the new one.
             ov.upper.make_opaque_path(target)
 
-    _place(ov, parent, name, make)
+    # The mode last: an unprivileged daemon could not move a 0555 directory out of the
+    # work dir (rename rewrites its "..") nor mark it opaque.
+    os.chmod(ov.upper.path(_place(ov, parent, name, make)), stat.S_IMODE(mode))
     return _new_node(ov, parent, name, is_dir=True)
 
 

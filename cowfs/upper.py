@@ -22,6 +22,7 @@ import re
 import shutil
 import stat
 import uuid
+from collections.abc import Iterator
 
 WHITEOUT_XATTR = "user.overlay.whiteout"
 OPAQUE_XATTR = "user.overlay.opaque"
@@ -45,6 +46,25 @@ def renameat2(old: str, new: str, flags: int) -> None:
     if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), old)
+
+
+IS_ROOT = os.geteuid() == 0
+
+
+@contextlib.contextmanager
+def owner_writable(path: str) -> Iterator[None]:
+    """Let an unprivileged daemon put an entry or a marker into an upper directory whose
+    mode (copied from the lower, e.g. 0555) denies it: the owner may edit a file inside a
+    read-only directory, so its copy-up must work. Root needs no help."""
+    st = None if IS_ROOT else os.lstat(path)
+    if st is None or st.st_mode & 0o300 == 0o300:
+        yield
+        return
+    os.chmod(path, stat.S_IMODE(st.st_mode) | 0o300)
+    try:
+        yield
+    finally:
+        os.chmod(path, stat.S_IMODE(st.st_mode))
 
 
 def is_private_xattr(name: str) -> bool:
@@ -192,7 +212,8 @@ class Upper:
     def _mark_parent(self, parent: str) -> None:
         """The kernel's userxattr format flags a directory holding whiteouts with opaque=x."""
         if _getxattr(self.path(parent), OPAQUE_XATTR) is None:
-            os.setxattr(self.path(parent), OPAQUE_XATTR, b"x")
+            with owner_writable(self.path(parent)):
+                os.setxattr(self.path(parent), OPAQUE_XATTR, b"x")
 
     def remove_whiteout(self, rel: str) -> bool:
         """Drop a whiteout at rel if there is one; True when one was removed."""
@@ -214,10 +235,11 @@ class Upper:
         self.make_opaque_path(self.path(rel))
 
     def make_opaque_path(self, path: str) -> None:
-        if self.xattrs:
-            os.setxattr(path, OPAQUE_XATTR, b"y")
-        else:
-            os.close(os.open(f"{path}/{WH_OPAQUE}", os.O_CREAT | os.O_WRONLY, 0o600))
+        with owner_writable(path):  # user.* xattrs and new entries both need write access
+            if self.xattrs:
+                os.setxattr(path, OPAQUE_XATTR, b"y")
+            else:
+                os.close(os.open(f"{path}/{WH_OPAQUE}", os.O_CREAT | os.O_WRONLY, 0o600))
 
     def listdir(self, rel: str) -> tuple[list[str], set[str]]:
         """Visible upper names and whited-out names of the upper directory rel."""

@@ -15,8 +15,9 @@ import shutil
 import stat
 import tempfile
 import time
+import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pytest
 from conftest import fingerprint, populate
 
 from cowfs import copy_up, namespace
+from cowfs import upper as upper_module
 from cowfs.inode import Node
 from cowfs.lower import DirLower, ManifestLower
 from cowfs.manifest import FileEntry, Manifest
@@ -511,32 +513,85 @@ def test_private_xattrs_are_hidden(ov: Overlay) -> None:
     assert not node_at(ov, "top.txt").upper
 
 
-def test_create_read_only_file_as_unprivileged_daemon() -> None:
-    """A daemon without root (a user's own mount) must honour open(O_CREAT|O_RDWR, 0444)."""
+def as_unprivileged_daemon(build: Callable[[Path], None],
+                           act: Callable[[Overlay], None]) -> Path:
+    """Run act(overlay) in a child that is not root (a user's own mount); its dirs are made
+    by build(lower) as root and then handed to that user. Returns the base dir."""
     base = Path(tempfile.mkdtemp(prefix="cowfs-unpriv-"))
+    for d in ("lower", "upper", "work"):
+        (base / d).mkdir()
+    build(base / "lower")
+    os.chmod(base, 0o755)
+    for dirpath, dirs, files in os.walk(base):
+        for name in ["", *dirs, *files]:
+            os.chown(os.path.join(dirpath, name), NOBODY, NOBODY, follow_symlinks=False)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        code = 1
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            for module in (copy_up, namespace, upper_module):  # decided at import, as root
+                module.IS_ROOT = False  # type: ignore[attr-defined]
+            act(Overlay(DirLower([base / "lower"]),
+                        Upper(str(base / "upper"), str(base / "work"))))
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged daemon failed (see stderr)"
+    return base
+
+
+def test_create_read_only_file_as_unprivileged_daemon() -> None:
+    """POSIX: the open that creates a 0444 file may write it; a re-open would be refused."""
+    def act(ov: Overlay) -> None:
+        _, fh = namespace.create(ov, ov.root, "f", 0o444, os.O_RDWR | os.O_CREAT,
+                                 NOBODY, NOBODY)
+        assert ov.write(fh, 0, b"x") == 1
+
+    base = as_unprivileged_daemon(lambda lower: None, act)
     try:
-        for d in ("lower", "upper", "work"):
-            (base / d).mkdir()
-        os.chmod(base, 0o755)
-        for p in (base, base / "lower", base / "upper", base / "work"):
-            os.chown(p, NOBODY, NOBODY)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child reports through its exit code
-            code = 1
-            try:
-                os.setgid(NOBODY)
-                os.setuid(NOBODY)
-                ov = Overlay(DirLower([base / "lower"]),
-                             Upper(str(base / "upper"), str(base / "work")))
-                _, fh = namespace.create(ov, ov.root, "f", 0o444, os.O_RDWR | os.O_CREAT,
-                                         NOBODY, NOBODY)
-                code = 0 if ov.write(fh, 0, b"x") == 1 else 2
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
         assert (base / "upper" / "f").read_bytes() == b"x"
     finally:
+        shutil.rmtree(base)
+
+
+def test_read_only_lower_dirs_as_unprivileged_daemon() -> None:
+    """The owner may edit a file in a 0555 directory; copy-up must manage that too, and
+    mkdir/rename/rmdir must not trip over the mode copied from the lower."""
+    def build(lower: Path) -> None:
+        (lower / "ro" / "deep").mkdir(parents=True)
+        (lower / "ro" / "f.txt").write_text("f")
+        (lower / "ro" / "deep" / "g.txt").write_text("g")
+        (lower / "gone").mkdir()
+        for d in (lower / "ro" / "deep", lower / "ro"):
+            d.chmod(0o555)
+
+    def act(ov: Overlay) -> None:
+        write(ov, "ro/f.txt", b"F")  # copy-up of ro, then of f.txt into the 0555 copy
+        write(ov, "ro/deep/g.txt", b"G")
+        rmdir(ov, "gone")
+        mkdir(ov, "gone", 0o555)  # over a whiteout: opaque, then the final mode
+        rename(ov, "ro", "ro2")  # materialised and marked opaque despite 0555
+        assert merged(ov)["ro2/deep/g.txt"] == ("f", 0o644, b"G")
+
+    base = as_unprivileged_daemon(build, act)
+    try:
+        up = base / "upper"
+        assert (up / "ro2" / "f.txt").read_bytes() == b"F"
+        assert stat.S_IMODE((up / "ro2").stat().st_mode) == 0o555
+        assert stat.S_IMODE((up / "ro2" / "deep").stat().st_mode) == 0o555
+        assert stat.S_IMODE((up / "gone").stat().st_mode) == 0o555
+        assert os.listdir(base / "work") == []
+        ov = Overlay(DirLower([base / "lower"]), Upper(str(up), str(base / "work")))
+        assert "ro" not in ov.listdir(ov.root) and ov.listdir(node_at(ov, "gone")) == []
+    finally:
+        for dirpath, dirs, _ in os.walk(base):
+            for d in dirs:
+                os.chmod(os.path.join(dirpath, d), 0o755)
         shutil.rmtree(base)
 
 
