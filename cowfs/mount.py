@@ -73,7 +73,9 @@ def mount_state(mountpoint: str) -> str:
     if entry.fstype != FSTYPE:
         return "foreign"
     try:
-        os.stat(mountpoint)
+        # statfs always reaches the daemon; stat(2) may be answered from the kernel's
+        # attribute cache long after the daemon died.
+        os.statvfs(mountpoint)
     except OSError as exc:
         if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
             return "stale"

@@ -165,8 +165,8 @@ def test_kill_9_keeps_fsynced_data(lower: Path, overlay_mount: Any) -> None:
         os.stat(m.mnt / "top.txt")
     assert exc.value.errno == errno.ENOTCONN
     assert (m.upper / "pkg" / "sub" / "data.bin").read_bytes()[:len(expect)] == expect
-    # A new daemon on the same dirs (the dead mount detached by hand, see the xfail below)
-    # serves the synced data; the lower is checked by the fixture.
+    # A new daemon on the same dirs (the dead mount detached by hand; mount() doing that
+    # itself is the next test) serves the synced data; the lower is checked by the fixture.
     subprocess.run(["fusermount3", "-u", "-z", str(m.mnt)], check=True)
     assert mounting.mount(m.spec) == "mounted"
     assert (m.mnt / "pkg" / "sub" / "data.bin").read_bytes()[:len(expect)] == expect
@@ -174,11 +174,6 @@ def test_kill_9_keeps_fsynced_data(lower: Path, overlay_mount: Any) -> None:
     assert os.listdir(m.work) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cowfs.mount.mount_state() probes a mount with os.stat(mountpoint), which the kernel "
-    "answers from its attribute cache even after the daemon died, so the dead mount reads "
-    "as 'live' and mount() returns 'already mounted' instead of replacing it. Fix belongs "
-    "in cowfs/mount.py: probe with os.statvfs(mountpoint), which always reaches the daemon."))
 def test_mount_replaces_a_dead_mount(lower: Path, overlay_mount: Any) -> None:
     m = overlay_mount(lower)
     expect = kill_during_writes(m)
