@@ -55,6 +55,7 @@ MTIMES = [10**9, 1_500_000_000_123_456_789, 2_000_000_000 * 10**9]
 OFFSETS = [0, 3, 100, 4095, 20000]
 SIZES = [0, 1, 7, 5000, 70000]
 MAX_HELD = 3
+XATTRS = ["user.a", "user.origin", "trusted.t"]
 
 Outcome = tuple[str, Any]
 
@@ -64,6 +65,15 @@ def outcome(fn: Callable[[Path], Any], root: Path) -> Outcome:
         return ("ok", fn(root))
     except OSError as exc:
         return ("err", exc.errno)
+
+
+def xattrs(path: Path) -> tuple[tuple[str, bytes], ...]:
+    """Extended attributes, minus overlay markers the plain reference copied from a layer
+    (the mount must never show those: checked by test_mount_semantics)."""
+    if path.is_symlink():
+        return ()
+    return tuple(sorted((n, os.getxattr(path, n)) for n in os.listxattr(path)
+                        if not n.startswith(("user.overlay.", "trusted.overlay."))))
 
 
 def is_fifo(path: Path) -> bool:
@@ -254,6 +264,35 @@ class OverlayVsPlain(RuleBasedStateMachine):
         if self.both(f"overwrite {p} {len(payload)}B", op)[0] == "ok":
             self.unpin(ino, parent)
 
+    @rule(data=st.data(), payload=st.binary(min_size=1, max_size=48))
+    def append(self, data: st.DataObject, payload: bytes) -> None:
+        """O_APPEND: the kernel picks the offset from the size it has cached."""
+        p = self.pick(data, "path")
+        if is_fifo(self.ref / p):
+            return
+        ino = self.ref_ino(p, follow=True)
+
+        def op(root: Path) -> int:
+            fd = os.open(root / p, os.O_WRONLY | os.O_APPEND)
+            try:
+                return os.write(fd, payload)
+            finally:
+                os.close(fd)
+
+        if self.both(f"append {p} {len(payload)}B", op)[0] == "ok":
+            self.unpin(ino)
+
+    @rule(data=st.data(), name=st.sampled_from(XATTRS), value=st.binary(max_size=16),
+          remove=st.booleans())
+    def xattr(self, data: st.DataObject, name: str, value: bytes, remove: bool) -> None:
+        p = self.pick(data, "path")
+        if remove:
+            self.both(f"removexattr {p} {name}", lambda root: os.removexattr(
+                root / p, name, follow_symlinks=False))
+        else:
+            self.both(f"setxattr {p} {name}", lambda root: os.setxattr(
+                root / p, name, value, follow_symlinks=False))
+
     @rule(data=st.data(), size=st.sampled_from(SIZES))
     def truncate(self, data: st.DataObject, size: int) -> None:
         p = self.pick(data, "path")
@@ -346,7 +385,7 @@ class OverlayVsPlain(RuleBasedStateMachine):
                 full = Path(dirpath) / name if name else Path(dirpath)
                 rel = str(full.relative_to(root))
                 s = full.lstat()
-                row: tuple[Any, ...] = (stat.filemode(s.st_mode), s.st_nlink)
+                row: tuple[Any, ...] = (stat.filemode(s.st_mode), s.st_nlink, xattrs(full))
                 if stat.S_ISREG(s.st_mode):
                     row += (s.st_size, full.read_bytes())
                 elif stat.S_ISLNK(s.st_mode):
@@ -362,7 +401,7 @@ class OverlayVsPlain(RuleBasedStateMachine):
         assert got_tree == ref_tree
         # What the kernel cached must be what the daemon says now (nothing stale, nothing
         # wrong that only a cache hides): ask the daemon directly for every entry.
-        for rel, (_, nlink, *rest) in got_tree.items():
+        for rel, (_, nlink, _, *rest) in got_tree.items():
             fresh = statx_fresh(self.mnt / rel)
             assert (stat.filemode(fresh.mode), fresh.nlink, fresh.ino) == \
                 (got_tree[rel][0], nlink, got_inos[rel]), f"daemon vs kernel cache: {rel}"
@@ -456,6 +495,9 @@ def bottom_layer(root: Path) -> Path:
     populate(root)
     (root / "pkg" / "sub" / "deep").mkdir()
     (root / "pkg" / "sub" / "deep" / "x.txt").write_text("deep\n")
+    os.setxattr(root / "top.txt", "user.origin", b"lower")
+    os.setxattr(root / "pkg" / "sub", "user.origin", b"lower dir")
+    os.setxattr(root / "pkg" / "main.py", "trusted.t", b"root only")
     os.utime(root / "pkg", ns=(10**18, 10**18))  # distinct times, so copy-ups show
     return root
 
