@@ -5,11 +5,19 @@ stays readable by other overlay tools and names keep their full 255-byte length:
 
 * whiteout: an empty regular file carrying the xattr `user.overlay.whiteout`; its parent
   directory carries `user.overlay.opaque=x` ("holds whiteouts", as the kernel expects).
-  The classic 0/0 character device whiteout is recognised too.
+  The classic 0/0 character device whiteout is recognised too, and a privileged daemon's
+  renames leave one (RENAME_WHITEOUT is the only atomic rename-plus-whiteout).
 * opaque directory: `user.overlay.opaque=y`.
 
 Where the upper filesystem has no user xattrs (some FUSE or NTFS mounts), the aufs-style
 name-prefix fallback is used: `.wh.NAME` and `.wh..wh..opq` (names then lose 4 bytes).
+
+The upper filesystem is probed once at mount (cowfs.fscaps via cowfs.meta): modes, owners
+and fine times it cannot hold are kept by `self.meta` (cowfs.meta); one with neither user
+xattrs nor modes is refused. Where it has no renameat2(RENAME_EXCHANGE) (ntfs-3g), the two
+steps that replace a directory with a whiteout (or a whiteout with a directory) and user
+exchanges are journalled in the work dir (`intent-*` files) and finished at the next mount,
+so a crash between them never shows a deleted lower entry again.
 """
 
 from __future__ import annotations
@@ -24,14 +32,20 @@ import stat
 import uuid
 from collections.abc import Iterator
 
+from cowfs import meta as metadata
+from cowfs.errors import CowfsError
+
 WHITEOUT_XATTR = "user.overlay.whiteout"
 OPAQUE_XATTR = "user.overlay.opaque"
-PRIVATE_XATTR_PREFIXES = ("user.overlay.", "trusted.overlay.")
+PRIVATE_XATTR_PREFIXES = ("user.overlay.", "trusted.overlay.", "user.cowfs.")
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
 # Names this module creates in the work dir (temp_path, the xattr probe): only those are ever
 # deleted from it, since a user may point workdir= at a directory that holds other things.
-_WORK_NAME = re.compile(r"[0-9a-f]{32}|\.cowfs-xattr-probe-[0-9a-f]{32}")
+_WORK_NAME = re.compile(r"[0-9a-f]{32}|\.cowfs-xattr-probe-[0-9a-f]{32}"
+                        r"|\.cowfs-probe-[0-9a-z_]{8}")
+_INTENT = re.compile(r"intent-[0-9a-f]{32}")
+_NO_EXCHANGE = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 AT_FDCWD = -100
@@ -116,8 +130,16 @@ class Upper:
         if os.stat(self.root).st_dev != os.stat(self.work).st_dev:
             raise ValueError("upperdir and workdir must be on the same filesystem")
         self._rename_whiteout = True  # until the kernel says otherwise
+        self.caps = metadata.caps_for(self.work)  # once per filesystem
+        why = metadata.refusal(self.caps, self.root)
+        if why is not None:
+            raise CowfsError(why)
+        self.xattrs = self.caps.user_xattrs if use_xattrs is None else use_xattrs
+        self.meta = metadata.for_caps(self.caps)
+        self.exchange_ok = metadata.can_exchange(self.work)
+        self.replay_intents()
         self.clean_work()
-        self.xattrs = probe_user_xattrs(self.work) if use_xattrs is None else use_xattrs
+        self.meta.ensure_root(self.root, 0o755)
 
     def clean_work(self) -> None:
         """Drop half-built copy-ups a killed daemon left behind (never visible in the view)."""
@@ -133,6 +155,77 @@ class Upper:
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
+
+    def rename(self, src: str, dst: str) -> None:
+        """rename(2) of upper-relative paths; side metadata follows the entry."""
+        self._rename(self.path(src), self.path(dst))
+
+    def _rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+        if self.meta.active:
+            self.meta.moved(src, dst)
+
+    # -- the intent journal (filesystems without RENAME_EXCHANGE) -----------------------------
+
+    def _intent(self, *fields: str) -> str:
+        """Durably note what must hold after a crash in the middle of a multi-step change."""
+        path = f"{self.work}/intent-{uuid.uuid4().hex}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, "\0".join(fields).encode("utf-8", "surrogateescape"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._fsync_path(self.work)
+        return path
+
+    def _intent_done(self, intent: str, *parents: str) -> None:
+        for parent in parents:
+            self.fsync_dir(parent)
+        os.unlink(intent)
+
+    def replay_intents(self) -> None:
+        """Finish what a killed daemon left half done (before anything is served)."""
+        with os.scandir(self.work) as it:
+            intents = [de.path for de in it if _INTENT.fullmatch(de.name)]
+        for intent in intents:
+            try:
+                with open(intent, "rb") as f:
+                    fields = f.read().decode("utf-8", "surrogateescape").split("\0")
+                self._replay(fields)
+            except (OSError, ValueError, IndexError):
+                pass  # a torn intent was written before any step it guards
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(intent)
+
+    def _replay(self, fields: list[str]) -> None:
+        if fields[0] == "whiteout":
+            rel = fields[1]
+            parent = rel.rpartition("/")[0]
+            if self.lstat(rel) is None and os.path.isdir(self.path(parent)):
+                self.make_whiteout(rel)
+                self.fsync_dir(parent)
+        elif fields[0] == "exchange":
+            a, b, tmp = fields[1], fields[2], f"{self.work}/{fields[3]}"
+            if os.path.lexists(tmp):
+                if self.lstat(a) is None and self.lstat(b) is not None:
+                    self.rename(b, a)
+                self._rename(tmp, self.path(b))
+
+    def exchange(self, a: str, b: str) -> None:
+        """renameat2(RENAME_EXCHANGE) of two upper entries, emulated where unsupported."""
+        if self.exchange_ok:
+            renameat2(self.path(a), self.path(b), RENAME_EXCHANGE)
+            return
+        if b.startswith(f"{a}/") or a.startswith(f"{b}/"):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), a)
+        tmp_name = f"xchg-{uuid.uuid4().hex}"
+        tmp = f"{self.work}/{tmp_name}"
+        intent = self._intent("exchange", a, b, tmp_name)
+        self._rename(self.path(a), tmp)
+        self.rename(b, a)
+        self._rename(tmp, self.path(b))
+        self._intent_done(intent, a.rpartition("/")[0], b.rpartition("/")[0])
 
     def lstat(self, rel: str) -> os.stat_result | None:
         try:
@@ -177,30 +270,45 @@ class Upper:
         if self.xattrs and self._rename_whiteout:
             try:
                 renameat2(self.path(src), self.path(dst), RENAME_WHITEOUT)
+                if self.meta.active:
+                    self.meta.moved(self.path(src), self.path(dst))
                 self._mark_parent(src.rpartition("/")[0])
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP):
                     raise
                 self._rename_whiteout = False  # unprivileged or unsupported: two steps
-        os.rename(self.path(src), self.path(dst))
+        self.rename(src, dst)
         self.make_whiteout(src)
 
     def replace_with_whiteout(self, rel: str, is_dir: bool) -> None:
         """Turn the upper entry at rel (an empty dir or a non-dir) into a whiteout atomically:
         an unlink of a name that exists below never shows the lower entry, even on a crash."""
+        parent = rel.rpartition("/")[0]
         if not self.xattrs:
             # Marker first: while the upper entry exists it still wins the lookup.
             self.make_whiteout(rel)
+            if is_dir:
+                self.clear_markers(rel)
             (os.rmdir if is_dir else os.unlink)(self.path(rel))
             return
         tmp = self._whiteout_temp()
-        if is_dir:
+        if is_dir and self.exchange_ok:
+            # The directory may still hold whiteouts of its lower content: they go with it.
             renameat2(tmp, self.path(rel), RENAME_EXCHANGE)
             shutil.rmtree(tmp, ignore_errors=True)  # the old, merged-empty directory
+        elif is_dir:
+            intent = self._intent("whiteout", rel)
+            moved = self.temp_path()
+            os.rename(self.path(rel), moved)
+            os.rename(tmp, self.path(rel))
+            self._mark_parent(parent)
+            self._intent_done(intent, parent)
+            shutil.rmtree(moved, ignore_errors=True)
+            return
         else:
             os.rename(tmp, self.path(rel))
-        self._mark_parent(rel.rpartition("/")[0])
+        self._mark_parent(parent)
 
     def _whiteout_temp(self) -> str:
         tmp = self.temp_path()
@@ -277,21 +385,32 @@ class Upper:
 
     def install(self, tmp: str, rel: str) -> None:
         """Atomically put a prepared temp entry at rel, replacing a whiteout if present."""
-        if not self.xattrs:
-            self.remove_whiteout(rel)
-            os.rename(tmp, self.path(rel))
-            return
         target = self.path(rel)
+        if not self.xattrs:
+            # The new entry first: it wins the lookup, so the marker can go afterwards.
+            self._rename(tmp, target)
+            self.remove_whiteout(rel)
+            return
         if os.path.isdir(tmp) and not os.path.islink(tmp) and os.path.lexists(target):
             # A directory cannot be renamed over the (file) whiteout: swap them, then drop
             # the whiteout, so there is no moment where the lower entry shows through.
-            renameat2(tmp, target, RENAME_EXCHANGE)
-            os.unlink(tmp)
+            if self.exchange_ok:
+                renameat2(tmp, target, RENAME_EXCHANGE)
+                os.unlink(tmp)
+                return
+            intent = self._intent("whiteout", rel)
+            os.unlink(target)
+            self._rename(tmp, target)
+            self._intent_done(intent, rel.rpartition("/")[0])
             return
-        os.rename(tmp, target)
+        self._rename(tmp, target)
 
     def fsync_dir(self, rel: str) -> None:
-        fd = os.open(self.path(rel), os.O_RDONLY | os.O_DIRECTORY)
+        self._fsync_path(self.path(rel))
+
+    @staticmethod
+    def _fsync_path(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         except OSError as exc:  # some filesystems refuse fsync on directories
