@@ -121,7 +121,9 @@ class Store:
                       self.tmp):
                 d.mkdir(parents=True, exist_ok=True)
             if not os.access(self.tmp, os.W_OK):
-                raise PermissionError(errno.EACCES, "not writable", str(self.tmp))
+                code = errno.EROFS if os.statvfs(self.tmp).f_flag & os.ST_RDONLY \
+                    else errno.EACCES
+                raise OSError(code, os.strerror(code), str(self.tmp))
         except OSError as exc:
             raise StoreError(f"store {self.root} is not writable: {exc.strerror}") from exc
         return self
@@ -133,7 +135,14 @@ class Store:
     def lock(self, exclusive: bool = False) -> Iterator[None]:
         """Writers (installs) share the lock; gc takes it exclusively."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES):
+                raise
+            # A read-only store still serves installs that need nothing new; flock works
+            # on a read-only descriptor (and nobody can gc such a store anyway).
+            fd = os.open(self.root / "lock", os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
@@ -141,7 +150,10 @@ class Store:
             os.close(fd)  # closing releases the flock
 
     def temp_file(self, suffix: str = "") -> tuple[int, Path]:
-        fd, name = tempfile.mkstemp(dir=self.tmp, suffix=suffix)
+        try:
+            fd, name = tempfile.mkstemp(dir=self.tmp, suffix=suffix)
+        except OSError as exc:  # every new object or document starts here
+            raise StoreError(f"store {self.root} is not writable: {exc.strerror}") from None
         return fd, Path(name)
 
     # -- objects ------------------------------------------------------------------------

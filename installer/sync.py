@@ -130,7 +130,10 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
                   *, exact: bool, quiet: bool, resolver: str,
                   compile_bytecode: bool) -> Summary:
     summary = Summary(resolver=resolver)
-    paths = fetch(pins, store.ensure().wheels, progress=not quiet)
+    # ensure() only for a new store: an existing read-only one serves what it holds already
+    # (anything new fails with one clear error where it would be written).
+    paths = fetch(pins, (store if store.exists() else store.ensure()).wheels,
+                  progress=not quiet)
     new = _ingest_all(store, pins, paths, info)
     current = {canonicalize_name(m.name): m for m in (read_manifest(store, d)
                                                         for d in state.dists)}

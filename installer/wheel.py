@@ -326,7 +326,8 @@ def venv_extra_files(
     """
     if not manifest.dist_info:
         raise WheelError(f"distribution {manifest.id} has no dist-info directory recorded")
-    store.ensure()
+    if not store.exists():
+        store.ensure()  # not for a read-only store whose objects exist already
     out: list[FileEntry] = []
     if requested:
         out.append(FileEntry(f"{manifest.dist_info}/REQUESTED", store.put_bytes(b""), 0, 0o644))
