@@ -65,7 +65,7 @@ class CowfsOperations(pyfuse3.Operations):
     def __init__(self, overlay: Overlay) -> None:
         super().__init__()
         self.ov = overlay
-        self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
+        self._dirs: dict[int, tuple[Node, list[tuple[str, Node]]]] = {}
         self._next_dh = 1
         self._copying: dict[Node, trio.Event] = {}
 
@@ -201,22 +201,26 @@ class CowfsOperations(pyfuse3.Operations):
         for name in self.ov.listdir(node):
             child = self.ov.lookup(node, name)
             if child is not None:
-                listing.append((os.fsencode(name), child))
+                listing.append((name, child))
         dh = self._next_dh
         self._next_dh += 1
-        self._dirs[dh] = listing
+        self._dirs[dh] = (node, listing)
         return dh
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        listing = self._dirs.get(fh, [])
+        parent, listing = self._dirs.get(fh, (self.ov.root, []))
         for i in range(start_id, len(listing)):
             name, child = listing[i]
+            # Readdirplus plants a dentry in the kernel for every entry: one for a name that
+            # was removed, renamed or replaced since opendir would bring the old file back.
+            if (parent.children or {}).get(name) is not child:
+                continue
             try:
                 entry = self.entry(child)
             except FileNotFoundError:
-                continue  # removed since opendir
-            if not pyfuse3.readdir_reply(token, name, entry, i + 1):
+                continue
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, i + 1):
                 break
             child.nlookup += 1
 

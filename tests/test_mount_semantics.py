@@ -325,3 +325,25 @@ def test_big_copy_up_runs_while_other_requests_are_served(tmp_path: Path,
     assert during >= 10, f"the mount stalled during the copy-up ({(t1 - t0) * 1000:.0f} ms)"
     assert (m.upper / "big.bin").stat().st_size == 64 << 20
     assert (lower / "big.bin").read_bytes()[-4:] == block[-4:]
+
+
+def test_readdir_does_not_resurrect_names_removed_meanwhile(tmp_path: Path,
+                                                           overlay_mount: Any) -> None:
+    """A listing is a snapshot, but readdirplus also hands the kernel dentries: an entry
+    removed after opendir must not come back to life through them."""
+    lower = tmp_path / "manylower"
+    (lower / "d").mkdir(parents=True)
+    names = [f"file-{i:05d}" for i in range(3000)]
+    for n in names:
+        (lower / "d" / n).touch()
+    m = overlay_mount(lower)
+    victims = names[-50:]
+    with os.scandir(m.mnt / "d") as it:
+        first = next(it).name  # the kernel has fetched only the first part of the listing
+        for n in victims:
+            os.unlink(m.mnt / "d" / n)
+        seen = {first, *(de.name for de in it)}
+    assert seen <= set(names)
+    for n in victims:
+        assert not os.path.lexists(m.mnt / "d" / n), n
+    assert sorted(os.listdir(m.mnt / "d")) == names[:-50]
