@@ -347,3 +347,25 @@ def test_readdir_does_not_resurrect_names_removed_meanwhile(tmp_path: Path,
     for n in victims:
         assert not os.path.lexists(m.mnt / "d" / n), n
     assert sorted(os.listdir(m.mnt / "d")) == names[:-50]
+
+
+def test_names_that_are_not_utf8(tmp_path: Path, overlay_mount: Any) -> None:
+    lower = tmp_path / "bytes-lower"
+    lower.mkdir()
+    raw = os.fsencode(lower) + b"/caf\xe9-\xff.txt"  # latin-1 bytes: not valid UTF-8
+    with open(raw, "wb") as f:
+        f.write(b"latin")
+    m = overlay_mount(lower)
+    mnt = os.fsencode(m.mnt)
+    assert os.listdir(mnt) == [b"caf\xe9-\xff.txt"]
+    with open(mnt + b"/caf\xe9-\xff.txt", "r+b") as f:
+        assert f.read() == b"latin"
+        f.write(b"!")
+    os.rename(mnt + b"/caf\xe9-\xff.txt", mnt + b"/\x80\x81")
+    assert sorted(os.listdir(mnt)) == [b"\x80\x81"]
+    with open(mnt + b"/\x80\x81", "rb") as f:
+        assert f.read() == b"latin!"
+    (m.mnt / ("é" * 127 + "x")).write_text("255 bytes")  # multi-byte: bytes count, not chars
+    with pytest.raises(OSError) as exc:
+        (m.mnt / ("é" * 128)).write_text("256 bytes")
+    assert exc.value.errno == errno.ENAMETOOLONG
