@@ -369,3 +369,36 @@ def test_names_that_are_not_utf8(tmp_path: Path, overlay_mount: Any) -> None:
     with pytest.raises(OSError) as exc:
         (m.mnt / ("é" * 128)).write_text("256 bytes")
     assert exc.value.errno == errno.ENAMETOOLONG
+
+
+def test_namespace_changes_during_a_threaded_copy_up(tmp_path: Path,
+                                                     overlay_mount: Any) -> None:
+    """Rename the parent, unlink a sibling and list while a big copy-up runs in a thread:
+    the copy lands under the new name, whole, and nothing else is lost."""
+    lower = tmp_path / "racelower"
+    (lower / "d").mkdir(parents=True)
+    data = os.urandom(8 << 20)
+    (lower / "d" / "big.bin").write_bytes(data)
+    (lower / "d" / "sibling").write_text("s")
+    m = overlay_mount(lower)
+    errors: list[BaseException] = []
+
+    def opener() -> None:
+        try:
+            with open(m.mnt / "d" / "big.bin", "r+b") as f:
+                f.write(b"HEAD")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=opener)
+    t.start()
+    os.unlink(m.mnt / "d" / "sibling")
+    os.rename(m.mnt / "d", m.mnt / "e")
+    listing = os.listdir(m.mnt / "e")
+    t.join(30)
+    assert not errors and not t.is_alive()
+    assert listing == ["big.bin"] and os.listdir(m.mnt) == ["e"]
+    assert (m.mnt / "e" / "big.bin").read_bytes() == b"HEAD" + data[4:]
+    drop_kernel_caches()
+    assert (m.upper / "e" / "big.bin").read_bytes() == b"HEAD" + data[4:]
+    assert os.listdir(m.work) == []
