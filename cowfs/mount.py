@@ -134,9 +134,12 @@ def mount(spec: MountSpec, foreground: bool = False) -> str:
         return "unmounted"
     read_fd, write_fd = os.pipe()
     Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
+    # An isolated caller (the automount hook runs `python -I -m cowfs`) gets an isolated
+    # daemon: PYTHONPATH must not choose the code that serves the mount.
+    isolated = ["-I"] if sys.flags.isolated else []
     with open(spec.log, "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cowfs.daemon", str(spec_file), str(write_fd)],
+            [sys.executable, *isolated, "-m", "cowfs.daemon", str(spec_file), str(write_fd)],
             pass_fds=[write_fd], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
             start_new_session=True, cwd="/")
     os.close(write_fd)
