@@ -172,8 +172,14 @@ class Store:
         return d
 
     def put_bytes(self, data: bytes, digest: str | None = None) -> str:
-        """Store data; return its digest. Dedups only after a byte comparison."""
-        digest = digest or digest_bytes(data)
+        """Store data; return its digest. Dedups only after a byte comparison.
+
+        A digest passed in is checked, not trusted: an object's name is its content's hash.
+        """
+        actual = digest_bytes(data)
+        if digest is not None and digest != actual:
+            raise CollisionError(f"data does not hash to the digest it was given ({digest!r})")
+        digest = actual
         final = self.object_path(digest)
         if final.exists():
             if not _same_content(final, data):
