@@ -9,6 +9,7 @@ nothing lives only in the daemon's memory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -513,36 +514,44 @@ def test_private_xattrs_are_hidden(ov: Overlay) -> None:
     assert not node_at(ov, "top.txt").upper
 
 
+@contextlib.contextmanager
 def as_unprivileged_daemon(build: Callable[[Path], None],
-                           act: Callable[[Overlay], None]) -> Path:
+                           act: Callable[[Overlay], None]) -> Iterator[Path]:
     """Run act(overlay) in a child that is not root (a user's own mount); its dirs are made
-    by build(lower) as root and then handed to that user. Returns the base dir."""
+    by build(lower) as root and then handed to that user. Yields the base dir, removed
+    afterwards whatever happened."""
     base = Path(tempfile.mkdtemp(prefix="cowfs-unpriv-"))
-    for d in ("lower", "upper", "work"):
-        (base / d).mkdir()
-    build(base / "lower")
-    os.chmod(base, 0o755)
-    for dirpath, dirs, files in os.walk(base):
-        for name in ["", *dirs, *files]:
-            os.chown(os.path.join(dirpath, name), NOBODY, NOBODY, follow_symlinks=False)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through its exit code
-        code = 1
-        try:
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            for module in (copy_up, namespace, upper_module):  # decided at import, as root
-                module.IS_ROOT = False  # type: ignore[attr-defined]
-            act(Overlay(DirLower([base / "lower"]),
-                        Upper(str(base / "upper"), str(base / "work"))))
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged daemon failed (see stderr)"
-    return base
+    try:
+        for d in ("lower", "upper", "work"):
+            (base / d).mkdir()
+        build(base / "lower")
+        os.chmod(base, 0o755)
+        for dirpath, dirs, files in os.walk(base):
+            for name in ["", *dirs, *files]:
+                os.chown(os.path.join(dirpath, name), NOBODY, NOBODY, follow_symlinks=False)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit code
+            code = 1
+            try:
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+                for module in (copy_up, namespace, upper_module):  # decided at import
+                    module.IS_ROOT = False  # type: ignore[attr-defined]
+                act(Overlay(DirLower([base / "lower"]),
+                            Upper(str(base / "upper"), str(base / "work"))))
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged daemon failed"
+        yield base
+    finally:
+        for dirpath, dirs, _ in os.walk(base):
+            for d in dirs:
+                os.chmod(os.path.join(dirpath, d), 0o755)
+        shutil.rmtree(base)
 
 
 def test_create_read_only_file_as_unprivileged_daemon() -> None:
@@ -552,11 +561,8 @@ def test_create_read_only_file_as_unprivileged_daemon() -> None:
                                  NOBODY, NOBODY)
         assert ov.write(fh, 0, b"x") == 1
 
-    base = as_unprivileged_daemon(lambda lower: None, act)
-    try:
+    with as_unprivileged_daemon(lambda lower: None, act) as base:
         assert (base / "upper" / "f").read_bytes() == b"x"
-    finally:
-        shutil.rmtree(base)
 
 
 def test_read_only_lower_dirs_as_unprivileged_daemon() -> None:
@@ -578,8 +584,7 @@ def test_read_only_lower_dirs_as_unprivileged_daemon() -> None:
         rename(ov, "ro", "ro2")  # materialised and marked opaque despite 0555
         assert merged(ov)["ro2/deep/g.txt"] == ("f", 0o644, b"G")
 
-    base = as_unprivileged_daemon(build, act)
-    try:
+    with as_unprivileged_daemon(build, act) as base:
         up = base / "upper"
         assert (up / "ro2" / "f.txt").read_bytes() == b"F"
         assert stat.S_IMODE((up / "ro2").stat().st_mode) == 0o555
@@ -588,11 +593,6 @@ def test_read_only_lower_dirs_as_unprivileged_daemon() -> None:
         assert os.listdir(base / "work") == []
         ov = Overlay(DirLower([base / "lower"]), Upper(str(up), str(base / "work")))
         assert "ro" not in ov.listdir(ov.root) and ov.listdir(node_at(ov, "gone")) == []
-    finally:
-        for dirpath, dirs, _ in os.walk(base):
-            for d in dirs:
-                os.chmod(os.path.join(dirpath, d), 0o755)
-        shutil.rmtree(base)
 
 
 # -- manifest-backed lower ------------------------------------------------------------------
