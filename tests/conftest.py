@@ -20,6 +20,8 @@ import pytest
 
 from cowfs import control
 from cowfs import mount as mounting
+from cowfs.inode import Node
+from cowfs.overlay import Overlay
 from cowfs.spec import MountSpec
 
 
@@ -146,3 +148,60 @@ def statx_fresh(path: Path | str) -> Statx:
     ino, size = struct.unpack_from("QQ", buf, 32)
     sec, nsec = struct.unpack_from("qI", buf, 112)
     return Statx(mode, nlink, ino, size, sec * 10**9 + nsec)
+
+
+# -- merged-view helpers for unit tests that drive cowfs.overlay.Overlay directly ---------
+
+
+def node_at(ov: Overlay, path: str) -> Node:
+    node = ov.root
+    for part in filter(None, path.split("/")):
+        node = ov.child(node, part)
+    return node
+
+
+def read(ov: Overlay, path: str) -> bytes:
+    fh = ov.open(node_at(ov, path), os.O_RDONLY)
+    try:
+        return ov.read(fh, 0, 1 << 24)
+    finally:
+        ov.release(fh)
+
+
+def merged(ov: Overlay) -> dict[str, tuple[object, ...]]:
+    """The whole merged view: path -> (kind, permission bits, content or link target)."""
+    out: dict[str, tuple[object, ...]] = {}
+
+    def walk(node: Node, path: str) -> None:
+        for name in sorted(ov.listdir(node)):
+            child = ov.child(node, name)
+            p = f"{path}/{name}" if path else name
+            attr = ov.getattr(child)
+            if stat.S_ISDIR(attr.mode):
+                out[p] = ("d", stat.S_IMODE(attr.mode))
+                walk(child, p)
+            elif stat.S_ISLNK(attr.mode):
+                out[p] = ("l", ov.readlink(child))
+            elif stat.S_ISREG(attr.mode):
+                out[p] = ("f", stat.S_IMODE(attr.mode), read(ov, p))
+            else:
+                out[p] = ("o", attr.mode, attr.rdev)
+
+    walk(ov.root, "")
+    return out
+
+
+def real_tree(root: Path) -> dict[str, tuple[object, ...]]:
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            full = Path(dirpath) / name
+            st = full.lstat()
+            rel = str(full.relative_to(root))
+            if stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", stat.S_IMODE(st.st_mode))
+            elif stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", os.readlink(full))
+            else:
+                out[rel] = ("f", stat.S_IMODE(st.st_mode), full.read_bytes())
+    return dict(sorted(out.items()))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import fingerprint, populate
+from conftest import fingerprint, merged, node_at, populate, read, real_tree
 
 from cowfs import copy_up, namespace
 from cowfs import upper as upper_module
@@ -40,24 +40,9 @@ NOBODY = 65534
 # -- helpers ------------------------------------------------------------------------------
 
 
-def node_at(ov: Overlay, path: str) -> Node:
-    node = ov.root
-    for part in filter(None, path.split("/")):
-        node = ov.child(node, part)
-    return node
-
-
 def split(ov: Overlay, path: str) -> tuple[Node, str]:
     parent, _, name = path.rpartition("/")
     return node_at(ov, parent), name
-
-
-def read(ov: Overlay, path: str) -> bytes:
-    fh = ov.open(node_at(ov, path), os.O_RDONLY)
-    try:
-        return ov.read(fh, 0, 1 << 24)
-    finally:
-        ov.release(fh)
 
 
 def write(ov: Overlay, path: str, data: bytes, offset: int = 0) -> None:
@@ -93,45 +78,6 @@ def rmdir(ov: Overlay, path: str) -> None:
 def mkdir(ov: Overlay, path: str, mode: int = 0o755) -> Node:
     parent, name = split(ov, path)
     return namespace.mkdir(ov, parent, name, mode, 0, 0)
-
-
-def merged(ov: Overlay) -> dict[str, tuple[object, ...]]:
-    """The whole merged view: path -> (kind, permission bits, content or link target)."""
-    out: dict[str, tuple[object, ...]] = {}
-
-    def walk(node: Node, path: str) -> None:
-        for name in sorted(ov.listdir(node)):
-            child = ov.child(node, name)
-            p = f"{path}/{name}" if path else name
-            attr = ov.getattr(child)
-            if stat.S_ISDIR(attr.mode):
-                out[p] = ("d", stat.S_IMODE(attr.mode))
-                walk(child, p)
-            elif stat.S_ISLNK(attr.mode):
-                out[p] = ("l", ov.readlink(child))
-            elif stat.S_ISREG(attr.mode):
-                out[p] = ("f", stat.S_IMODE(attr.mode), read(ov, p))
-            else:
-                out[p] = ("o", attr.mode, attr.rdev)
-
-    walk(ov.root, "")
-    return out
-
-
-def real_tree(root: Path) -> dict[str, tuple[object, ...]]:
-    out: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            full = Path(dirpath) / name
-            st = full.lstat()
-            rel = str(full.relative_to(root))
-            if stat.S_ISDIR(st.st_mode):
-                out[rel] = ("d", stat.S_IMODE(st.st_mode))
-            elif stat.S_ISLNK(st.st_mode):
-                out[rel] = ("l", os.readlink(full))
-            else:
-                out[rel] = ("f", stat.S_IMODE(st.st_mode), full.read_bytes())
-    return dict(sorted(out.items()))
 
 
 @dataclass
