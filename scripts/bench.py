@@ -209,6 +209,7 @@ def measure(ctx: Ctx, args: argparse.Namespace, res: F.Results) -> dict[str, obj
         from benchlib import fuseprof
 
         sections["profile"] = fuseprof.run(ctx, peers["cowfs"], envs.get("native"))
+        sections["profile"]["kernel"] = fuseprof.kernel_view(ctx, peers, envs)
     if args.scale:
         from benchlib import scale
 

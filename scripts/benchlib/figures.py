@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from benchlib.common import (
     Ctx,
@@ -97,6 +98,12 @@ def import_first(ctx: Ctx, res: Results, peers: dict[str, Peer]) -> dict[str, En
         log(f"import-first {i + 1}/{ctx.fresh}: " + ", ".join(
             f"{n}={res.samples['import-first'][n][-1]:.3f}s/"
             f"{res.samples['disk-per-venv'][n][-1]:.1f}MB" for n in peers))
+    # What every venv shares (paid once per machine, not per venv), for context.
+    for what, path in (("cowfs_store_mb", ctx.work / "store"),
+                       ("uv_cache_mb", Path(ctx.env["UV_CACHE_DIR"])),
+                       ("overlay_lower_mb", ctx.work / "lower")):
+        if path.exists():
+            res.note("disk-per-venv", what, round(du_added([path]) / 1e6, 1))
     return main
 
 

@@ -143,3 +143,37 @@ def run(ctx: Ctx, peer: Cowfs, native: Env | None) -> dict[str, Any]:
             common.run(ctx, [*ctx.cowfs, "umount", env.venv], check=False)
             force_umount(env.site, fuse=True)
         peer.close(env)
+
+
+def kernel_view(ctx: Ctx, peers: dict[str, Any], envs: dict[str, Env]) -> dict[str, Any]:
+    """Requests and round trips per operation as the kernel sees them (fuse tracepoints), for
+    every FUSE peer with its normal (uninstrumented) daemon; import-first on a fresh venv."""
+    from benchlib.fusetrace import FuseTrace
+
+    tracer = FuseTrace()
+    why = tracer.available()
+    if why:
+        tracer.close()
+        return {"skipped": why}
+    fuse_peers = [n for n in ("cowfs", "fuse-overlayfs") if n in envs]
+    out: dict[str, Any] = {}
+    tracer.open()
+    try:
+        for name in fuse_peers:
+            env = envs[name]
+            fresh = peers[name].new_env()
+            cmds = {"import-first": (fresh, [str(fresh.python), "-c", ctx.import_cmd]),
+                    "import-warm": (env, [str(env.python), "-c", ctx.import_cmd]),
+                    "walk": (env, ["find", str(env.site), "-type", "f", "-printf", "%s %m\n"]),
+                    "read-all": (env, [ctx.python, "-I", "-S", "-c", READER, str(env.site)])}
+            for op, (e, cmd) in cmds.items():
+                if op != "import-first":
+                    _timed_cmd(ctx, cmd)  # warm
+                with tracer.record([e.site]) as rec:
+                    wall = _timed_cmd(ctx, cmd)
+                rec["wall_s"] = round(wall, 4)
+                out.setdefault(op, {})[name] = rec
+            peers[name].close(fresh)
+    finally:
+        tracer.close()
+    return out

@@ -40,7 +40,8 @@ def build_figures(res: Results, figures: list[str]) -> dict[str, Any]:
         for peer, runs in per_peer.items():
             m = median(runs)
             ratio = m / base if base and not math.isnan(base) and base > 0 else float("nan")
-            doc["peers"][peer] = {"median": _num(m), "runs": [round(r, 6) for r in runs],
+            doc["peers"][peer] = {"median": _num(m), "min": _num(min(runs)),
+                                  "runs": [round(r, 6) for r in runs],
                                   "ratio": _num(ratio)}
         if fig == "install-warm" and "uv-copy" in per_peer:
             uvc = median(per_peer["uv-copy"])

@@ -48,4 +48,18 @@ def _profile(data: dict[str, Any]) -> str:
         lines.append("    " + ", ".join(f"{h} {v['n']} ({v['us']:.0f}us)" for h, v in top))
         for key, value in d.get("notes", {}).items():
             lines.append(f"    {key}: {value}")
+    kernel = data.get("kernel") or {}
+    if kernel.get("skipped"):
+        lines.append(f"  kernel view (fuse tracepoints): skipped: {kernel['skipped']}")
+    elif kernel:
+        lines.append("  kernel view (fuse tracepoints; normal daemons; round trip = what the "
+                     "caller waits per request):")
+        for op, per_peer in kernel.items():
+            for peer, r in per_peer.items():
+                top = ", ".join(f"{o} {v['n']} ({v['us']:.0f}us)"
+                                for o, v in list(r.get("by_op", {}).items())[:6])
+                lines.append(f"    {op:<12} {peer:<15} {r.get('requests', 0):>6} requests, "
+                             f"{r.get('round_trip_us', 0):>6.1f} us mean round trip, "
+                             f"{r.get('waited_s', 0) * 1000:.0f} ms waited of "
+                             f"{r.get('wall_s', 0) * 1000:.0f} ms wall: {top}")
     return "\n".join(lines)
