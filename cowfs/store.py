@@ -68,7 +68,17 @@ def is_digest(name: str) -> bool:
     return _DIGEST.fullmatch(name) is not None
 
 
-def _fsync_dir(path: Path) -> None:
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a file, streamed (wheels and RECORD checks are sha256, not xxhash)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path | str) -> None:
+    """Make a directory's entries (a rename, a new link) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -238,7 +248,7 @@ class Store:
     def sync_objects(self) -> None:
         """Make new object names durable; called before anything that references them."""
         while self._dirty_fanouts:
-            _fsync_dir(self._dirty_fanouts.pop())
+            fsync_dir(self._dirty_fanouts.pop())
 
     def open_object(self, digest: str) -> IO[bytes]:
         return open(self.object_path(digest), "rb")
@@ -268,7 +278,7 @@ class Store:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     # -- gc roots -----------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from cowfs.manifest import (
     write_manifest,
 )
 from cowfs.spec import VenvState
-from cowfs.store import CHUNK, Store
+from cowfs.store import CHUNK, Store, fsync_dir
 from cowfs.upper import RENAME_NOREPLACE, renameat2
 from installer.automount import HOOK_MODULE, HOOK_PTH, write_hook
 from installer.changes import dist_identity, parse_installed_record
@@ -112,7 +112,7 @@ def adopt(path: Path, store: Store) -> AdoptResult:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            _fsync(venv)
+            fsync_dir(venv)
             state.save()
             store.add_root(venv, VenvState.path_for(venv))
         return _finish(state, result)
@@ -126,14 +126,6 @@ def _check_site(venv: Path, site: Path, platlib: Path) -> None:
     if os.path.realpath(platlib) != os.path.realpath(site) and platlib.is_dir() and any(
             platlib.iterdir()):
         raise CowfsError(f"{venv} has a separate platlib {platlib}; not supported by adopt")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _walk(site: Path) -> tuple[dict[str, os.stat_result], list[str]]:
@@ -281,8 +273,8 @@ def _build(venv: Path, site: Path, store: Store, staging: Path, info: Interprete
     digests = {fe.digest for fe in state.extra}
     digests.update(fe.digest for d in result.dists for fe in d.manifest.files)
     for fan in sorted({d[:2] for d in digests}):
-        _fsync(store.objects / fan)
-    _fsync(store.dists)
+        fsync_dir(store.objects / fan)
+    fsync_dir(store.dists)
     return state, result
 
 
@@ -329,7 +321,7 @@ def _copy_dir_stats(site: Path, upper: Path) -> None:
 
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, _ in os.walk(root):
-        _fsync(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def _manifest(site: Path, info_dir: str, rows: list[FileEntry], unknown: list[str],
@@ -386,7 +378,7 @@ def _finish(state: VenvState, result: AdoptResult) -> AdoptResult:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-        _fsync(site)
+        fsync_dir(site)
     (VenvState.state_dir(state.venv) / MARKER).unlink(missing_ok=True)
     result.mounted = ensure_mounted(state)
     return result

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from cowfs import __version__
 from cowfs.errors import CowfsError
+from cowfs.store import fsync_dir, sha256_file
 from installer.resolve import Pin, local_path
 
 CHUNK = 1 << 18
@@ -45,14 +46,6 @@ class _Transient(Exception):
     """A failure worth retrying; the message is reported if retries run out."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _expected(pin: Pin) -> frozenset[str]:
     """The sha256 values the file may have; empty means unchecked."""
     return frozenset((pin.sha256,)) if pin.sha256 else frozenset(pin.hashes)
@@ -61,14 +54,6 @@ def _expected(pin: Pin) -> frozenset[str]:
 def _mismatch(pin: Pin, expected: frozenset[str], actual: str) -> str:
     want = next(iter(expected)) if len(expected) == 1 else f"one of {len(expected)} hashes"
     return f"{pin.filename}: sha256 mismatch (expected {want}, got {actual})"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _size(n: float) -> str:
@@ -175,7 +160,7 @@ def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: thre
             os.fchmod(out.fileno(), 0o644)
             os.fsync(out.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         meter.finished(pin.filename, size)
     finally:
         tmp.unlink(missing_ok=True)
@@ -208,7 +193,7 @@ def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
         if path is not None:
             if not path.is_file():
                 raise CowfsError(f"{pin.filename}: local wheel {path} does not exist")
-            if expected and (digest := _sha256(path)) not in expected:
+            if expected and (digest := sha256_file(path)) not in expected:
                 raise CowfsError(_mismatch(pin, expected, digest) + f" for local file {path}")
             return path
         if not pin.url.startswith(("https://", "http://")):
@@ -216,7 +201,7 @@ def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
         target = dest / pin.filename
         # Same filename, right hash: already fetched. Without a hash, the filename (unique per
         # version and build on an index) is all there is to go on.
-        if target.is_file() and (not expected or _sha256(target) in expected):
+        if target.is_file() and (not expected or sha256_file(target) in expected):
             return target
         _download(pin, target, expected, abort, meter, timeout)
         return target

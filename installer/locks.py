@@ -11,7 +11,6 @@ resolves with pip. Spawning pip costs ~0.5-1 s, reading 31 METADATA files a few 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sys
@@ -31,7 +30,7 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 from packaging.version import Version
 
 from cowfs.errors import CowfsError
-from cowfs.store import Store
+from cowfs.store import Store, sha256_file
 from installer import wheel_index
 from installer.resolve import (
     PIP_TIMEOUT,
@@ -301,14 +300,6 @@ def _read_pylock(path: Path, env: dict[str, Any],
 # -- local wheels --------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class _Wheel:
     path: Path
@@ -350,7 +341,7 @@ def _pick(wheels: Sequence[_Wheel], version: str, rank: Mapping[str, int],
     for *_, wheel in sorted(fits, key=lambda f: f[:3]):
         if not hashes:
             return wheel, None
-        digest = _sha256_file(wheel.path)
+        digest = sha256_file(wheel.path)
         if digest in hashes:
             return wheel, digest
     return None
