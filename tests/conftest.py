@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -205,3 +206,19 @@ def real_tree(root: Path) -> dict[str, tuple[object, ...]]:
             else:
                 out[rel] = ("f", stat.S_IMODE(st.st_mode), full.read_bytes())
     return dict(sorted(out.items()))
+
+
+@pytest.fixture
+def py312(tmp_path: Path) -> Any:
+    """A fake interpreter answering the query protocol as CPython 3.12.9."""
+    from tests.test_interpreters import make_fake
+
+    return make_fake(tmp_path, "3.12.9")
+
+
+@pytest.fixture
+def py39(tmp_path: Path) -> Any:
+    """A fake interpreter answering as CPython 3.9.21 (same size and mtime as py312)."""
+    from tests.test_interpreters import make_fake
+
+    return make_fake(tmp_path, "3.9.21")

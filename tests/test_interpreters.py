@@ -163,16 +163,6 @@ def store(tmp_path: Path) -> Store:
     return Store(tmp_path / "store")
 
 
-@pytest.fixture
-def py312(tmp_path: Path) -> Fake:
-    return make_fake(tmp_path, "3.12.9")
-
-
-@pytest.fixture
-def py39(tmp_path: Path) -> Fake:
-    return make_fake(tmp_path, "3.9.21")
-
-
 # -- the stale-answer failure and its relatives -------------------------------------------
 
 

@@ -21,22 +21,12 @@ from cowfs.store import Store
 from installer import interpreters
 from installer.interpreter_commands import COMMANDS
 from installer.interpreters import query_interpreter
-from tests.test_interpreters import REPO, Fake, make_fake, make_venv
+from tests.test_interpreters import REPO, Fake, make_venv
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(tmp_path / "store")
-
-
-@pytest.fixture
-def py312(tmp_path: Path) -> Fake:
-    return make_fake(tmp_path, "3.12.9")
-
-
-@pytest.fixture
-def py39(tmp_path: Path) -> Fake:
-    return make_fake(tmp_path, "3.9.21")
 
 # -- real interpreters --------------------------------------------------------------------
 
