@@ -144,6 +144,10 @@ def table(figs: dict[str, Any], peers: list[str], rows: list[dict[str, Any]],
     if fw:
         lines.append("import-first vs native import-warm: " + ", ".join(
             f"{p} {v:.2f}x" for p, v in fw.items() if v))
+    for fig, doc in figs.items():
+        extra = {k: v for k, v in doc.get("extra", {}).items() if not isinstance(v, dict)}
+        if extra:
+            lines.append(f"{fig} notes: " + ", ".join(f"{k}={v}" for k, v in extra.items()))
     if trees:
         lines.append("site-packages trees: " + "; ".join(
             f"{p} {t['files']} files/{t['dirs']} dirs/{t['mb']}MB" for p, t in trees.items()))
