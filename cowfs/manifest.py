@@ -112,11 +112,22 @@ def check_relpath(path: Any) -> str:
     if not isinstance(path, str) or not path:
         raise StoreError(f"bad path in manifest: {path!r}")
     framed = f"/{path}/"
+    ascii_ = path.isascii()
     if "//" in framed or "/./" in framed or "/../" in framed or "\\" in path \
-            or "\0" in path or (len(path) > 255 and any(
+            or "\0" in path or (not ascii_ and not _fs_encodable(path)) \
+            or (len(path) > (255 if ascii_ else 63) and any(  # 64 chars: up to 256 bytes
                 len(p.encode("utf-8", "surrogateescape")) > 255 for p in path.split("/"))):
         raise StoreError(f"unsafe path in manifest: {path!r}")
     return path
+
+
+def _fs_encodable(path: str) -> bool:
+    """A lone surrogate other than an escaped byte has no file name (os.fsencode fails)."""
+    try:
+        path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _str(doc: dict[str, Any], key: str, required: bool = True, ident: bool = False) -> str:
@@ -177,7 +188,7 @@ def read_manifest(store: Store, dist_id: str) -> Manifest:
         doc = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise StoreError(f"distribution {dist_id} is not in the store {store.root}") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise StoreError(f"unreadable manifest {path}: {exc}") from None
     manifest = Manifest.from_json(doc)
     if manifest.id != dist_id:
