@@ -73,7 +73,7 @@ class MountSpec:
     def load(cls, path: Path) -> MountSpec:
         try:
             return cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, RecursionError) as exc:
             raise CowfsError(f"unreadable mount description {path}: {exc}") from None
 
     @classmethod
@@ -153,9 +153,11 @@ class VenvState:
             doc = json.loads(path.read_text())
         except FileNotFoundError:
             raise CowfsError(f"{venv} is not a cowfs venv (no {path})") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise CowfsError(f"unreadable venv state {path}: {exc}") from None
         try:
+            if not isinstance(doc, dict):
+                raise TypeError("not a JSON object")
             if doc.get("format") != STATE_FORMAT:
                 raise ValueError(f"unsupported format {doc.get('format')!r}")
             return cls(
