@@ -56,9 +56,16 @@ class Pin:
     hashes: tuple[str, ...] = ()  # sha256 values a lock allows; `sha256` is the chosen file's
 
 
+def _urlparse(url: str) -> Any:
+    try:
+        return urlparse(url)
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL" for http://[::1/x
+        raise CowfsError(f"invalid URL {url!r}: {exc}") from None
+
+
 def local_path(url: str) -> Path | None:
     """The local path a file:// URL or plain path names; None for a remote URL."""
-    parsed = urlparse(url)
+    parsed = _urlparse(url)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             return None
@@ -69,7 +76,7 @@ def local_path(url: str) -> Path | None:
 
 
 def _filename_of(url: str) -> str:
-    return unquote(urlparse(url).path.rsplit("/", 1)[-1])
+    return unquote(_urlparse(url).path.rsplit("/", 1)[-1])
 
 
 # -- running pip ---------------------------------------------------------------------------
