@@ -66,7 +66,10 @@ def copy_xattrs(src: str, dst: str) -> None:
                         follow_symlinks=False)
 
 
-def apply_owner_times(path: str, meta: LowerEntry, fd: int | None = None) -> None:
+def apply_owner_times(path: str, meta: LowerEntry, fd: int | None = None,
+                      upper: Upper | None = None) -> None:
+    """Owner, mode and times of the lower entry; what the upper filesystem cannot hold goes
+    into upper.meta (cowfs.meta: an xattr, which leaves the times alone)."""
     if IS_ROOT:
         if fd is not None:
             os.fchown(fd, meta.uid, meta.gid)
@@ -81,6 +84,9 @@ def apply_owner_times(path: str, meta: LowerEntry, fd: int | None = None) -> Non
         os.utime(path, ns=times)
     else:
         os.utime(path, ns=times, follow_symlinks=False)
+    if upper is not None and upper.meta.active:
+        upper.meta.record(None if fd is not None else path, fd=fd, mode=meta.mode,
+                          uid=meta.uid, gid=meta.gid, times=times)
 
 
 def prepare_file(upper: Upper, meta: LowerEntry, *, with_data: bool) -> str:
@@ -96,7 +102,7 @@ def prepare_file(upper: Upper, meta: LowerEntry, *, with_data: bool) -> str:
             finally:
                 os.close(src)
         copy_xattrs(meta.source, tmp)
-        apply_owner_times(tmp, meta, out)
+        apply_owner_times(tmp, meta, out, upper)
         os.fsync(out)
     except BaseException:
         os.close(out)
@@ -121,7 +127,7 @@ def prepare_other(upper: Upper, meta: LowerEntry, symlink_target: str | None) ->
     try:
         if meta.source is not None:
             copy_xattrs(meta.source, tmp)
-        apply_owner_times(tmp, meta)
+        apply_owner_times(tmp, meta, upper=upper)
     except BaseException:
         with contextlib.suppress(OSError):
             os.rmdir(tmp) if kind == stat.S_IFDIR else os.unlink(tmp)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from cowfs.inode import Node
 from cowfs.lower import join
 from cowfs.overlay import STRIP_OPEN, Overlay, oserror
-from cowfs.upper import IS_ROOT, RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from cowfs.upper import IS_ROOT, RENAME_EXCHANGE, RENAME_NOREPLACE
 
 
 def _owner(ov: Overlay, parent: Node, uid: int, gid: int, mode: int) -> tuple[int, int, int]:
@@ -79,6 +79,8 @@ def create(ov: Overlay, parent: Node, name: str, mode: int, flags: int, uid: int
         if IS_ROOT:
             os.fchown(fd, uid, gid)
         os.fchmod(fd, stat.S_IMODE(mode))
+        if ov.upper.meta.active:
+            ov.upper.meta.record(None, fd=fd, mode=mode, uid=uid, gid=gid)
 
     try:
         _place(ov, parent, name, make)
@@ -103,7 +105,10 @@ def mkdir(ov: Overlay, parent: Node, name: str, mode: int, uid: int, gid: int) -
 
     # The mode last: an unprivileged daemon could not move a 0555 directory out of the
     # work dir (rename rewrites its "..") nor mark it opaque.
-    os.chmod(ov.upper.path(_place(ov, parent, name, make)), stat.S_IMODE(mode))
+    target = ov.upper.path(_place(ov, parent, name, make))
+    os.chmod(target, stat.S_IMODE(mode))
+    if ov.upper.meta.active:
+        ov.upper.meta.record(target, mode=mode, uid=uid, gid=gid)
     return _new_node(ov, parent, name, is_dir=True)
 
 
@@ -116,7 +121,9 @@ def mknod(ov: Overlay, parent: Node, name: str, mode: int, rdev: int, uid: int,
         _chown(target, uid, gid)
         os.chmod(target, stat.S_IMODE(mode))
 
-    _place(ov, parent, name, make)
+    path = _place(ov, parent, name, make)
+    if ov.upper.meta.active:  # in its final directory: a side record lives in the parent
+        ov.upper.meta.record(ov.upper.path(path), mode=mode, uid=uid, gid=gid)
     return _new_node(ov, parent, name, is_dir=False)
 
 
@@ -128,7 +135,9 @@ def symlink(ov: Overlay, parent: Node, name: str, target_path: str, uid: int,
         os.symlink(target_path, target)
         _chown(target, uid, gid)
 
-    _place(ov, parent, name, make)
+    path = _place(ov, parent, name, make)
+    if ov.upper.meta.active:
+        ov.upper.meta.record(ov.upper.path(path), mode=0o777, uid=uid, gid=gid)
     return _new_node(ov, parent, name, is_dir=False)
 
 
@@ -137,7 +146,9 @@ def link(ov: Overlay, node: Node, parent: Node, name: str) -> Node:
         raise oserror(errno.EPERM)
     ov.copy_up(node)
     source = ov.upper.path(ov.path(node))
-    _place(ov, parent, name, lambda target, _: os.link(source, target))
+    path = _place(ov, parent, name, lambda target, _: os.link(source, target))
+    if ov.upper.meta.active:
+        ov.upper.meta.linked(source, ov.upper.path(path))
     st = os.lstat(source)
     ov.table.by_upper_id[(st.st_dev, st.st_ino)] = node
     ov.table.add_link(node, parent, name)
@@ -156,11 +167,15 @@ def _remove(ov: Overlay, parent: Node, name: str, want_dir: bool) -> None:
     attr = ov.getattr(node)
     path = join(ov.path(parent), name)
     needs_whiteout = ov.lower_visible(parent, path)
-    if node.upper and is_dir:
-        ov.upper.clear_markers(path)
+    if node.upper and not is_dir and ov.upper.meta.active:
+        ov.upper.meta.forget(ov.upper.path(path))
     if node.upper and needs_whiteout:
+        # Whiteouts inside a directory go with it (atomically): clearing them first would
+        # let its lower content show through if we crashed before the whiteout is in place.
         ov.upper.replace_with_whiteout(path, is_dir)
     elif node.upper:
+        if is_dir:
+            ov.upper.clear_markers(path)  # nothing below to hide: only leftovers
         (os.rmdir if is_dir else os.unlink)(ov.upper.path(path))
     elif needs_whiteout:
         ov.copy_up(parent)
@@ -225,15 +240,19 @@ def rename(ov: Overlay, parent: Node, name: str, new_parent: Node, new_name: str
     dst_upper = ov.upper.path(dst_path)
     st = ov.upper.lstat(dst_path)
     if st is not None and stat.S_ISDIR(st.st_mode):
+        if ov.upper.xattrs and dst is not None and dst.lower is not None:
+            ov.upper.make_opaque(dst_path)  # a crash before the rename must not expose it
         ov.upper.clear_markers(dst_path)  # merged-empty: only whiteouts may be left in it
     elif st is not None and src_dir:
         os.unlink(dst_upper)  # a whiteout file; the renamed dir is opaque already
     elif st is None:
         ov.upper.remove_whiteout(dst_path)  # prefix-format marker, if any
+    elif ov.upper.meta.active:
+        ov.upper.meta.forget(dst_upper)  # replaced: its side record, if any, goes
     if src_whiteout:
         ov.upper.rename_leaving_whiteout(src_path, dst_path)
     else:
-        os.rename(ov.upper.path(src_path), dst_upper)
+        ov.upper.rename(src_path, dst_path)
     ov.upper.fsync_dir(ov.path(parent))
     if new_parent is not parent:
         ov.upper.fsync_dir(ov.path(new_parent))
@@ -248,8 +267,7 @@ def _exchange(ov: Overlay, a: Node, a_parent: Node, a_name: str, b: Node, b_pare
         return
     _materialise(ov, a)
     _materialise(ov, b)
-    renameat2(ov.upper.path(join(ov.path(a_parent), a_name)),
-              ov.upper.path(join(ov.path(b_parent), b_name)), RENAME_EXCHANGE)
+    ov.upper.exchange(join(ov.path(a_parent), a_name), join(ov.path(b_parent), b_name))
     ov.table.move(a, a_parent, a_name, b_parent, b_name)
     ov.table.move(b, b_parent, b_name, a_parent, a_name)
     assert b_parent.children is not None

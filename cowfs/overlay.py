@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from cowfs import copy_up
 from cowfs.inode import Node, NodeTable
 from cowfs.lower import Lower, LowerEntry, join
+from cowfs.meta import ACL_ACCESS, mode_from_acl
 from cowfs.upper import Upper, is_private_xattr
 
 # Flags that only make sense for the caller's open, not for the daemon's backing fd.
@@ -159,7 +160,8 @@ class Overlay:
         except FileNotFoundError:
             return self._detached_attr(node)
         if node.upper:
-            attr = _attr_from_stat(os.lstat(self.upper.path(path)))
+            upath = self.upper.path(path)
+            attr = self._upper_attr(upath, os.lstat(upath))
             if node.children is not None:
                 attr.nlink = 2 + self._subdir_count(node)
             return attr
@@ -168,11 +170,18 @@ class Overlay:
             return _attr_from_lower(node.lower, 2 + self.lower.subdir_count(path))
         return _attr_from_lower(node.lower, 1)
 
+    def _upper_attr(self, path: str | None, st: os.stat_result, fd: int | None = None) -> Attr:
+        attr = _attr_from_stat(st)
+        if self.upper.meta.active:
+            attr.mode, attr.uid, attr.gid, attr.atime_ns, attr.mtime_ns = \
+                self.upper.meta.attr(path, st, fd)
+        return attr
+
     def _detached_attr(self, node: Node) -> Attr:
         """A node whose last name is gone but which is still open or someone's cwd."""
         fd = self._any_fd(node) if node.upper else None
         if fd is not None:
-            attr = _attr_from_stat(os.fstat(fd))  # may still be written to
+            attr = self._upper_attr(None, os.fstat(fd), fd)  # may still be written to
         elif node.gone is not None:
             attr = replace(node.gone)
         elif node.lower is not None:
@@ -363,15 +372,22 @@ class Overlay:
         if uid is not None or gid is not None:
             os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid,
                      **({"follow_symlinks": False} if isinstance(target, str) else {}))
+        times = None
         if atime_ns is not None or mtime_ns is not None:
-            st = os.stat(target, follow_symlinks=False) if isinstance(target, str) \
-                else os.fstat(target)
-            times = (st.st_atime_ns if atime_ns is None else atime_ns,
-                     st.st_mtime_ns if mtime_ns is None else mtime_ns)
+            cur = self.getattr(node)  # as shown: the upper may keep only coarser times
+            times = (cur.atime_ns if atime_ns is None else atime_ns,
+                     cur.mtime_ns if mtime_ns is None else mtime_ns)
             if isinstance(target, str):
                 os.utime(target, ns=times, follow_symlinks=False)
             else:
                 os.utime(target, ns=times)
+        if self.upper.meta.active and (mode is not None or uid is not None or
+                                       gid is not None or times is not None):
+            # What the upper filesystem dropped (ntfs-3g: modes, owners, 100 ns times).
+            self.upper.meta.record(
+                target if isinstance(target, str) else None,
+                fd=target if isinstance(target, int) else None,
+                mode=None if is_link else mode, uid=uid, gid=gid, times=times)
         return self.getattr(node)
 
     # -- xattrs -------------------------------------------------------------------------
@@ -398,8 +414,14 @@ class Overlay:
         if is_private_xattr(name):
             raise oserror(errno.EPERM)  # overlay markers cannot be forged through the mount
         self.copy_up(node)
-        os.setxattr(self.upper.path(self.path(node)), name, value, flags,
-                    follow_symlinks=False)
+        path = self.upper.path(self.path(node))
+        os.setxattr(path, name, value, flags, follow_symlinks=False)
+        if name == ACL_ACCESS and self.upper.meta.keep_modes:
+            # A mode set as an ACL (cp -p, sed -i): the upper filesystem ignored it.
+            perms = mode_from_acl(value)
+            if perms is not None:
+                cur = self.getattr(node).mode
+                self.upper.meta.record(path, mode=(cur & 0o7000) | perms)
 
     def removexattr(self, node: Node, name: str) -> None:
         if is_private_xattr(name):

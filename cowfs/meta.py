@@ -1,0 +1,353 @@
+"""Metadata the upper filesystem cannot hold itself, kept by cowfs next to the entry.
+
+The overlay shows POSIX modes, owners and nanosecond times for every entry. Some upper
+filesystems drop them: NTFS through ntfs-3g reports every file as 0777 owned by the mounting
+user (chmod and chown succeed and change nothing) and keeps times at 100 ns. When the probe
+(cowfs.fscaps, once per upper filesystem at mount) finds that, and the filesystem has user
+xattrs, cowfs keeps the metadata itself:
+
+* regular files and directories: in the xattr `user.cowfs.meta` of the entry (it moves
+  with the inode through renames and hard links);
+* symlinks, fifos, devices and sockets, which Linux allows no user xattrs: in the xattr
+  `user.cowfs.meta.<inode number>` of the parent directory (moved along on renames).
+
+A record is `1 <st_mode octal> <uid|-> <gid|-> [<atime> <mtime> <fs mtime>]`: the type in
+st_mode guards against a reused inode number; uid/gid `-` means "whatever the filesystem
+says" (an unprivileged daemon cannot give files away anyway). Times are kept when the
+filesystem's resolution is coarser than a nanosecond: they apply while the file's real
+mtime is still the one the filesystem stored for them, so a later write shows its own time.
+
+The overlay applies records in getattr, which also feeds the kernel's default_permissions
+checks. `user.cowfs.*` is private: never listed, copied or settable through a mount.
+
+On a filesystem with POSIX modes, owners and ns times nothing is recorded (NativeMeta), so
+ext4, xfs, btrfs and tmpfs pay nothing. A filesystem with neither user xattrs nor modes
+cannot hold an upper layer: `refusal` names what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass
+
+from cowfs.fscaps import Capabilities, probe
+
+META_XATTR = "user.cowfs.meta"
+_SIDE_PREFIX = META_XATTR + "."
+IS_ROOT = os.geteuid() == 0
+_NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOENT)
+
+_caps_by_dev: dict[tuple[int, str], Capabilities] = {}
+_exchange_by_dev: dict[tuple[int, str], bool] = {}
+
+
+def _fs_key(directory: str) -> tuple[int, str]:
+    """Identifies one mounted filesystem: its device number plus the ids of the mounts of
+    that device (a loop or FUSE device number is reused by the next mount)."""
+    dev = os.stat(directory).st_dev
+    majmin = f"{os.major(dev)}:{os.minor(dev)}"
+    ids = []
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(maxsplit=3)
+            if len(fields) > 2 and fields[2] == majmin:
+                ids.append(fields[0])
+    return dev, ",".join(ids)
+
+
+def caps_for(directory: str) -> Capabilities:
+    """Probe the filesystem holding directory (writable) once per process and filesystem."""
+    key = _fs_key(directory)
+    caps = _caps_by_dev.get(key)
+    if caps is None:
+        caps = _caps_by_dev[key] = probe(directory)
+    return caps
+
+
+def can_exchange(directory: str) -> bool:
+    """Does the filesystem holding directory do renameat2(RENAME_EXCHANGE)? ntfs-3g does
+    not (EINVAL): cowfs then falls back to journalled two-step renames (cowfs.upper)."""
+    from cowfs.upper import RENAME_EXCHANGE, renameat2
+
+    dev = _fs_key(directory)
+    if dev not in _exchange_by_dev:
+        scratch = tempfile.mkdtemp(prefix=".cowfs-probe-", dir=directory)
+        try:
+            a, b = os.path.join(scratch, "a"), os.path.join(scratch, "b")
+            os.close(os.open(a, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.mkdir(b)
+            try:
+                renameat2(a, b, RENAME_EXCHANGE)
+                _exchange_by_dev[dev] = True
+            except OSError:
+                _exchange_by_dev[dev] = False
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return _exchange_by_dev[dev]
+
+
+def refusal(caps: Capabilities, where: str) -> str | None:
+    """One sentence why an upper layer cannot live at where, or None when it can."""
+    missing = caps.missing_for_upper()
+    if not missing:
+        return None
+    return (f"the {caps.fstype} filesystem at {where} cannot hold a cowfs upper layer: it "
+            f"lacks {' and '.join(missing)}")
+
+
+@dataclass(frozen=True)
+class Record:
+    mode: int  # full st_mode (type and permission bits)
+    uid: int | None = None
+    gid: int | None = None
+    times: tuple[int, int, int] | None = None  # atime, mtime, the filesystem's mtime
+
+    def encode(self) -> bytes:
+        parts = ["1", f"{self.mode:o}", "-" if self.uid is None else str(self.uid),
+                 "-" if self.gid is None else str(self.gid)]
+        if self.times is not None:
+            parts += [str(t) for t in self.times]
+        return " ".join(parts).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> Record | None:
+        if not raw:
+            return None
+        try:
+            parts = raw.decode().split()
+            if parts[0] != "1" or len(parts) not in (4, 7):
+                return None
+            uid = None if parts[2] == "-" else int(parts[2])
+            gid = None if parts[3] == "-" else int(parts[3])
+            times = tuple(int(p) for p in parts[4:]) if len(parts) == 7 else None
+            return cls(int(parts[1], 8), uid, gid, times)  # type: ignore[arg-type]
+        except (ValueError, UnicodeDecodeError, IndexError):
+            return None
+
+
+ACL_ACCESS = "system.posix_acl_access"
+_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x04, 0x10, 0x20
+
+
+def mode_from_acl(data: bytes) -> int | None:
+    """The permission bits a POSIX access ACL (the xattr form) implies: how coreutils, sed
+    and libacl set modes (fsetxattr instead of fchmod). None when it is not one."""
+    if len(data) < 4 or (len(data) - 4) % 8 or int.from_bytes(data[:4], "little") != 2:
+        return None
+    perms: dict[int, int] = {}
+    for off in range(4, len(data), 8):
+        tag = int.from_bytes(data[off:off + 2], "little")
+        perms[tag] = int.from_bytes(data[off + 2:off + 4], "little") & 7
+    if _ACL_USER_OBJ not in perms or _ACL_OTHER not in perms:
+        return None
+    group = perms.get(_ACL_MASK, perms.get(_ACL_GROUP_OBJ, 0))
+    return perms[_ACL_USER_OBJ] << 6 | group << 3 | perms[_ACL_OTHER]
+
+
+def describe(caps: Capabilities) -> str:
+    """A compact one-line summary of a filesystem's probed capabilities."""
+    have = [name for name, ok in (("user-xattrs", caps.user_xattrs), ("modes", caps.modes),
+                                  ("owners", caps.owners), ("symlinks", caps.symlinks),
+                                  ("hardlinks", caps.hardlinks), ("reflink", caps.reflink),
+                                  ("copy_file_range", caps.copy_file_range)) if ok]
+    lacks = [name for name, ok in (("user-xattrs", caps.user_xattrs), ("modes", caps.modes),
+                                   ("owners", caps.owners or not IS_ROOT),
+                                   ("symlinks", caps.symlinks),
+                                   ("hardlinks", caps.hardlinks), ("reflink", caps.reflink))
+             if not ok]
+    res = caps.timestamp_ns
+    times = "1ns" if res == 1 else f"{res}ns" if res < 10**9 else "1s"
+    line = f"{caps.fstype}: {' '.join(have)}, times {times}"
+    if lacks:
+        line += f"; no {', '.join(lacks)}"
+    return line
+
+
+class NativeMeta:
+    """The upper filesystem holds everything itself: nothing to record or apply."""
+
+    active = False
+    keeps: tuple[str, ...] = ()
+    keep_modes = keep_owners = keep_times = False
+
+    def __init__(self, caps: Capabilities | None = None) -> None:
+        self.caps = caps
+
+    @property
+    def strategy(self) -> str:
+        return "native"
+
+    def attr(self, path: str | None, st: os.stat_result,
+             fd: int | None = None) -> tuple[int, int, int, int, int]:
+        return st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns
+
+    def record(self, path: str | None, *, fd: int | None = None, mode: int | None = None,
+               uid: int | None = None, gid: int | None = None,
+               times: tuple[int, int] | None = None) -> None:
+        return None
+
+    def moved(self, old: str, new: str) -> None:
+        return None
+
+    def linked(self, src: str, new: str) -> None:
+        return None
+
+    def forget(self, path: str) -> None:
+        return None
+
+    def ensure_root(self, path: str, mode: int) -> None:
+        return None
+
+
+class XattrMeta(NativeMeta):
+    """Modes, owners and exact times in `user.cowfs.meta` (see the module docstring)."""
+
+    active = True
+
+    def __init__(self, caps: Capabilities, modes: bool, owners: bool, times: bool) -> None:
+        super().__init__(caps)
+        self.keep_modes, self.keep_owners, self.keep_times = modes, owners, times
+        self.keeps = tuple(n for n, k in (("modes", modes), ("owners", owners),
+                                          ("times", times)) if k)
+
+    @property
+    def strategy(self) -> str:
+        return f"xattr {META_XATTR} ({', '.join(self.keeps)})"
+
+    # -- where a record lives ---------------------------------------------------------------
+
+    @staticmethod
+    def _side(path: str, st: os.stat_result) -> tuple[str, str]:
+        return os.path.dirname(path) or ".", f"{_SIDE_PREFIX}{st.st_ino}"
+
+    @staticmethod
+    def _inline(st: os.stat_result) -> bool:
+        return stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+
+    def _read(self, path: str | None, st: os.stat_result, fd: int | None) -> Record | None:
+        try:
+            if fd is not None and self._inline(st):
+                raw = os.getxattr(fd, META_XATTR)
+            elif path is None:
+                return None
+            elif self._inline(st):
+                raw = os.getxattr(path, META_XATTR, follow_symlinks=False)
+            else:
+                raw = os.getxattr(*self._side(path, st))
+        except OSError as exc:
+            if exc.errno in _NO_XATTR:
+                return None
+            raise
+        rec = Record.decode(raw)
+        if rec is None or stat.S_IFMT(rec.mode) != stat.S_IFMT(st.st_mode):
+            return None  # foreign, corrupt, or a reused inode number
+        return rec
+
+    def _write(self, path: str | None, st: os.stat_result, fd: int | None,
+               rec: Record) -> None:
+        data = rec.encode()
+        if fd is not None and self._inline(st):
+            os.setxattr(fd, META_XATTR, data)
+        elif self._inline(st):
+            assert path is not None
+            os.setxattr(path, META_XATTR, data, follow_symlinks=False)
+        else:
+            assert path is not None
+            os.setxattr(*self._side(path, st), data)
+
+    # -- the interface ------------------------------------------------------------------------
+
+    def attr(self, path: str | None, st: os.stat_result,
+             fd: int | None = None) -> tuple[int, int, int, int, int]:
+        rec = self._read(path, st, fd)
+        mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
+        atime, mtime = st.st_atime_ns, st.st_mtime_ns
+        if rec is None:
+            return mode, uid, gid, atime, mtime
+        if self.keep_modes:
+            mode = stat.S_IFMT(st.st_mode) | stat.S_IMODE(rec.mode)
+        if rec.uid is not None:
+            uid = rec.uid
+        if rec.gid is not None:
+            gid = rec.gid
+        if rec.times is not None and rec.times[2] == st.st_mtime_ns:
+            atime, mtime = rec.times[0], rec.times[1]  # not written to since they were set
+        return mode, uid, gid, atime, mtime
+
+    def record(self, path: str | None, *, fd: int | None = None, mode: int | None = None,
+               uid: int | None = None, gid: int | None = None,
+               times: tuple[int, int] | None = None) -> None:
+        """Merge the given fields into the entry's record (call after the real chmod, chown
+        or utime, so the filesystem's own values are current)."""
+        st = os.fstat(fd) if fd is not None else os.lstat(path)  # type: ignore[arg-type]
+        existing = self._read(path, st, fd)
+        old = existing or Record(st.st_mode)
+        new_mode = old.mode if mode is None else stat.S_IFMT(st.st_mode) | stat.S_IMODE(mode)
+        keep_ids = self.keep_owners and IS_ROOT
+        new_uid = uid if uid is not None and keep_ids else old.uid
+        new_gid = gid if gid is not None and keep_ids else old.gid
+        new_times = old.times
+        if times is not None:
+            new_times = (times[0], times[1], st.st_mtime_ns) if self.keep_times else None
+        rec = Record(new_mode, new_uid, new_gid, new_times)
+        if rec != existing:
+            self._write(path, st, fd, rec)
+
+    def moved(self, old: str, new: str) -> None:
+        """After rename(old, new): a side record follows its entry to the new parent."""
+        st = os.lstat(new)
+        if self._inline(st) or os.path.dirname(old) == os.path.dirname(new):
+            return
+        src_dir, name = self._side(old, st)
+        try:
+            raw = os.getxattr(src_dir, name)
+        except OSError as exc:
+            if exc.errno in _NO_XATTR:
+                return
+            raise
+        os.setxattr(self._side(new, st)[0], name, raw)
+        with contextlib.suppress(OSError):
+            os.removexattr(src_dir, name)
+
+    def linked(self, src: str, new: str) -> None:
+        """After link(src, new): a side record is copied to the new name's parent."""
+        st = os.lstat(new)
+        if self._inline(st) or os.path.dirname(src) == os.path.dirname(new):
+            return
+        rec = self._read(src, st, None)
+        if rec is not None:
+            self._write(new, st, None, rec)
+
+    def forget(self, path: str) -> None:
+        """Before unlinking the last name of a special file: drop its side record."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        if self._inline(st) or st.st_nlink > 1:
+            return
+        with contextlib.suppress(OSError):
+            os.removexattr(*self._side(path, st))
+
+    def ensure_root(self, path: str, mode: int) -> None:
+        """The upper root was made by mkdir, outside the overlay: give it a sane mode."""
+        st = os.lstat(path)
+        if self._read(path, st, None) is None:
+            self._write(path, st, None, Record(stat.S_IFDIR | mode))
+
+
+def for_caps(caps: Capabilities) -> NativeMeta:
+    """Choose how an upper layer on a filesystem with these capabilities keeps metadata."""
+    modes = not caps.modes
+    owners = IS_ROOT and not caps.owners
+    times = caps.timestamp_ns > 1
+    if not (modes or owners or times) or not caps.user_xattrs:
+        # Nothing missing, or nowhere to keep it: without xattrs a filesystem must have
+        # modes (Capabilities.missing_for_upper), and owners/times degrade gracefully.
+        return NativeMeta(caps)
+    return XattrMeta(caps, modes, owners, times)
