@@ -11,6 +11,7 @@ import mmap
 import os
 import signal
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -402,3 +403,53 @@ def test_namespace_changes_during_a_threaded_copy_up(tmp_path: Path,
     drop_kernel_caches()
     assert (m.upper / "e" / "big.bin").read_bytes() == b"HEAD" + data[4:]
     assert os.listdir(m.work) == []
+
+
+class Inotify:
+    """Just enough inotify (ctypes) to see whether anything wrote to a watched tree."""
+
+    WRITE_EVENTS = 0x2 | 0x4 | 0x8 | 0x100 | 0x200 | 0x40 | 0x80 | 0x400 | 0x800
+    # IN_MODIFY IN_ATTRIB IN_CLOSE_WRITE IN_CREATE IN_DELETE IN_MOVED_FROM/TO IN_DELETE_SELF
+    # IN_MOVE_SELF: a file opened for writing shows up as IN_CLOSE_WRITE even if untouched.
+
+    def __init__(self, root: Path) -> None:
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0
+        for dirpath, _, files in os.walk(root):
+            for p in [dirpath, *(os.path.join(dirpath, f) for f in files)]:
+                assert self._libc.inotify_add_watch(self.fd, os.fsencode(p),
+                                                    self.WRITE_EVENTS) >= 0, p
+
+    def events(self) -> list[tuple[int, int]]:
+        out = []
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return out
+        off = 0
+        while off < len(data):
+            wd, mask, _, length = struct.unpack_from("iIII", data, off)
+            out.append((wd, mask))
+            off += 16 + length
+        return out
+
+
+def test_lower_files_are_never_opened_for_writing(lower: Path, overlay_mount: Any) -> None:
+    watch = Inotify(lower)
+    m = overlay_mount(lower)
+    with open(m.mnt / "pkg" / "main.py", "r+b"):
+        pass  # opened for writing, nothing written: must not reach the lower either
+    (m.mnt / "top.txt").write_text("changed\n")
+    os.truncate(m.mnt / "tool.sh", 3)
+    os.chmod(m.mnt / "pkg" / "__init__.py", 0o600)
+    os.setxattr(m.mnt / "pkg" / "sub" / "data.bin", "user.x", b"1")
+    os.utime(m.mnt / "pkg" / "link", ns=(5, 5), follow_symlinks=False)
+    os.rename(m.mnt / "pkg", m.mnt / "lib")
+    os.unlink(m.mnt / NAME_255)
+    os.rmdir(m.mnt / "lib" / "empty")
+    (m.mnt / "lib" / "sub" / "data.bin").read_bytes()
+    assert watch.events() == [], "something opened a lower file or dir for writing"
+    os.close(watch.fd)
