@@ -118,14 +118,14 @@ def mount(spec: MountSpec, foreground: bool = False) -> str:
         detach_stale(mp)  # the daemon died: "Transport endpoint is not connected"
     if not os.path.isdir(mp):
         raise CowfsError(f"mount point {mp} is not a directory")
+    for d in spec.lowerdirs:  # before anything is created: a refused mount changes nothing
+        if not os.path.isdir(d):
+            raise CowfsError(f"lowerdir {d} is not a directory")
     for d, what in ((spec.upper, "upperdir"), (spec.work, "workdir")):
         try:
             os.makedirs(d, exist_ok=True)
         except OSError as exc:
             raise CowfsError(f"cannot create {what} {d}: {exc.strerror}") from None
-    for d in spec.lowerdirs:
-        if not os.path.isdir(d):
-            raise CowfsError(f"lowerdir {d} is not a directory")
     spec_file = spec.save()
     if foreground:
         from cowfs.daemon import run
