@@ -26,6 +26,29 @@ def _state(venv_opt: str | None) -> VenvState:
     return VenvState.load(find_venv(venv_opt))
 
 
+def _filesystem(directory: Path) -> dict[str, object] | None:
+    """Probed capabilities of the filesystem holding directory (a scratch dir is made in
+    it, so never the live upper itself) and how cowfs copes there; None if not probeable."""
+    from cowfs import meta
+
+    try:
+        caps = meta.caps_for(str(directory))
+        exchange = meta.can_exchange(str(directory))
+    except OSError:
+        return None
+    why = meta.refusal(caps, str(directory))
+    return {**caps.to_json(), "rename_exchange": exchange,
+            "metadata": meta.for_caps(caps).strategy if why is None else None,
+            "refused": why, "summary": meta.describe(caps)}
+
+
+def _fs_line(label: str, fs: dict[str, object] | None) -> str:
+    if fs is None:
+        return f"{label:<13}(not probed: not writable)"
+    how = f"refused: {fs['refused']}" if fs["refused"] else f"metadata {fs['metadata']}"
+    return f"{label:<13}{fs['summary']}; {how}"
+
+
 def _size(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -60,13 +83,19 @@ def status_cmd(venv_opt: str | None, as_json: bool) -> None:
     started = time.perf_counter()
     report = changes.scan(state)
     seconds = time.perf_counter() - started
+    # Probed in the work dir: same filesystem as the upper, invisible in the mount.
+    work = state.work if state.work.is_dir() else VenvState.state_dir(state.venv)
+    fs = _filesystem(work)
     if as_json:
-        click.echo(json.dumps({**report.to_json(), "seconds": round(seconds, 4)}, indent=1))
+        click.echo(json.dumps({**report.to_json(), "upper_filesystem": fs,
+                               "seconds": round(seconds, 4)}, indent=1))
         return
     if not report.changes:
-        click.echo(f"{state.venv}: no private changes (site-packages is pristine)")
+        click.echo(f"{state.venv}: no private changes (site-packages is pristine); "
+                   f"upper fs {_fs_line('', fs).strip()}")
         return
     click.echo(f"{state.venv}: {_summary(report)} (private layer {state.upper})")
+    click.echo(_fs_line("upper fs", fs))
     for dist, items in report.groups():
         title = dist.label if dist else "no distribution"
         click.echo(click.style(title, bold=True))
@@ -292,9 +321,17 @@ def du_cmd(as_json: bool) -> None:
 @store_group.command("info")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info_cmd(as_json: bool) -> None:
-    """Where the store is, what it holds, and which venvs keep it alive."""
-    u = gc.usage(Store())
-    click.echo(json.dumps(u, indent=1) if as_json else "\n".join(_usage_lines(u, True)))
+    """Where the store is, what it holds, which venvs keep it alive, and what its
+    filesystem can do."""
+    store = Store()
+    u = gc.usage(store)
+    fs = _filesystem(store.tmp) if store.tmp.is_dir() else None
+    if as_json:
+        click.echo(json.dumps({**u, "filesystem": fs}, indent=1))
+        return
+    lines = _usage_lines(u, True)
+    lines.insert(1, _fs_line("filesystem", fs))
+    click.echo("\n".join(lines))
 
 
 # -- adopt ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ real site-packages, records the venv state, registers a gc root in the store and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -56,6 +57,7 @@ def create_venv(path: Path, python: str | None, store: Store) -> tuple[VenvState
     if venv.exists() and (not venv.is_dir() or any(venv.iterdir())):
         raise CowfsError(f"{venv} exists and is not an empty directory")
     base = query_interpreter(python or "python3", store)
+    _check_filesystem(venv)
     _run_venv(base, venv)
     info = query_interpreter(venv_python(venv), store)
     site = Path(info.paths["purelib"])
@@ -68,6 +70,24 @@ def create_venv(path: Path, python: str | None, store: Store) -> tuple[VenvState
     store.ensure()
     store.add_root(venv, VenvState.path_for(venv))
     return state, ensure_mounted(state)
+
+
+def _check_filesystem(venv: Path) -> None:
+    """Refuse, in one sentence and before anything is made, a filesystem that cannot hold
+    the venv's upper layer (cowfs.meta: neither user xattrs nor POSIX modes)."""
+    from cowfs import meta
+
+    made = [p for p in (venv, *venv.parents) if not p.exists()]
+    venv.mkdir(parents=True, exist_ok=True)
+    try:
+        why = meta.refusal(meta.caps_for(str(venv)), str(venv))
+    except OSError as exc:
+        why = f"cannot probe the filesystem at {venv}: {exc.strerror}"
+    if why is not None:
+        for p in made:  # innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise CowfsError(why)
 
 
 def _run_venv(base: InterpreterInfo, venv: Path) -> None:
