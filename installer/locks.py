@@ -100,7 +100,7 @@ def _read_requirement_file(path: Path, markers: Markers, depth: int = 0) -> list
         raise CowfsError(f"{path}: -r nesting too deep (a cycle?)")
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: undecodable, or a NUL in `-r` path
         raise CowfsError(f"cannot read requirements file {path}: {exc}") from None
     out: list[_Line] = []
     for number, line in _logical_lines(text):
