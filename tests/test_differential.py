@@ -36,7 +36,7 @@ from hypothesis.stateful import (
 from cowfs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 settings.register_profile(
-    "cowfs-diff-ci", max_examples=14, stateful_step_count=45, deadline=None,
+    "cowfs-diff-ci", max_examples=12, stateful_step_count=40, deadline=None,
     derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 settings.register_profile(
     "cowfs-diff-thorough", max_examples=300, stateful_step_count=120, deadline=None,
