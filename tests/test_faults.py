@@ -1,0 +1,393 @@
+"""Faults: kill -9 of the daemon (during fsynced writes, during a big copy-up), an upper layer
+on a full filesystem, a store on a read-only filesystem, concurrent installs racing a gc.
+
+Each test states what must survive: fsynced data, the store objects (bytes, mode, mtime,
+nlink), a view without half-copied files, and a mount that `cowfs.mount.mount()` recovers.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import fingerprint, force_unmount
+
+from cowfs import control
+from cowfs import mount as mounting
+from cowfs.spec import MountSpec, VenvState
+from cowfs.store import Store
+from tests.wheelbuild import build
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from wheelcache import ensure_wheels  # noqa: E402
+
+PKG = "pycowsay==0.0.0.2"
+TMP_NAME = re.compile(r"[0-9a-f]{32}")
+DEAD = (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+
+
+def cowfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "cowfs", *args], capture_output=True,
+                          text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cowfs {' '.join(args)} failed: {proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def wheels() -> Path:
+    try:
+        return ensure_wheels([PKG])
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"real wheels unavailable offline: {exc}")
+
+
+@pytest.fixture
+def make_venv() -> Iterator[Callable[[Path], Path]]:
+    made: list[Path] = []
+
+    def make(path: Path) -> Path:
+        made.append(path)
+        cowfs("venv", str(path))
+        return path
+
+    try:
+        yield make
+    finally:
+        for venv in made:
+            if VenvState.path_for(venv).exists():
+                force_unmount(str(VenvState.load(venv).site_packages))
+
+
+def objects(store: Store) -> dict[str, tuple[str, int, int, int]]:
+    out = {}
+    for digest, path in store.iter_objects():
+        st = path.stat()
+        out[digest] = (hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mode,
+                       st.st_mtime_ns, st.st_nlink)
+    return out
+
+
+def daemon_pid(spec: MountSpec) -> int:
+    return int(control.request(spec.socket, "status")["pid"])
+
+
+def wait_stale(mp: Path) -> None:
+    deadline = time.monotonic() + 10
+    while mounting.mount_state(str(mp)) != "stale" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert mounting.mount_state(str(mp)) == "stale"
+
+
+# -- kill -9 ---------------------------------------------------------------------------------
+
+
+def test_kill_9_during_fsynced_writes_on_a_venv(tmp_path: Path,
+                                                make_venv: Callable[[Path], Path]) -> None:
+    links = tmp_path / "links"
+    links.mkdir()
+    data = os.urandom(256 * 1024)
+    build(links, {"blob/__init__.py": b"X = 1\n", "blob/data.bin": data}, name="blob",
+          meta_extra="")
+    venv = make_venv(tmp_path / "v")
+    cowfs("install", "--venv", str(venv), "blob==1.0", "--no-index", "--find-links", str(links))
+    state = VenvState.load(venv)
+    spec = state.mount_spec()
+    store = Store(state.store)
+    before = objects(store)
+    target = state.site_packages / "blob" / "data.bin"
+    synced: list[int] = []
+
+    def writer() -> None:
+        try:
+            with open(target, "r+b", buffering=0) as f:
+                for i in range(1_000_000):
+                    f.seek(i * 16)
+                    f.write(f"record {i:08d}\n".encode())
+                    if i % 4 == 3:
+                        os.fsync(f.fileno())
+                        synced.append(i)
+        except OSError as exc:
+            assert exc.errno in DEAD, exc
+
+    t = threading.Thread(target=writer)
+    t.start()
+    deadline = time.monotonic() + 20
+    while len(synced) < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(daemon_pid(spec), signal.SIGKILL)
+    t.join(10)
+    assert not t.is_alive() and len(synced) >= 40
+    expect = b"".join(f"record {i:08d}\n".encode() for i in range(synced[-1] + 1))
+    assert (state.upper / "blob" / "data.bin").read_bytes()[:len(expect)] == expect
+    assert objects(store) == before, "a store object changed"
+    wait_stale(state.site_packages)
+    assert mounting.mount(spec) == "mounted"  # detaches the dead mount and mounts again
+    assert target.read_bytes()[:len(expect)] == expect
+    assert (state.site_packages / "blob" / "__init__.py").read_text() == "X = 1\n"
+    assert os.listdir(state.work) == []
+    log = state.log.read_text()
+    for line in ("cowfs.daemon: mounted", "serving", "reloaded lower"):
+        assert line in log, f"daemon log lacks {line!r}"
+    assert log.count("cowfs.daemon: mounted") == 2  # before the kill, after the recovery
+    cowfs("umount", str(venv))
+    assert mounting.find_mount(str(state.site_packages)) is None
+    assert state.log.read_text().rstrip().endswith(f"unmounted {state.site_packages}")
+
+
+def test_kill_9_during_a_big_copy_up(tmp_path: Path, overlay_mount: Any) -> None:
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    size = 192 << 20
+    block = bytearray(os.urandom(1 << 20))
+    sha = hashlib.sha256()
+    with open(lower / "big.bin", "wb") as f:
+        for i in range(size >> 20):
+            block[:8] = i.to_bytes(8, "little")  # every MiB different: misplaced data shows
+            f.write(block)
+            sha.update(block)
+    before = fingerprint(lower)
+    m = overlay_mount(lower)
+    pid = m.pid()
+    outcome: list[object] = []
+
+    def opener() -> None:
+        try:
+            os.close(os.open(m.mnt / "big.bin", os.O_RDWR))  # the copy-up runs here
+            outcome.append("opened")
+        except OSError as exc:
+            outcome.append(exc.errno)
+
+    t = threading.Thread(target=opener)
+    t.start()
+    caught = None
+    deadline = time.monotonic() + 30
+    while caught is None and t.is_alive() and time.monotonic() < deadline:
+        for de in os.scandir(m.work):
+            if TMP_NAME.fullmatch(de.name):
+                caught = de.stat().st_size
+    os.kill(pid, signal.SIGKILL)
+    t.join(10)
+    assert caught is not None and caught < size, f"copy-up not caught in flight: {outcome}"
+    assert outcome and outcome[0] in DEAD
+    assert not (m.upper / "big.bin").exists(), "a half-copied file is visible in the upper"
+    leftovers = os.listdir(m.work)
+    assert leftovers and all(TMP_NAME.fullmatch(n) for n in leftovers), leftovers
+    wait_stale(m.mnt)
+    assert mounting.mount(m.spec) == "mounted"
+    assert os.listdir(m.work) == [], "the new daemon did not drop the work-dir garbage"
+    got = hashlib.sha256()
+    with open(m.mnt / "big.bin", "rb") as f:
+        while chunk := f.read(8 << 20):
+            got.update(chunk)
+    assert got.digest() == sha.digest()
+    with open(m.mnt / "big.bin", "r+b") as f:  # and a copy-up now completes
+        f.write(b"done")
+    assert (m.upper / "big.bin").stat().st_size == size
+    assert fingerprint(lower) == before
+    print(f"\nkilled with {caught >> 20} of {size >> 20} MiB copied")
+
+
+# -- full and read-only filesystems -------------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs; torn down after every mount that uses it (fixture order)."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "cowfs-test", str(d)],
+                   check=True)
+    try:
+        yield d
+    finally:
+        if subprocess.run(["umount", str(d)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(d)], check=True)
+
+
+def fill(path: Path) -> tuple[int, int]:
+    """Write 64 KiB chunks until the filesystem is full; (bytes written, errno)."""
+    chunk = b"f" * 65536
+    written = 0
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        while written < 16 << 20:
+            written += os.write(fd, chunk)
+    except OSError as exc:
+        return written, exc.errno or 0
+    finally:
+        os.close(fd)
+    return written, 0
+
+
+def test_upper_on_a_full_filesystem(small_fs: Path, tmp_path: Path) -> None:
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    big = os.urandom(6 << 20)
+    (lower / "big.bin").write_bytes(big)
+    (lower / "small.txt").write_text("small\n")
+    before = fingerprint(lower)
+    spec = MountSpec(mountpoint=str(tmp_path / "mnt"), upper=str(small_fs / "upper"),
+                     work=str(small_fs / "work"), log=str(tmp_path / "daemon.log"),
+                     lowerdirs=[str(lower)])
+    (tmp_path / "mnt").mkdir()
+    mnt, upper, work = tmp_path / "mnt", small_fs / "upper", small_fs / "work"
+    mounting.mount(spec)
+    try:
+        free = os.statvfs(mnt).f_bfree
+        written, err = fill(mnt / "filler")
+        assert err == errno.ENOSPC and 0 < written <= 4 << 20
+        assert os.stat(mnt / "filler").st_size == written
+        assert (mnt / "filler").read_bytes() == b"f" * written
+        with pytest.raises(OSError) as exc:  # even a small copy-up cannot start now
+            (mnt / "small.txt").write_text("edit\n")
+        assert exc.value.errno == errno.ENOSPC
+        os.unlink(mnt / "filler")
+        with pytest.raises(OSError) as exc:  # 6 MiB cannot be copied into 4 MiB
+            os.open(mnt / "big.bin", os.O_RDWR)
+        assert exc.value.errno == errno.ENOSPC
+        assert not (upper / "big.bin").exists() and os.listdir(work) == []
+        assert (mnt / "big.bin").read_bytes() == big
+        assert os.statvfs(mnt).f_bfree >= free - 16, "the failed copy-up leaked space"
+        with open(mnt / "big.bin", "wb") as f:  # O_TRUNC needs no data copy: it fits
+            f.write(b"replaced")
+        assert (mnt / "big.bin").read_bytes() == b"replaced"
+        (mnt / "small.txt").write_text("edit\n")
+        assert (upper / "small.txt").read_text() == "edit\n"
+        assert fingerprint(lower) == before
+    finally:
+        force_unmount(str(mnt))
+
+
+def test_copy_up_that_does_not_fit_leaves_the_store_intact(
+        small_fs: Path, tmp_path: Path, make_venv: Callable[[Path], Path]) -> None:
+    links = tmp_path / "links"
+    links.mkdir()
+    data = os.urandom(5 << 20)
+    build(links, {"blob/__init__.py": b"", "blob/data.bin": data}, name="blob", meta_extra="")
+    venv = make_venv(small_fs / "v")  # the venv, and so its upper layer, on the 4 MiB fs
+    cowfs("install", "--venv", str(venv), "blob==1.0", "--no-index", "--find-links", str(links))
+    state = VenvState.load(venv)
+    store = Store(state.store)
+    before = objects(store)
+    target = state.site_packages / "blob" / "data.bin"
+    with pytest.raises(OSError) as exc:
+        open(target, "r+b").close()
+    assert exc.value.errno == errno.ENOSPC
+    assert not (state.upper / "blob" / "data.bin").exists()
+    assert os.listdir(state.work) == []
+    assert target.read_bytes() == data
+    assert objects(store) == before
+    cowfs("store", "verify")
+    (state.site_packages / "blob" / "__init__.py").write_text("X = 2\n")  # small ones fit
+    assert objects(store) == before
+
+
+@pytest.fixture
+def readonly_store() -> Iterator[Callable[[], None]]:
+    """Call it to turn the test's store read-only (a ro bind mount over itself)."""
+    root = Store().root
+    mounted: list[str] = []
+
+    def make_readonly() -> None:
+        subprocess.run(["mount", "--bind", str(root), str(root)], check=True)
+        mounted.append(str(root))
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(root)], check=True)
+
+    try:
+        yield make_readonly
+    finally:
+        for mp in mounted:
+            subprocess.run(["umount", "-l", mp], check=True)
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else b"dir"
+            for p in sorted(path.rglob("*")) if not p.is_symlink()}
+
+
+def test_store_on_a_read_only_filesystem(tmp_path: Path, wheels: Path,
+                                         make_venv: Callable[[Path], Path],
+                                         readonly_store: Callable[[], None]) -> None:
+    links = tmp_path / "links"
+    links.mkdir()
+    build(links, {"other/__init__.py": b"Y = 1\n"}, name="other", meta_extra="")
+    a, b = make_venv(tmp_path / "a"), make_venv(tmp_path / "b")
+    cowfs("install", "--venv", str(a), PKG, "--no-index", "--find-links", str(wheels),
+          "--no-compile")
+    before = objects(Store())
+    readonly_store()
+    with pytest.raises(OSError) as exc:
+        (Store().root / "probe").write_text("x")
+    assert exc.value.errno == errno.EROFS
+    # Nothing new needed: the wheel is ingested already.
+    cowfs("install", "--venv", str(b), PKG, "--no-index", "--find-links", str(wheels),
+          "--no-compile")
+    out = subprocess.run([str(b / "bin" / "pycowsay"), "ro"], capture_output=True, text=True)
+    assert out.returncode == 0 and "< ro >" in out.stdout
+    # Something new: one clear error, and the venv is as it was.
+    state_before = VenvState.path_for(b).read_bytes()
+    site_before = tree(VenvState.load(b).site_packages)
+    proc = cowfs("install", "--venv", str(b), "other==1.0", "--no-index", "--find-links",
+                 str(links), "--no-compile", check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("cowfs: error: ") and proc.stderr.count("\n") == 1, \
+        proc.stderr
+    assert "not writable: Read-only file system" in proc.stderr, proc.stderr
+    print(f"\n{proc.stderr.strip()}")
+    assert VenvState.path_for(b).read_bytes() == state_before
+    assert tree(VenvState.load(b).site_packages) == site_before
+    assert objects(Store()) == before
+    cowfs("store", "verify")
+
+
+# -- concurrency --------------------------------------------------------------------------------
+
+
+def test_concurrent_installs_and_gc_share_one_store(tmp_path: Path, wheels: Path,
+                                                    make_venv: Callable[[Path], Path]) -> None:
+    links = tmp_path / "links"
+    links.mkdir()
+    for whl in wheels.glob("pycowsay-*.whl"):
+        os.link(whl, links / whl.name)
+    for i in range(3):
+        files = {f"syn{i}/__init__.py": f"N = {i}\n".encode(),
+                 f"syn{i}/shared.py": b"SHARED = True\n",  # one object for all three
+                 f"syn{i}/blob.bin": os.urandom(200_000)}
+        build(links, files, name=f"syn{i}", meta_extra="")
+    x, y = make_venv(tmp_path / "x"), make_venv(tmp_path / "y")
+
+    def together(*commands: list[str]) -> None:
+        procs = [subprocess.Popen([sys.executable, "-m", "cowfs", *c], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for c in commands]
+        for c, p in zip(commands, procs, strict=True):
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, f"cowfs {' '.join(c)}: {err}"
+
+    src = ["--no-index", "--find-links", str(links)]
+    together(["install", "--venv", str(x), PKG, "syn0==1.0", "syn1==1.0", *src],
+             ["install", "--venv", str(y), PKG, "syn1==1.0", "syn2==1.0", *src],
+             ["store", "gc"])
+    together(["uninstall", "--venv", str(x), "syn0", "syn1"],
+             ["install", "--venv", str(y), "syn0==1.0", *src],
+             ["store", "gc"])
+    for venv, mods in ((x, "pycowsay.main"), (y, "pycowsay.main, syn0, syn1, syn2")):
+        proc = subprocess.run([str(venv / "bin" / "python"), "-c", f"import {mods}"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    assert not (VenvState.load(x).site_packages / "syn0").exists()
+    cowfs("store", "verify")
