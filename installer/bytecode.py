@@ -67,7 +67,10 @@ def ensure_bytecode(store: Store, manifest: Manifest, info: InterpreterInfo,
                if fe.path.endswith(".py")]
     if not sources:
         return None
-    out = Path(tempfile.mkdtemp(dir=store.tmp, prefix="pyc-"))
+    try:
+        out = Path(tempfile.mkdtemp(dir=store.tmp, prefix="pyc-"))
+    except OSError:
+        return None  # a read-only store: bytecode is an optimisation, never fail over it
     try:
         job = {"mtime": manifest.mtime_ns // 10**9, "out": str(out), "files": sources}
         proc = subprocess.run([str(python), "-I", "-c", _COMPILER], input=json.dumps(job),
