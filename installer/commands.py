@@ -43,7 +43,7 @@ def _state(venv_opt: str | None) -> tuple[VenvState, Store]:
 @click.option("--python", "-p", "python", help="Interpreter to base the venv on.")
 def venv_cmd(path: str, python: str | None) -> None:
     """Create a venv whose site-packages is a cowfs mount (default: .venv)."""
-    store = Store().ensure()
+    store = Store()  # create_venv makes it once the interpreter is known to be good
     state, how = create_venv(Path(path), python, store)
     click.echo(f"venv {state.venv}: site-packages {how} ({state.site_packages})")
     click.echo(f"activate with: source {state.venv}/bin/activate")

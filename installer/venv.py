@@ -58,6 +58,7 @@ def create_venv(path: Path, python: str | None, store: Store) -> tuple[VenvState
         raise CowfsError(f"{venv} exists and is not an empty directory")
     base = query_interpreter(python or "python3", store)
     _check_filesystem(venv)
+    store.ensure()  # before the venv exists: an unwritable store leaves nothing behind
     _run_venv(base, venv)
     info = query_interpreter(venv_python(venv), store)
     site = Path(info.paths["purelib"])

@@ -43,7 +43,7 @@ BAD_VALUES = [
     ("venv-nonempty-dir", ["venv", "nonempty"], "nonempty exists and is not an empty"),
     ("venv-plain-venv", ["venv", "plainvenv"], "plainvenv is already a venv (not made by"),
     ("venv-missing-python", ["venv", "n1", "--python", "/nonexistent/python"],
-     "cannot query python interpreter /nonexistent/python: not found"),
+     "cannot query python interpreter /nonexistent/python: not found", "freshstore"),
     ("venv-python-not-python", ["venv", "n2", "--python", "/etc/hostname"],
      "cannot query python interpreter /etc/hostname"),
     ("venv-python-dir", ["venv", "n3", "-p", "/tmp"], "cannot query python interpreter /tmp"),
