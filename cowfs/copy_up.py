@@ -53,7 +53,7 @@ def copy_fd_data(src_fd: int, dst_fd: int, size: int) -> None:
         offset += len(chunk)
 
 
-def copy_xattrs(src: str, dst: str) -> None:
+def copy_xattrs(src: str, dst: str, upper: Upper | None = None) -> None:
     try:
         names = os.listxattr(src, follow_symlinks=False)
     except OSError:
@@ -62,8 +62,9 @@ def copy_xattrs(src: str, dst: str) -> None:
         if is_private_xattr(name):
             continue
         with contextlib.suppress(OSError):
-            os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False),
-                        follow_symlinks=False)
+            # Under another name where the upper filesystem would drop it (cowfs.meta).
+            os.setxattr(dst, upper.meta.xattr_name(name, dst) if upper else name,
+                        os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
 
 
 def apply_owner_times(path: str, meta: LowerEntry, fd: int | None = None,
@@ -101,7 +102,7 @@ def prepare_file(upper: Upper, meta: LowerEntry, *, with_data: bool) -> str:
                 copy_fd_data(src, out, meta.size)
             finally:
                 os.close(src)
-        copy_xattrs(meta.source, tmp)
+        copy_xattrs(meta.source, tmp, upper)
         apply_owner_times(tmp, meta, out, upper)
         os.fsync(out)
     except BaseException:
@@ -126,7 +127,7 @@ def prepare_other(upper: Upper, meta: LowerEntry, symlink_target: str | None) ->
         os.mknod(tmp, meta.mode, meta.rdev)
     try:
         if meta.source is not None:
-            copy_xattrs(meta.source, tmp)
+            copy_xattrs(meta.source, tmp, upper)
         apply_owner_times(tmp, meta, upper=upper)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -39,11 +39,13 @@ from cowfs.fscaps import Capabilities, probe
 
 META_XATTR = "user.cowfs.meta"
 _SIDE_PREFIX = META_XATTR + "."
+KEPT_XATTR_PREFIX = "user.cowfs.x."  # + the name of an xattr the filesystem drops
 IS_ROOT = os.geteuid() == 0
 _NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOENT)
 
 _caps_by_dev: dict[tuple[int, str], Capabilities] = {}
 _exchange_by_dev: dict[tuple[int, str], bool] = {}
+_trusted_by_dev: dict[tuple[int, str], bool] = {}
 
 
 def _fs_key(directory: str) -> tuple[int, str]:
@@ -89,6 +91,27 @@ def can_exchange(directory: str) -> bool:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return _exchange_by_dev[dev]
+
+
+def keeps_trusted_xattrs(directory: str) -> bool:
+    """Does the filesystem keep and list trusted.* xattrs? ntfs-3g keeps them but leaves
+    them out of listxattr (only user.* are NTFS streams). Only root can tell, or needs to."""
+    if not IS_ROOT:
+        return True
+    key = _fs_key(directory)
+    if key not in _trusted_by_dev:
+        fd, path = tempfile.mkstemp(prefix=".cowfs-probe-", dir=directory)
+        os.close(fd)
+        try:
+            os.setxattr(path, "trusted.cowfs.probe", b"1")
+            _trusted_by_dev[key] = os.getxattr(path, "trusted.cowfs.probe") == b"1" and \
+                "trusted.cowfs.probe" in os.listxattr(path)
+        except OSError as exc:
+            # Refused outright is fine: the caller then gets the same error as on the upper.
+            _trusted_by_dev[key] = exc.errno != errno.ENODATA
+        finally:
+            os.unlink(path)
+    return _trusted_by_dev[key]
 
 
 def refusal(caps: Capabilities, where: str) -> str | None:
@@ -174,6 +197,7 @@ class NativeMeta:
     active = False
     keeps: tuple[str, ...] = ()
     keep_modes = keep_owners = keep_times = False
+    kept_namespaces: tuple[str, ...] = ()  # xattr namespaces kept as KEPT_XATTR_PREFIX + name
 
     def __init__(self, caps: Capabilities | None = None) -> None:
         self.caps = caps
@@ -203,6 +227,20 @@ class NativeMeta:
     def ensure_root(self, path: str, mode: int) -> None:
         return None
 
+    def xattr_name(self, name: str, path: str) -> str:
+        """The name under which the upper entry at path holds the xattr `name` (only regular
+        files and directories can hold the user.* name it is kept under)."""
+        if self.kept_namespaces and name.startswith(self.kept_namespaces):
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                return KEPT_XATTR_PREFIX + name
+        return name
+
+    @staticmethod
+    def kept_names(names: list[str]) -> list[str]:
+        """Names of xattrs kept for the filesystem, among an upper entry's real names."""
+        return [n[len(KEPT_XATTR_PREFIX):] for n in names if n.startswith(KEPT_XATTR_PREFIX)]
+
 
 class XattrMeta(NativeMeta):
     """Modes, owners and exact times in `user.cowfs.meta` (see the module docstring)."""
@@ -217,7 +255,8 @@ class XattrMeta(NativeMeta):
 
     @property
     def strategy(self) -> str:
-        return f"xattr {META_XATTR} ({', '.join(self.keeps)})"
+        kept = [*self.keeps, *(f"{ns}* xattrs" for ns in self.kept_namespaces)]
+        return f"xattr {META_XATTR} ({', '.join(kept)})"
 
     # -- where a record lives ---------------------------------------------------------------
 
@@ -339,6 +378,14 @@ class XattrMeta(NativeMeta):
         st = os.lstat(path)
         if self._read(path, st, None) is None:
             self._write(path, st, None, Record(stat.S_IFDIR | mode))
+
+
+def for_upper(directory: str) -> NativeMeta:
+    """The metadata keeper for an upper layer whose work dir is directory."""
+    keeper = for_caps(caps_for(directory))
+    if keeper.active and not keeps_trusted_xattrs(directory):
+        keeper.kept_namespaces = ("trusted.",)
+    return keeper
 
 
 def for_caps(caps: Capabilities) -> NativeMeta:

@@ -401,21 +401,25 @@ class Overlay:
         target = self._xattr_target(node)
         if target is None or is_private_xattr(name):
             raise oserror(errno.ENODATA)
+        if node.upper:
+            name = self.upper.meta.xattr_name(name, target)
         return os.getxattr(target, name, follow_symlinks=False)
 
     def listxattr(self, node: Node) -> list[str]:
         target = self._xattr_target(node)
         if target is None:
             return []
-        return [n for n in os.listxattr(target, follow_symlinks=False)
-                if not is_private_xattr(n)]
+        names = os.listxattr(target, follow_symlinks=False)
+        kept = self.upper.meta.kept_names(names) if node.upper else []
+        return [n for n in names if not is_private_xattr(n)] + kept
 
     def setxattr(self, node: Node, name: str, value: bytes, flags: int = 0) -> None:
         if is_private_xattr(name):
             raise oserror(errno.EPERM)  # overlay markers cannot be forged through the mount
         self.copy_up(node)
         path = self.upper.path(self.path(node))
-        os.setxattr(path, name, value, flags, follow_symlinks=False)
+        os.setxattr(path, self.upper.meta.xattr_name(name, path), value, flags,
+                    follow_symlinks=False)
         if name == ACL_ACCESS and self.upper.meta.keep_modes:
             # A mode set as an ACL (cp -p, sed -i): the upper filesystem ignored it.
             perms = mode_from_acl(value)
@@ -428,4 +432,5 @@ class Overlay:
             raise oserror(errno.ENODATA)
         self.getxattr(node, name)  # ENODATA before any copy-up
         self.copy_up(node)
-        os.removexattr(self.upper.path(self.path(node)), name, follow_symlinks=False)
+        path = self.upper.path(self.path(node))
+        os.removexattr(path, self.upper.meta.xattr_name(name, path), follow_symlinks=False)

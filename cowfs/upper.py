@@ -135,7 +135,7 @@ class Upper:
         if why is not None:
             raise CowfsError(why)
         self.xattrs = self.caps.user_xattrs if use_xattrs is None else use_xattrs
-        self.meta = metadata.for_caps(self.caps)
+        self.meta = metadata.for_upper(self.work)
         self.exchange_ok = metadata.can_exchange(self.work)
         self.replay_intents()
         self.clean_work()
