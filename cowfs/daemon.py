@@ -109,8 +109,11 @@ class Daemon:
         path = self.spec.socket
         path.unlink(missing_ok=True)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await sock.bind(str(path))
-        os.chmod(path, 0o600)
+        old_umask = os.umask(0o177)  # owner-only from the first moment, not after a chmod
+        try:
+            await sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
         sock.listen(16)
         task_status.started()
         await trio.serve_listeners(self.serve_client, [trio.SocketListener(sock)])
