@@ -147,6 +147,18 @@ def _version(cmd: list[str]) -> str:
     return ((proc.stdout or proc.stderr).strip().splitlines() or ["?"])[0]
 
 
+def machine_load() -> dict[str, object]:
+    """How busy the machine is (the figures are ratios, but FUSE suffers more from load)."""
+    out: dict[str, object] = {"loadavg": os.getloadavg()}
+    for kind in ("cpu", "io"):
+        try:
+            first = Path(f"/proc/pressure/{kind}").read_text().splitlines()[0]
+            out[f"psi_{kind}_some"] = dict(kv.split("=") for kv in first.split()[1:4])
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
 def meta(ctx: Ctx, args: argparse.Namespace, skipped: dict[str, str]) -> dict[str, object]:
     rev = _version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "cowfs",
@@ -162,6 +174,7 @@ def meta(ctx: Ctx, args: argparse.Namespace, skipped: dict[str, str]) -> dict[st
         "imports": ctx.import_cmd, "reps": ctx.reps, "fresh": ctx.fresh,
         "cold_reps": ctx.cold_reps, "peers": args.peers, "skipped_peers": skipped,
         "figures": args.figures, "quick": args.quick, "argv": sys.argv[1:],
+        "load_at_start": args.load_at_start, "load_at_end": machine_load(),
     }
 
 
@@ -219,6 +232,7 @@ def measure(ctx: Ctx, args: argparse.Namespace, res: F.Results) -> dict[str, obj
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.load_at_start = machine_load()
     install_signal_handlers()
     cleanup = Cleanup()
     parent = args.workdir or Path(tempfile.gettempdir())
@@ -252,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         report.write_json(out_json, doc)
         shown = [p for p in args.peers if any(p in f["peers"] for f in figs.values())]
         print(report.table(figs, shown, rows, res.extra.get("tree")))
+        load = doc["meta"]["load_at_end"]  # type: ignore[index]
+        print(f"machine load at the end: {load}")
         for section in ("scale", "profile"):
             if sections.get(section):
                 from benchlib import summary

@@ -56,7 +56,7 @@ def test_bench_produces_every_figure_with_positive_ratios(tmp_path: Path) -> Non
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--workload", str(workload),
          "--wheels", str(wheels), "--imports", "benchdemo_a,benchdemo_b,benchdemo_c",
-         "--reps", "2", "--fresh", "1", "--cold-reps", "1", "--out", str(out),
+         "--reps", "1", "--fresh", "1", "--cold-reps", "1", "--out", str(out),
          "--workdir", str(work), "--no-chart"],
         capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
