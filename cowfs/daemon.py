@@ -60,6 +60,7 @@ class Daemon:
         if op == "reload":
             await self.ops.settle()
             inv = swap_lower(self.ov, build_lower(self.spec))
+            self.ops.forget_caches()
             await self.invalidate(inv)
             log.info("reloaded lower: %d inodes, %d entries invalidated", len(inv.inodes),
                      len(inv.entries))
@@ -69,6 +70,7 @@ class Daemon:
 
             await self.ops.settle()
             inv, removed = reset_paths(self.ov, list(req.get("paths", [])))
+            self.ops.forget_caches()
             await self.invalidate(inv)
             log.info("reset %d paths", len(removed))
             return {"ok": True, "removed": removed}
@@ -80,6 +82,7 @@ class Daemon:
                 n.ino for n in self.ov.table.by_ino.values()
                 if n.lower is not None and n.lower.source is not None
                 and "".join(n.lower.source.rsplit("/", 2)[-2:]) in wanted])
+            self.ops.forget_caches()
             await self.invalidate(inv)
             return {"ok": True, "invalidated": len(inv.inodes)}
         if op == "unmount":

@@ -68,6 +68,8 @@ class CowfsOperations(pyfuse3.Operations):
         self._dirs: dict[int, tuple[Node, list[tuple[str, Node]]]] = {}
         self._next_dh = 1
         self._copying: dict[Node, trio.Event] = {}
+        self._lower_entries: dict[int, pyfuse3.EntryAttributes] = {}
+        self._lower_listings: dict[int, list[tuple[str, Node]]] = {}
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -77,8 +79,25 @@ class CowfsOperations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
+    def forget_caches(self) -> None:
+        """The lower layer changed (reload, reset, repair): derived answers are stale."""
+        self._lower_entries.clear()
+        self._lower_listings.clear()
+
     def entry(self, node: Node, attr: Attr | None = None) -> pyfuse3.EntryAttributes:
-        a = attr or self.ov.getattr(node)
+        # A lower-only node's attributes are a pure function of the immutable lower entry:
+        # build the reply once (lookup, getattr and readdirplus each need it).
+        cacheable = attr is None and not node.upper and node.parent is not None
+        if cacheable:
+            cached = self._lower_entries.get(node.ino)
+            if cached is not None:
+                return cached
+        e = self._make_entry(node, attr or self.ov.getattr(node))
+        if cacheable:
+            self._lower_entries[node.ino] = e
+        return e
+
+    def _make_entry(self, node: Node, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
         e.generation = 0
@@ -196,12 +215,17 @@ class CowfsOperations(pyfuse3.Operations):
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self.node(inode)
-        # A snapshot: offsets stay meaningful while the directory changes underneath.
-        listing = []
-        for name in self.ov.listdir(node):
-            child = self.ov.lookup(node, name)
-            if child is not None:
-                listing.append((name, child))
+        # A snapshot: offsets stay meaningful while the directory changes underneath. A
+        # lower-only directory cannot change without a copy-up, so its snapshot is reused.
+        listing = self._lower_listings.get(inode) if not node.upper else None
+        if listing is None:
+            listing = []
+            for name in self.ov.listdir(node):
+                child = self.ov.lookup(node, name)
+                if child is not None:
+                    listing.append((name, child))
+            if not node.upper:
+                self._lower_listings[inode] = listing
         dh = self._next_dh
         self._next_dh += 1
         self._dirs[dh] = (node, listing)
