@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 TRACEFS = Path("/sys/kernel/tracing")
+# Sent in the background: the caller does not wait for these (close() returns at once).
+ASYNC_OPS = {"release", "releasedir", "forget", "batch_forget", "interrupt"}
 LINE = re.compile(r"\s(\d+\.\d+): fuse_request_(send|end): connection (\d+) req (\d+)"
                   r"(?: opcode \d+ \((\w+)\))?")
 
@@ -107,6 +109,11 @@ def parse(text: str) -> dict[str, Any]:
     n = sum(count.values())
     by_op = {op: {"n": count[op], "us": round(total[op] * 1e6 / count[op], 1)}
              for op in sorted(count, key=lambda o: -count[o])}
+    sync_n = sum(v for k, v in count.items() if k not in ASYNC_OPS)
+    sync_t = sum(v for k, v in total.items() if k not in ASYNC_OPS)
     return {"requests": n, "unanswered": len(sent), "lost_events": lost,
             "round_trip_us": round(sum(total.values()) * 1e6 / n, 1) if n else 0.0,
-            "waited_s": round(sum(total.values()), 4), "by_op": by_op}
+            "sync_requests": sync_n,
+            "sync_round_trip_us": round(sync_t * 1e6 / sync_n, 1) if sync_n else 0.0,
+            # what the caller waited for in total (release & co. excluded: asynchronous)
+            "waited_s": round(sync_t, 4), "by_op": by_op}

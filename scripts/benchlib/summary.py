@@ -52,8 +52,8 @@ def _profile(data: dict[str, Any]) -> str:
     if kernel.get("skipped"):
         lines.append(f"  kernel view (fuse tracepoints): skipped: {kernel['skipped']}")
     elif kernel:
-        lines.append("  kernel view (fuse tracepoints; normal daemons; round trip = what the "
-                     "caller waits per request):")
+        lines.append("  kernel view (fuse tracepoints; normal daemons; round trip = send to "
+                     "reply; 'waited' leaves out release/releasedir, which run in the background):")
         for op, per_peer in kernel.items():
             for peer, r in per_peer.items():
                 top = ", ".join(f"{o} {v['n']} ({v['us']:.0f}us)"
