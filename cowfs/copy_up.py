@@ -62,9 +62,10 @@ def copy_xattrs(src: str, dst: str, upper: Upper | None = None) -> None:
         if is_private_xattr(name):
             continue
         with contextlib.suppress(OSError):
-            # Under another name where the upper filesystem would drop it (cowfs.meta).
-            os.setxattr(dst, upper.meta.xattr_name(name, dst) if upper else name,
-                        os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+            # Elsewhere where the upper filesystem would drop it (cowfs.meta).
+            where, as_name = upper.meta.xattr_place(dst, name) if upper else (dst, name)
+            os.setxattr(where, as_name, os.getxattr(src, name, follow_symlinks=False),
+                        follow_symlinks=False)
 
 
 def apply_owner_times(path: str, meta: LowerEntry, fd: int | None = None,
@@ -87,7 +88,7 @@ def apply_owner_times(path: str, meta: LowerEntry, fd: int | None = None,
         os.utime(path, ns=times, follow_symlinks=False)
     if upper is not None and upper.meta.active:
         upper.meta.record(None if fd is not None else path, fd=fd, mode=meta.mode,
-                          uid=meta.uid, gid=meta.gid, times=times)
+                          uid=meta.uid, gid=meta.gid, times=times, fresh=True)
 
 
 def prepare_file(upper: Upper, meta: LowerEntry, *, with_data: bool) -> str:
@@ -126,6 +127,8 @@ def prepare_other(upper: Upper, meta: LowerEntry, symlink_target: str | None) ->
     else:
         os.mknod(tmp, meta.mode, meta.rdev)
     try:
+        if kind != stat.S_IFDIR:
+            upper.meta.clear_side(tmp)
         if meta.source is not None:
             copy_xattrs(meta.source, tmp, upper)
         apply_owner_times(tmp, meta, upper=upper)

@@ -9,7 +9,8 @@ xattrs, cowfs keeps the metadata itself:
 * regular files and directories: in the xattr `user.cowfs.meta` of the entry (it moves
   with the inode through renames and hard links);
 * symlinks, fifos, devices and sockets, which Linux allows no user xattrs: in the xattr
-  `user.cowfs.meta.<inode number>` of the parent directory (moved along on renames).
+  `user.cowfs.meta.<inode number>` of the layer's work dir, on the same filesystem (so
+  renames and hard links need nothing; the last unlink drops it).
 
 A record is `1 <st_mode octal> <uid|-> <gid|-> [<atime> <mtime> <fs mtime>]`: the type in
 st_mode guards against a reused inode number; uid/gid `-` means "whatever the filesystem
@@ -18,7 +19,12 @@ filesystem's resolution is coarser than a nanosecond: they apply while the file'
 mtime is still the one the filesystem stored for them, so a later write shows its own time.
 
 The overlay applies records in getattr, which also feeds the kernel's default_permissions
-checks. `user.cowfs.*` is private: never listed, copied or settable through a mount.
+checks. A mode set as a POSIX ACL xattr (cp -p, sed -i) is recorded like a chmod.
+
+xattrs in a namespace the filesystem does not keep and list (ntfs-3g leaves trusted.* out
+of listxattr) are kept as `user.cowfs.x.<name>` on the entry, or as
+`user.cowfs.xs.<inode number>.<name>` on the work dir for entries without user xattrs.
+`user.cowfs.*` is private: never listed, copied or settable through a mount.
 
 On a filesystem with POSIX modes, owners and ns times nothing is recorded (NativeMeta), so
 ext4, xfs, btrfs and tmpfs pay nothing. A filesystem with neither user xattrs nor modes
@@ -40,6 +46,7 @@ from cowfs.fscaps import Capabilities, probe
 META_XATTR = "user.cowfs.meta"
 _SIDE_PREFIX = META_XATTR + "."
 KEPT_XATTR_PREFIX = "user.cowfs.x."  # + the name of an xattr the filesystem drops
+_SIDE_KEPT_PREFIX = "user.cowfs.xs."  # + inode number + "." + name: the same, on the work dir
 IS_ROOT = os.geteuid() == 0
 _NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOENT)
 
@@ -172,8 +179,22 @@ def mode_from_acl(data: bytes) -> int | None:
     return perms[_ACL_USER_OBJ] << 6 | group << 3 | perms[_ACL_OTHER]
 
 
-def describe(caps: Capabilities) -> str:
-    """A compact one-line summary of a filesystem's probed capabilities."""
+def mount_source(path: str) -> str:
+    """What is mounted at the mount holding path (a device, an image, "tmpfs"...)."""
+    real = os.path.realpath(path)
+    best, source = "", ""
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mp = left.split()[4].replace("\\040", " ")
+            if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+                best, source = mp, [*right.split(), "", ""][1].replace("\\040", " ")
+    return source
+
+
+def describe(caps: Capabilities, source: str = "") -> str:
+    """A compact one-line summary of a filesystem's probed capabilities; FUSE filesystems
+    (ntfs-3g...) are named by what they mount, their type says little."""
     have = [name for name, ok in (("user-xattrs", caps.user_xattrs), ("modes", caps.modes),
                                   ("owners", caps.owners), ("symlinks", caps.symlinks),
                                   ("hardlinks", caps.hardlinks), ("reflink", caps.reflink),
@@ -185,7 +206,9 @@ def describe(caps: Capabilities) -> str:
              if not ok]
     res = caps.timestamp_ns
     times = "1ns" if res == 1 else f"{res}ns" if res < 10**9 else "1s"
-    line = f"{caps.fstype}: {' '.join(have)}, times {times}"
+    name = f"{caps.fstype} ({source})" if source and caps.fstype.startswith("fuse") \
+        else caps.fstype
+    line = f"{name}: {' '.join(have)}, times {times}"
     if lacks:
         line += f"; no {', '.join(lacks)}"
     return line
@@ -212,34 +235,27 @@ class NativeMeta:
 
     def record(self, path: str | None, *, fd: int | None = None, mode: int | None = None,
                uid: int | None = None, gid: int | None = None,
-               times: tuple[int, int] | None = None) -> None:
-        return None
-
-    def moved(self, old: str, new: str) -> None:
-        return None
-
-    def linked(self, src: str, new: str) -> None:
+               times: tuple[int, int] | None = None, fresh: bool = False) -> None:
         return None
 
     def forget(self, path: str) -> None:
         return None
 
+    def clear_side(self, path: str) -> None:
+        return None
+
     def ensure_root(self, path: str, mode: int) -> None:
         return None
 
-    def xattr_name(self, name: str, path: str) -> str:
-        """The name under which the upper entry at path holds the xattr `name` (only regular
-        files and directories can hold the user.* name it is kept under)."""
-        if self.kept_namespaces and name.startswith(self.kept_namespaces):
-            mode = os.lstat(path).st_mode
-            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-                return KEPT_XATTR_PREFIX + name
-        return name
+    def xattr_place(self, path: str, name: str) -> tuple[str, str]:
+        """Where the upper entry at path holds its xattr `name`: (path, name) unless it is
+        in a namespace the filesystem drops, kept under a user.* name instead (for entries
+        that cannot have user xattrs, on the work dir)."""
+        return path, name
 
-    @staticmethod
-    def kept_names(names: list[str]) -> list[str]:
-        """Names of xattrs kept for the filesystem, among an upper entry's real names."""
-        return [n[len(KEPT_XATTR_PREFIX):] for n in names if n.startswith(KEPT_XATTR_PREFIX)]
+    def kept_names(self, path: str, names: list[str]) -> list[str]:
+        """Names of the xattrs kept for the entry at path (whose real names are names)."""
+        return []
 
 
 class XattrMeta(NativeMeta):
@@ -247,8 +263,10 @@ class XattrMeta(NativeMeta):
 
     active = True
 
-    def __init__(self, caps: Capabilities, modes: bool, owners: bool, times: bool) -> None:
+    def __init__(self, caps: Capabilities, modes: bool, owners: bool, times: bool,
+                 side_dir: str = ".") -> None:
         super().__init__(caps)
+        self.side_dir = side_dir  # holds the records of entries without user xattrs
         self.keep_modes, self.keep_owners, self.keep_times = modes, owners, times
         self.keeps = tuple(n for n, k in (("modes", modes), ("owners", owners),
                                           ("times", times)) if k)
@@ -260,9 +278,35 @@ class XattrMeta(NativeMeta):
 
     # -- where a record lives ---------------------------------------------------------------
 
-    @staticmethod
-    def _side(path: str, st: os.stat_result) -> tuple[str, str]:
-        return os.path.dirname(path) or ".", f"{_SIDE_PREFIX}{st.st_ino}"
+    def _side(self, path: str | None, st: os.stat_result) -> tuple[str, str]:
+        return self.side_dir, f"{_SIDE_PREFIX}{st.st_ino}"
+
+    def _side_names(self, ino: int) -> list[str]:
+        """Every side record of inode ino (metadata, kept xattrs)."""
+        try:
+            names = os.listxattr(self.side_dir)
+        except OSError:
+            return []
+        mine, kept = f"{_SIDE_PREFIX}{ino}", f"{_SIDE_KEPT_PREFIX}{ino}."
+        return [n for n in names if n == mine or n.startswith(kept)]
+
+    def xattr_place(self, path: str, name: str) -> tuple[str, str]:
+        if not self.kept_namespaces or not name.startswith(self.kept_namespaces):
+            return path, name
+        st = os.lstat(path)
+        if self._inline(st):
+            return path, KEPT_XATTR_PREFIX + name
+        return self.side_dir, f"{_SIDE_KEPT_PREFIX}{st.st_ino}.{name}"
+
+    def kept_names(self, path: str, names: list[str]) -> list[str]:
+        if not self.kept_namespaces:
+            return []
+        st = os.lstat(path)
+        if self._inline(st):
+            return [n[len(KEPT_XATTR_PREFIX):] for n in names
+                    if n.startswith(KEPT_XATTR_PREFIX)]
+        prefix = f"{_SIDE_KEPT_PREFIX}{st.st_ino}."
+        return [n[len(prefix):] for n in self._side_names(st.st_ino) if n.startswith(prefix)]
 
     @staticmethod
     def _inline(st: os.stat_result) -> bool:
@@ -320,11 +364,12 @@ class XattrMeta(NativeMeta):
 
     def record(self, path: str | None, *, fd: int | None = None, mode: int | None = None,
                uid: int | None = None, gid: int | None = None,
-               times: tuple[int, int] | None = None) -> None:
+               times: tuple[int, int] | None = None, fresh: bool = False) -> None:
         """Merge the given fields into the entry's record (call after the real chmod, chown
-        or utime, so the filesystem's own values are current)."""
+        or utime, so the filesystem's own values are current); fresh: a new entry, whose
+        inode number may have left a record behind."""
         st = os.fstat(fd) if fd is not None else os.lstat(path)  # type: ignore[arg-type]
-        existing = self._read(path, st, fd)
+        existing = None if fresh else self._read(path, st, fd)
         old = existing or Record(st.st_mode)
         new_mode = old.mode if mode is None else stat.S_IFMT(st.st_mode) | stat.S_IMODE(mode)
         keep_ids = self.keep_owners and IS_ROOT
@@ -337,41 +382,24 @@ class XattrMeta(NativeMeta):
         if rec != existing:
             self._write(path, st, fd, rec)
 
-    def moved(self, old: str, new: str) -> None:
-        """After rename(old, new): a side record follows its entry to the new parent."""
-        st = os.lstat(new)
-        if self._inline(st) or os.path.dirname(old) == os.path.dirname(new):
-            return
-        src_dir, name = self._side(old, st)
-        try:
-            raw = os.getxattr(src_dir, name)
-        except OSError as exc:
-            if exc.errno in _NO_XATTR:
-                return
-            raise
-        os.setxattr(self._side(new, st)[0], name, raw)
-        with contextlib.suppress(OSError):
-            os.removexattr(src_dir, name)
-
-    def linked(self, src: str, new: str) -> None:
-        """After link(src, new): a side record is copied to the new name's parent."""
-        st = os.lstat(new)
-        if self._inline(st) or os.path.dirname(src) == os.path.dirname(new):
-            return
-        rec = self._read(src, st, None)
-        if rec is not None:
-            self._write(new, st, None, rec)
-
     def forget(self, path: str) -> None:
-        """Before unlinking the last name of a special file: drop its side record."""
+        """Before unlinking the last name of a special file: drop its side records."""
         try:
             st = os.lstat(path)
         except OSError:
             return
-        if self._inline(st) or st.st_nlink > 1:
+        if st.st_nlink <= 1:
+            self.clear_side(path)
+
+    def clear_side(self, path: str) -> None:
+        """A new entry without user xattrs: drop what a former owner of its inode number
+        left in the work dir (a removal behind cowfs' back, by a reset say)."""
+        st = os.lstat(path)
+        if self._inline(st):
             return
-        with contextlib.suppress(OSError):
-            os.removexattr(*self._side(path, st))
+        for name in self._side_names(st.st_ino):
+            with contextlib.suppress(OSError):
+                os.removexattr(self.side_dir, name)
 
     def ensure_root(self, path: str, mode: int) -> None:
         """The upper root was made by mkdir, outside the overlay: give it a sane mode."""
@@ -383,6 +411,8 @@ class XattrMeta(NativeMeta):
 def for_upper(directory: str) -> NativeMeta:
     """The metadata keeper for an upper layer whose work dir is directory."""
     keeper = for_caps(caps_for(directory))
+    if isinstance(keeper, XattrMeta):
+        keeper.side_dir = directory
     if keeper.active and not keeps_trusted_xattrs(directory):
         keeper.kept_namespaces = ("trusted.",)
     return keeper

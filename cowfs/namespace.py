@@ -48,9 +48,10 @@ def _place(ov: Overlay, parent: Node, name: str, make: Callable[[str, bool], Non
     st = ov.upper.lstat(path)
     over_whiteout = (st is not None and ov.upper.is_whiteout(path, st)) \
         or ov.upper.has_prefix_whiteout(path) or ov.lower_visible(parent, path)
-    if over_whiteout:
+    # Where cowfs keeps the metadata (cowfs.meta) the entry gets it before it appears.
+    if over_whiteout or ov.upper.meta.active:
         tmp = ov.upper.temp_path()
-        make(tmp, True)
+        make(tmp, over_whiteout)
         ov.upper.install(tmp, path)
     else:
         make(ov.upper.path(path), False)
@@ -80,7 +81,7 @@ def create(ov: Overlay, parent: Node, name: str, mode: int, flags: int, uid: int
             os.fchown(fd, uid, gid)
         os.fchmod(fd, stat.S_IMODE(mode))
         if ov.upper.meta.active:
-            ov.upper.meta.record(None, fd=fd, mode=mode, uid=uid, gid=gid)
+            ov.upper.meta.record(None, fd=fd, mode=mode, uid=uid, gid=gid, fresh=True)
 
     try:
         _place(ov, parent, name, make)
@@ -99,16 +100,15 @@ def mkdir(ov: Overlay, parent: Node, name: str, mode: int, uid: int, gid: int) -
     def make(target: str, over_whiteout: bool) -> None:
         os.mkdir(target, 0o700)
         _chown(target, uid, gid)
+        if ov.upper.meta.active:
+            ov.upper.meta.record(target, mode=mode, uid=uid, gid=gid, fresh=True)
         if over_whiteout:
             # The lower directory of the same name must not merge into the new one.
             ov.upper.make_opaque_path(target)
 
     # The mode last: an unprivileged daemon could not move a 0555 directory out of the
     # work dir (rename rewrites its "..") nor mark it opaque.
-    target = ov.upper.path(_place(ov, parent, name, make))
-    os.chmod(target, stat.S_IMODE(mode))
-    if ov.upper.meta.active:
-        ov.upper.meta.record(target, mode=mode, uid=uid, gid=gid)
+    os.chmod(ov.upper.path(_place(ov, parent, name, make)), stat.S_IMODE(mode))
     return _new_node(ov, parent, name, is_dir=True)
 
 
@@ -120,10 +120,11 @@ def mknod(ov: Overlay, parent: Node, name: str, mode: int, rdev: int, uid: int,
         os.mknod(target, stat.S_IFMT(mode) | 0o600, rdev)
         _chown(target, uid, gid)
         os.chmod(target, stat.S_IMODE(mode))
+        if ov.upper.meta.active:
+            ov.upper.meta.clear_side(target)
+            ov.upper.meta.record(target, mode=mode, uid=uid, gid=gid, fresh=True)
 
-    path = _place(ov, parent, name, make)
-    if ov.upper.meta.active:  # in its final directory: a side record lives in the parent
-        ov.upper.meta.record(ov.upper.path(path), mode=mode, uid=uid, gid=gid)
+    _place(ov, parent, name, make)
     return _new_node(ov, parent, name, is_dir=False)
 
 
@@ -134,10 +135,11 @@ def symlink(ov: Overlay, parent: Node, name: str, target_path: str, uid: int,
     def make(target: str, _: bool) -> None:
         os.symlink(target_path, target)
         _chown(target, uid, gid)
+        if ov.upper.meta.active:
+            ov.upper.meta.clear_side(target)
+            ov.upper.meta.record(target, mode=0o777, uid=uid, gid=gid, fresh=True)
 
-    path = _place(ov, parent, name, make)
-    if ov.upper.meta.active:
-        ov.upper.meta.record(ov.upper.path(path), mode=0o777, uid=uid, gid=gid)
+    _place(ov, parent, name, make)
     return _new_node(ov, parent, name, is_dir=False)
 
 
@@ -146,9 +148,8 @@ def link(ov: Overlay, node: Node, parent: Node, name: str) -> Node:
         raise oserror(errno.EPERM)
     ov.copy_up(node)
     source = ov.upper.path(ov.path(node))
-    path = _place(ov, parent, name, lambda target, _: os.link(source, target))
-    if ov.upper.meta.active:
-        ov.upper.meta.linked(source, ov.upper.path(path))
+
+    _place(ov, parent, name, lambda target, _: os.link(source, target))
     st = os.lstat(source)
     ov.table.by_upper_id[(st.st_dev, st.st_ino)] = node
     ov.table.add_link(node, parent, name)
@@ -167,8 +168,10 @@ def _remove(ov: Overlay, parent: Node, name: str, want_dir: bool) -> None:
     attr = ov.getattr(node)
     path = join(ov.path(parent), name)
     needs_whiteout = ov.lower_visible(parent, path)
-    if node.upper and not is_dir and ov.upper.meta.active:
-        ov.upper.meta.forget(ov.upper.path(path))
+    if node.upper and not is_dir:
+        ov.removing_name(node, ov.path(parent))
+        if ov.upper.meta.active:
+            ov.upper.meta.forget(ov.upper.path(path))
     if node.upper and needs_whiteout:
         # Whiteouts inside a directory go with it (atomically): clearing them first would
         # let its lower content show through if we crashed before the whiteout is in place.
@@ -229,6 +232,8 @@ def rename(ov: Overlay, parent: Node, name: str, new_parent: Node, new_name: str
         if dst_dir and not ov.is_empty_dir(dst):
             raise oserror(errno.ENOTEMPTY)
     dst_attr = ov.getattr(dst) if dst is not None else None
+    if dst is not None and dst.upper:
+        ov.removing_name(dst, ov.path(new_parent))
     src_path = join(ov.path(parent), name)
     src_whiteout = ov.lower_visible(parent, src_path)
     if src_dir:

@@ -10,6 +10,7 @@ Namespace mutations (create, mkdir, unlink, rename, link...) live in cowfs.names
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -73,6 +74,8 @@ class Overlay:
         self.root = self.table.root
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
+        # node ino -> upper dirs where libfuse may hold .fuse_hidden names of its inode
+        self._hidden_in: dict[int, set[str]] = {}
 
     # -- names --------------------------------------------------------------------------
 
@@ -161,7 +164,10 @@ class Overlay:
             return self._detached_attr(node)
         if node.upper:
             upath = self.upper.path(path)
-            attr = self._upper_attr(upath, os.lstat(upath))
+            st = os.lstat(upath)
+            attr = self._upper_attr(upath, st)
+            if node.ino in self._hidden_in:
+                attr.nlink -= self._hidden_links(node, st)
             if node.children is not None:
                 attr.nlink = 2 + self._subdir_count(node)
             return attr
@@ -176,6 +182,23 @@ class Overlay:
             attr.mode, attr.uid, attr.gid, attr.atime_ns, attr.mtime_ns = \
                 self.upper.meta.attr(path, st, fd)
         return attr
+
+    def removing_name(self, node: Node, parent_path: str) -> None:
+        """An upper name of node in parent_path goes away. On a FUSE upper (ntfs-3g) the
+        name survives as `.fuse_hidden*` while the daemon holds the file open: its link must
+        not count (see _hidden_links)."""
+        if self.upper.fuse_hidden and node.handles and node.children is None:
+            # (Upper.clear_markers may park hidden names in the work dir.)
+            self._hidden_in.setdefault(node.ino, {self.upper.work}).add(
+                self.upper.path(parent_path))
+
+    def _hidden_links(self, node: Node, st: os.stat_result) -> int:
+        count = 0
+        for parent in self._hidden_in.get(node.ino, ()):
+            with contextlib.suppress(OSError), os.scandir(parent) as it:
+                count += sum(1 for de in it if de.name.startswith(".fuse_hidden")
+                             and de.inode() == st.st_ino)
+        return count
 
     def _detached_attr(self, node: Node) -> Attr:
         """A node whose last name is gone but which is still open or someone's cwd."""
@@ -344,6 +367,8 @@ class Overlay:
         os.close(h.fd)
         if h.node.handles is not None:
             h.node.handles.discard(fh)
+        if not h.node.handles:
+            self._hidden_in.pop(h.node.ino, None)  # libfuse drops its hidden names now
         self.table.maybe_drop(h.node)
 
     def setattr(self, node: Node, fh: int | None, *, size: int | None = None,
@@ -402,7 +427,7 @@ class Overlay:
         if target is None or is_private_xattr(name):
             raise oserror(errno.ENODATA)
         if node.upper:
-            name = self.upper.meta.xattr_name(name, target)
+            target, name = self.upper.meta.xattr_place(target, name)
         return os.getxattr(target, name, follow_symlinks=False)
 
     def listxattr(self, node: Node) -> list[str]:
@@ -410,7 +435,7 @@ class Overlay:
         if target is None:
             return []
         names = os.listxattr(target, follow_symlinks=False)
-        kept = self.upper.meta.kept_names(names) if node.upper else []
+        kept = self.upper.meta.kept_names(target, names) if node.upper else []
         return [n for n in names if not is_private_xattr(n)] + kept
 
     def setxattr(self, node: Node, name: str, value: bytes, flags: int = 0) -> None:
@@ -418,8 +443,8 @@ class Overlay:
             raise oserror(errno.EPERM)  # overlay markers cannot be forged through the mount
         self.copy_up(node)
         path = self.upper.path(self.path(node))
-        os.setxattr(path, self.upper.meta.xattr_name(name, path), value, flags,
-                    follow_symlinks=False)
+        where, as_name = self.upper.meta.xattr_place(path, name)
+        os.setxattr(where, as_name, value, flags, follow_symlinks=False)
         if name == ACL_ACCESS and self.upper.meta.keep_modes:
             # A mode set as an ACL (cp -p, sed -i): the upper filesystem ignored it.
             perms = mode_from_acl(value)
@@ -432,5 +457,5 @@ class Overlay:
             raise oserror(errno.ENODATA)
         self.getxattr(node, name)  # ENODATA before any copy-up
         self.copy_up(node)
-        path = self.upper.path(self.path(node))
-        os.removexattr(path, self.upper.meta.xattr_name(name, path), follow_symlinks=False)
+        where, as_name = self.upper.meta.xattr_place(self.upper.path(self.path(node)), name)
+        os.removexattr(where, as_name, follow_symlinks=False)

@@ -45,6 +45,9 @@ WH_OPAQUE = ".wh..wh..opq"
 _WORK_NAME = re.compile(r"[0-9a-f]{32}|\.cowfs-xattr-probe-[0-9a-f]{32}"
                         r"|\.cowfs-probe-[0-9a-z_]{8}")
 _INTENT = re.compile(r"intent-[0-9a-f]{32}")
+# libfuse (ntfs-3g...) renames a file unlinked while open to this until its last close; the
+# daemon holds the upper files its callers have open, so a FUSE upper has them now and then.
+_FUSE_HIDDEN = re.compile(r"\.fuse_hidden[0-9a-f]{16}")
 _NO_EXCHANGE = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
@@ -137,6 +140,7 @@ class Upper:
         self.xattrs = self.caps.user_xattrs if use_xattrs is None else use_xattrs
         self.meta = metadata.for_upper(self.work)
         self.exchange_ok = metadata.can_exchange(self.work)
+        self.fuse_hidden = self.caps.fstype.startswith("fuse")
         self.replay_intents()
         self.clean_work()
         self.meta.ensure_root(self.root, 0o755)
@@ -157,13 +161,12 @@ class Upper:
         return f"{self.root}/{rel}" if rel else self.root
 
     def rename(self, src: str, dst: str) -> None:
-        """rename(2) of upper-relative paths; side metadata follows the entry."""
+        """rename(2) of upper-relative paths."""
         self._rename(self.path(src), self.path(dst))
 
-    def _rename(self, src: str, dst: str) -> None:
+    @staticmethod
+    def _rename(src: str, dst: str) -> None:
         os.rename(src, dst)
-        if self.meta.active:
-            self.meta.moved(src, dst)
 
     # -- the intent journal (filesystems without RENAME_EXCHANGE) -----------------------------
 
@@ -228,6 +231,8 @@ class Upper:
         self._intent_done(intent, a.rpartition("/")[0], b.rpartition("/")[0])
 
     def lstat(self, rel: str) -> os.stat_result | None:
+        if self.fuse_hidden and _FUSE_HIDDEN.fullmatch(rel.rpartition("/")[2]):
+            return None  # not part of the view (nor is it ours to remove)
         try:
             return os.lstat(self.path(rel))
         except (FileNotFoundError, NotADirectoryError):
@@ -270,8 +275,6 @@ class Upper:
         if self.xattrs and self._rename_whiteout:
             try:
                 renameat2(self.path(src), self.path(dst), RENAME_WHITEOUT)
-                if self.meta.active:
-                    self.meta.moved(self.path(src), self.path(dst))
                 self._mark_parent(src.rpartition("/")[0])
                 return
             except OSError as exc:
@@ -369,6 +372,8 @@ class Upper:
                     if is_whiteout_stat(de.path, st):
                         whiteouts.add(name)
                         continue
+                if self.fuse_hidden and _FUSE_HIDDEN.fullmatch(name):
+                    continue
                 names.append(name)
         return names, whiteouts
 
@@ -382,6 +387,14 @@ class Upper:
         if not self.xattrs:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path(f"{rel}/{WH_OPAQUE}" if rel else WH_OPAQUE))
+        if self.fuse_hidden:
+            # Still-open removed files keep the directory from being removed: park them in
+            # the work dir (libfuse follows the rename; clean_work removes them later).
+            with os.scandir(self.path(rel)) as it:
+                hidden = [de.path for de in it if _FUSE_HIDDEN.fullmatch(de.name)]
+            for path in hidden:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(path, self.temp_path())
 
     def install(self, tmp: str, rel: str) -> None:
         """Atomically put a prepared temp entry at rel, replacing a whiteout if present."""

@@ -37,9 +37,10 @@ def _filesystem(directory: Path) -> dict[str, object] | None:
     except OSError:
         return None
     why = meta.refusal(caps, str(directory))
-    return {**caps.to_json(), "rename_exchange": exchange,
-            "metadata": meta.for_caps(caps).strategy if why is None else None,
-            "refused": why, "summary": meta.describe(caps)}
+    source = meta.mount_source(str(directory))
+    return {**caps.to_json(), "source": source, "rename_exchange": exchange,
+            "metadata": meta.for_upper(str(directory)).strategy if why is None else None,
+            "refused": why, "summary": meta.describe(caps, source)}
 
 
 def _fs_line(label: str, fs: dict[str, object] | None) -> str:

@@ -43,9 +43,14 @@ from tests.test_installer_e2e import EDITED, PKG, UDDER, cow, object_hashes, whe
 FSTYPE = {"ext4": "ext4", "ntfs": "fuse", "btrfs": "btrfs", "xfs": "xfs", "tmpfs": "tmpfs"}
 PLACEMENTS = ["upper", "store"]
 # Short, and no shrinking: a failure prints its steps without minutes of replays.
-SHORT_RUN = settings(max_examples=2, stateful_step_count=30, deadline=None, derandomize=True,
-                     database=None, suppress_health_check=list(HealthCheck),
-                     phases=[Phase.explicit, Phase.reuse, Phase.generate])
+# COWFS_DIFF_PROFILE=thorough (as for test_differential) runs many more, with shrinking.
+THOROUGH = os.environ.get("COWFS_DIFF_PROFILE") == "thorough"
+SHORT_RUN = settings(max_examples=40 if THOROUGH else 2,
+                     stateful_step_count=80 if THOROUGH else 30, deadline=None,
+                     derandomize=not THOROUGH, database=None,
+                     suppress_health_check=list(HealthCheck),
+                     phases=list(Phase) if THOROUGH else [Phase.explicit, Phase.reuse,
+                                                          Phase.generate])
 
 
 # -- fixtures -------------------------------------------------------------------------------
