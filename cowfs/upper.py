@@ -218,7 +218,15 @@ class Upper:
     def exchange(self, a: str, b: str) -> None:
         """renameat2(RENAME_EXCHANGE) of two upper entries, emulated where unsupported."""
         if self.exchange_ok:
+            before = {b: os.lstat(self.path(a)), a: os.lstat(self.path(b))}  # by new name
             renameat2(self.path(a), self.path(b), RENAME_EXCHANGE)
+            if a.rpartition("/")[0] != b.rpartition("/")[0]:
+                # xfs stamps a directory whose ".." an exchange rewrites with a new mtime;
+                # ext4 and a plain rename do not: the view keeps the entry's own times.
+                for rel, st in before.items():
+                    if stat.S_ISDIR(st.st_mode) and \
+                            os.lstat(self.path(rel)).st_mtime_ns != st.st_mtime_ns:
+                        os.utime(self.path(rel), ns=(st.st_atime_ns, st.st_mtime_ns))
             return
         if b.startswith(f"{a}/") or a.startswith(f"{b}/"):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), a)
