@@ -7,7 +7,6 @@ real site-packages, records the venv state, registers a gc root in the store and
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -75,19 +74,20 @@ def create_venv(path: Path, python: str | None, store: Store) -> tuple[VenvState
 
 def _check_filesystem(venv: Path) -> None:
     """Refuse, in one sentence and before anything is made, a filesystem that cannot hold
-    the venv's upper layer (cowfs.meta: neither user xattrs nor POSIX modes)."""
+    the venv's upper layer (cowfs.meta: neither user xattrs nor POSIX modes). Probed in the
+    venv dir or its nearest existing ancestor (same filesystem), leaving nothing behind."""
     from cowfs import meta
 
-    made = [p for p in (venv, *venv.parents) if not p.exists()]
-    venv.mkdir(parents=True, exist_ok=True)
+    probe_dir = venv
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir() or not os.access(probe_dir, os.W_OK | os.X_OK):
+        return  # creating the venv will say what is wrong
     try:
-        why = meta.refusal(meta.caps_for(str(venv)), str(venv))
+        why = meta.refusal(meta.caps_for(str(probe_dir)), str(venv))
     except OSError as exc:
-        why = f"cannot probe the filesystem at {venv}: {exc.strerror}"
+        why = f"cannot probe the filesystem at {probe_dir}: {exc.strerror}"
     if why is not None:
-        for p in made:  # innermost first
-            with contextlib.suppress(OSError):
-                p.rmdir()
         raise CowfsError(why)
 
 
