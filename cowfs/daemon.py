@@ -17,6 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cowfs import fuse_shim
+
+fuse_shim.preload()  # before pyfuse3 binds libfuse: lets the kernel cache listings
+
 import pyfuse3
 import trio
 
@@ -56,7 +60,9 @@ class Daemon:
             return {"ok": True, "pid": os.getpid(), "mountpoint": self.spec.mountpoint,
                     "upper": self.spec.upper, "venv": self.spec.venv,
                     "lowerdirs": self.spec.lowerdirs, "nodes": len(self.ov.table.by_ino),
-                    "open_files": len(self.ov.handles), "max_rss_kb": usage.ru_maxrss}
+                    "open_files": len(self.ov.handles), "max_rss_kb": usage.ru_maxrss,
+                    "kernel_dircache": self.ops.dirs_by_inode(),
+                    "listings_served": self.ops.listings_served}
         if op == "reload":
             await self.ops.settle()
             inv = swap_lower(self.ov, build_lower(self.spec))

@@ -6,7 +6,9 @@ for long and the page cache is kept across opens (`keep_cache`). When the daemon
 changes what the kernel cached (reload after an install, reset), it invalidates explicitly.
 
 `flush` answers ENOSYS once, which makes the kernel stop sending FLUSH on every close():
-writes go straight to the upper file, so there is nothing to flush.
+writes go straight to the upper file, so there is nothing to flush. `opendir` does the same
+when cowfs._fuse_shim tells readdir which directory it lists (see cowfs/fuse_shim.py): the
+kernel then caches listings and a warm directory scan costs no round trip at all.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from cowfs import namespace
+from cowfs import fuse_shim, namespace
 from cowfs.inode import Node
 from cowfs.overlay import Attr, Overlay
 
@@ -70,6 +72,9 @@ class CowfsOperations(pyfuse3.Operations):
         self._copying: dict[Node, trio.Event] = {}
         self._lower_entries: dict[int, pyfuse3.EntryAttributes] = {}
         self._lower_listings: dict[int, list[tuple[str, Node]]] = {}
+        self._upper_listings: dict[int, list[tuple[str, Node]]] = {}
+        self._dirs_by_inode: bool | None = None  # known once the session is live
+        self.listings_served = 0  # READDIRPLUS requests at offset 0 (status shows it)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -83,6 +88,7 @@ class CowfsOperations(pyfuse3.Operations):
         """The lower layer changed (reload, reset, repair): derived answers are stale."""
         self._lower_entries.clear()
         self._lower_listings.clear()
+        self._upper_listings.clear()
 
     def entry(self, node: Node, attr: Attr | None = None) -> pyfuse3.EntryAttributes:
         # A lower-only node's attributes are a pure function of the immutable lower entry:
@@ -212,41 +218,71 @@ class CowfsOperations(pyfuse3.Operations):
 
     # -- directories --------------------------------------------------------------------
 
-    @fuse_errors
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self.node(inode)
-        # A snapshot: offsets stay meaningful while the directory changes underneath. A
-        # lower-only directory cannot change without a copy-up, so its snapshot is reused.
-        listing = self._lower_listings.get(inode) if not node.upper else None
+    def listing(self, node: Node, fresh: bool = True) -> list[tuple[str, Node]]:
+        """A snapshot of a directory: offsets stay meaningful while it changes underneath.
+
+        A lower-only directory cannot change without a copy-up, so its snapshot is reused;
+        an upper one is taken anew when a listing starts (`fresh`).
+        """
+        cache = self._upper_listings if node.upper else self._lower_listings
+        listing = None if fresh and node.upper else cache.get(node.ino)
         if listing is None:
             listing = []
             for name in self.ov.listdir(node):
                 child = self.ov.lookup(node, name)
                 if child is not None:
                     listing.append((name, child))
-            if not node.upper:
-                self._lower_listings[inode] = listing
+            cache[node.ino] = listing
+        return listing
+
+    def dirs_by_inode(self) -> bool:
+        if self._dirs_by_inode is None:
+            self._dirs_by_inode = fuse_shim.readdir_by_inode()
+        return self._dirs_by_inode
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.node(inode)
+        if self.dirs_by_inode():
+            # From now on the kernel opens directories without asking and caches listings.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         dh = self._next_dh
         self._next_dh += 1
-        self._dirs[dh] = (node, listing)
+        self._dirs[dh] = (node, self.listing(node))
         return dh
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        parent, listing = self._dirs.get(fh, (self.ov.root, []))
-        for i in range(start_id, len(listing)):
+        self.listings_served += start_id == 0
+        if self.dirs_by_inode():
+            parent = self.node(fh)  # the shim passes the directory's inode as the handle
+            listing = self.listing(parent, fresh=start_id == 0)
+        else:
+            parent, listing = self._dirs.get(fh, (self.ov.root, []))
+        # "." and ".." first, as on disk filesystems. They also keep the kernel's cached
+        # listing non-empty: it revalidates an empty one by mtime only, which a daemon-side
+        # change (install, reset) does not touch, while a dropped page forces a re-read.
+        dots = ((b".", parent), (b"..", parent.parent or parent))
+        for i in range(start_id, len(dots)):
+            name_b, node = dots[i]
+            if not pyfuse3.readdir_reply(token, name_b, self.entry(node), i + 1):
+                return  # no lookup reference: the kernel plants no dentry for dot entries
+        for i in range(max(start_id - len(dots), 0), len(listing)):
             name, child = listing[i]
             # Readdirplus plants a dentry in the kernel for every entry: one for a name that
-            # was removed, renamed or replaced since opendir would bring the old file back.
+            # was removed, renamed or replaced since the listing began would bring the old
+            # file back.
             if (parent.children or {}).get(name) is not child:
                 continue
             try:
                 entry = self.entry(child)
             except FileNotFoundError:
                 continue
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, i + 1):
-                break
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, i + len(dots) + 1):
+                return
             child.nlookup += 1
+        if parent.upper:
+            self._upper_listings.pop(parent.ino, None)  # complete: the next one starts anew
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)

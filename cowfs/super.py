@@ -64,8 +64,11 @@ def _refresh_dir(ov: Overlay, old: Lower, new: Lower, node: Node, path: str,
     if node.lower is not None or old.lookup(path) is not None:
         before = set(old.listdir(path)) if old.lookup(path) is not None else set()
         after = set(new.listdir(path)) if node.lower is not None else set()
-        for name in before ^ after:
+        changed = before ^ after
+        for name in changed:
             inv.entries.append((node.ino, name))
+        if changed:
+            inv.inodes.append(node.ino)  # the kernel may hold the old listing
     for name, child in list((node.children or {}).items()):
         child_path = join(path, name)
         if child.parent is not node or child.name != name:

@@ -1,0 +1,37 @@
+"""Load cowfs._fuse_shim ahead of pyfuse3, so that the kernel may cache directory listings.
+
+The shim (cowfs/_fuse_shim.c) must sit in the global symbol scope before pyfuse3's extension
+binds libfuse (extension modules load with RTLD_NOW), so `preload()` runs before the first
+`import pyfuse3` of the daemon. Without it (not built, loaded too late, or disabled with
+COWFS_KERNEL_DIRCACHE=0) the daemon answers OPENDIR/READDIR/RELEASEDIR as usual.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import ModuleType
+
+_shim: ModuleType | None = None
+
+
+def preload() -> None:
+    global _shim
+    if _shim is not None or "pyfuse3" in sys.modules:
+        return
+    if os.environ.get("COWFS_KERNEL_DIRCACHE", "1") == "0":
+        return
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(flags | os.RTLD_GLOBAL)
+    try:
+        from cowfs import _fuse_shim  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    finally:
+        sys.setdlopenflags(flags)
+    _shim = _fuse_shim
+
+
+def readdir_by_inode() -> bool:
+    """True when the live session hands readdir the directory's inode instead of a handle."""
+    return _shim is not None and bool(_shim.readdir_by_inode())
