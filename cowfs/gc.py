@@ -53,6 +53,23 @@ def _same_dir(a: Path, b: Path) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def check_root(store: Store) -> None:
+    """Refuse a store root that cannot be a directory (COWFS_HOME naming a file, or a path
+    below one): reading it as an empty store would hide the mistake. A root that does not
+    exist yet is fine (an empty store)."""
+    for path in (store.root, *store.root.parents):
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # the nearest existing ancestor decides
+        except OSError:
+            return  # cannot tell (no search permission): let the caller's access decide
+        if stat.S_ISDIR(st.st_mode):
+            return
+        raise StoreError(f"store {store.root} is not a directory" if path == store.root
+                         else f"store {store.root} cannot exist: {path} is not a directory")
+
+
 def scan_roots(store: Store) -> list[Root]:
     roots: list[Root] = []
     for f in sorted(store.roots.glob("*.json")) if store.roots.is_dir() else ():
@@ -355,6 +372,7 @@ class GcReport:
 
 
 def collect(store: Store, dry_run: bool = False, now: float | None = None) -> GcReport:
+    check_root(store)
     rep = GcReport(dry_run)
     if not store.exists():
         return rep
@@ -445,6 +463,7 @@ def _tree_size(path: Path) -> tuple[int, int]:
 
 def usage(store: Store) -> dict[str, Any]:
     """Store size by part, roots, and logical (per-venv) vs physical size of what is live."""
+    check_root(store)
     objects = objects_bytes = objects_disk = 0
     obj_size: dict[str, int] = {}
     for digest, path in store.iter_objects():

@@ -90,6 +90,16 @@ BAD_VALUES = [
     ("adopt-cowfs-venv", ["adopt", "{v}"], "{v} is already a cowfs venv"),
     ("store-verify-file", ["store", "verify"], "no store at", "afile"),
     ("store-verify-missing", ["store", "verify"], "no store at", "nostore"),
+    # COWFS_HOME naming a file (or a path below one) is an error, not an empty store.
+    ("store-gc-file", ["store", "gc"], "store {cwd}/afile is not a directory", "afile"),
+    ("store-gc-dry-run-file", ["store", "gc", "--dry-run"], "store {cwd}/afile is not a dir",
+     "afile"),
+    ("store-du-file", ["store", "du"], "store {cwd}/afile is not a directory", "afile"),
+    ("store-du-json-file", ["store", "du", "--json"], "store {cwd}/afile is not a directory",
+     "afile"),
+    ("store-info-file", ["store", "info"], "store {cwd}/afile is not a directory", "afile"),
+    ("store-info-under-file", ["store", "info"],
+     "store {cwd}/afile/sub cannot exist: {cwd}/afile is not a directory", "afile/sub"),
 ]
 
 
