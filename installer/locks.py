@@ -147,7 +147,9 @@ def _evaluate(marker: Marker, markers: Markers, *, extra: str | None = None,
 
 def _pinned_version(req: Requirement) -> str | None:
     specs = list(req.specifier)
-    if len(specs) == 1 and specs[0].operator in ("==", "===") and "*" not in specs[0].version:
+    # packaging accepts "===" with an empty version: that pins nothing
+    if len(specs) == 1 and specs[0].operator in ("==", "===") and specs[0].version \
+            and "*" not in specs[0].version:
         return specs[0].version
     return None
 

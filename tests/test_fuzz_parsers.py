@@ -168,6 +168,7 @@ req_text = (st.lists(st.sampled_from(REQ_PIECES), max_size=12).map("".join)
 @given(req_text)
 @example("-r \0\n")
 @example("-r requirements.txt\n")
+@example("pkg===\n")  # packaging accepts "===" with an empty version
 @example("pkg @ http://[::1/pkg-1.0-py3-none-any.whl\n")
 @example("pkg==1.0 --hash=sha256:" + "a" * 64 + " --hash=sha256:" + "b" * 64 + "\n")
 def test_requirements_lock_reader(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
