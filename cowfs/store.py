@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -161,6 +160,8 @@ class Store:
 
     def temp_file(self, suffix: str = "") -> tuple[int, Path]:
         try:
+            import tempfile  # ~3 ms to import; a warm install writes no temp file
+
             fd, name = tempfile.mkstemp(dir=self.tmp, suffix=suffix)
         except OSError as exc:  # every new object or document starts here
             raise StoreError(f"store {self.root} is not writable: {exc.strerror}") from None

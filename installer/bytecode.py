@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from cowfs.manifest import FileEntry, Manifest, manifest_path, write_manifest
@@ -67,6 +66,8 @@ def ensure_bytecode(store: Store, manifest: Manifest, info: InterpreterInfo,
                if fe.path.endswith(".py")]
     if not sources:
         return None
+    import tempfile  # cold path only
+
     try:
         out = Path(tempfile.mkdtemp(dir=store.tmp, prefix="pyc-"))
     except OSError:

@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import http.client
 import os
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -111,6 +107,8 @@ class _Progress:
 
 
 def _reason(exc: BaseException) -> str:
+    import urllib.error
+
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}"
     if isinstance(exc, urllib.error.URLError):
@@ -126,6 +124,12 @@ def _reason(exc: BaseException) -> str:
 
 def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: threading.Event,
                    meter: _Progress, timeout: float) -> None:
+    # Imported here: a warm install downloads nothing and should not pay ~12 ms for them.
+    import http.client
+    import tempfile
+    import urllib.error
+    import urllib.request
+
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{pin.filename}.", suffix=".part")
     tmp = Path(name)
     try:

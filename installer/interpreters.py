@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -326,6 +325,8 @@ def _run_query(executable: str, timeout: float) -> Any:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.pop("__PYVENV_LAUNCHER__", None)
     host_packaging = os.path.dirname(os.path.abspath(packaging.__file__))
+    import tempfile  # cold path only
+
     with tempfile.TemporaryDirectory(prefix="cowfs-query-") as shim:
         os.symlink(host_packaging, os.path.join(shim, "packaging"))
         try:

@@ -17,7 +17,6 @@ import sys
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from email.parser import HeaderParser
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -351,6 +350,8 @@ def _pick(wheels: Sequence[_Wheel], version: str, rank: Mapping[str, int],
 
 @lru_cache(maxsize=4096)
 def _metadata_cached(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, ...], str | None]:
+    from email.parser import HeaderParser  # only when the wheel index has no answer
+
     del size, mtime_ns  # part of the cache key only: a rewritten file is read again
     with zipfile.ZipFile(path) as zf:
         names = [n for n in zf.namelist()

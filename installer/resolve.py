@@ -19,13 +19,11 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
-from urllib.request import url2pathname
 
 from packaging.tags import Tag
 from packaging.utils import (
@@ -69,7 +67,8 @@ def local_path(url: str) -> Path | None:
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             return None
-        return Path(url2pathname(parsed.path))
+        # urllib.request.url2pathname on POSIX, without importing urllib.request (~15 ms)
+        return Path(unquote(parsed.path))
     if parsed.scheme == "" and url:
         return Path(url)
     return None
@@ -120,6 +119,8 @@ def _run_pip(requirements: Sequence[str], python: Path, options: Sequence[str], 
     """One `pip install --dry-run --report` for the target interpreter; the parsed report."""
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise CowfsError(f"interpreter {python} does not exist or is not executable")
+    import tempfile  # pip runs only on the cold path
+
     with tempfile.TemporaryDirectory(prefix="cowfs-pip-") as tmp:
         report = Path(tmp, "report.json")
         args = list(options)

@@ -9,7 +9,6 @@ manifest; installer.scripts reuses the script-name and entry-point checks.
 from __future__ import annotations
 
 import base64
-import configparser
 import csv
 import io
 import keyword
@@ -23,7 +22,6 @@ from datetime import datetime, timezone
 from typing import IO
 from zipfile import BadZipFile, ZipFile, ZipInfo
 
-from packaging.metadata import parse_email
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import (
@@ -269,6 +267,8 @@ class Metadata:
 
 def parse_metadata(data: bytes, name: str, version: Version, wheel: str) -> Metadata:
     """METADATA's name and version must agree with the filename; requirements must parse."""
+    from packaging.metadata import parse_email  # ~7 ms of email modules: cold ingests only
+
     raw, unparsed = parse_email(data)
     meta_name, meta_version = raw.get("name"), raw.get("version")
     if not meta_name or not meta_version or {"name", "version"} & set(unparsed):
@@ -347,6 +347,8 @@ def check_record_coverage(
 
 def parse_entry_points(data: bytes, wheel: str) -> dict[str, dict[str, str]]:
     """All groups; console and GUI script names and targets are validated."""
+    import configparser  # cold ingests only
+
     # '=' only, as importlib.metadata splits; no [DEFAULT] merging into every group
     parser = configparser.ConfigParser(
         delimiters=("=",), interpolation=None, strict=True, default_section="\0"
