@@ -3,8 +3,9 @@
 Two sources, one interface (`Lower`):
 
 * `ManifestLower` -- built from store manifests: the union of the files of every installed
-  distribution, each backed by a content-addressed object. Built in memory in one pass
-  (~12k files in a few ms); nothing on disk is stat'ed until a file is opened.
+  distribution, each backed by a content-addressed object. Built in memory in one pass over
+  the directories of each manifest's layer (~20k files in a few ms); nothing on disk is
+  stat'ed until a file is opened.
 * `DirLower` -- one or more plain read-only directories, leftmost on top, merged the way
   `mount -t overlay -o lowerdir=A:B` merges them (generic overlay mode). Looked up lazily and
   memoised: the lower layer is immutable for the life of a mount.
@@ -16,12 +17,15 @@ from __future__ import annotations
 
 import os
 import stat
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from cowfs.layer import Layer, layer_of_entries
 from cowfs.manifest import FileEntry, Manifest
+from cowfs.store import DIGEST_LEN
 from cowfs.upper import is_opaque_dir, is_whiteout_stat
 
 DIR_MODE = stat.S_IFDIR | 0o755
@@ -64,39 +68,56 @@ class ManifestLower:
     """Merged view of distribution manifests plus venv-local extra files.
 
     Later entries win on a path clash, matching an installer that overwrites files
-    of a previously installed distribution.
+    of a previously installed distribution; a directory wins over a file of the same path.
+    Built from layers (cowfs.layer: files grouped by directory) in one pass over the
+    directories; a file's LowerEntry is made when it is first looked up.
     """
 
-    def __init__(self, objects_dir: Path, entries: Iterable[tuple[FileEntry, int]],
-                 uid: int = 0, gid: int = 0) -> None:
-        self._entries: dict[str, LowerEntry] = {}
-        self._children: dict[str, dict[str, None]] = {"": {}}
+    def __init__(self, objects_dir: Path, layers: Iterable[Layer], uid: int = 0,
+                 gid: int = 0) -> None:
+        self._root = os.fspath(objects_dir)
+        self._uid, self._gid = uid, gid
+        # Per file row, as arrays: extending one is a copy in C, no int object per row.
+        self._sizes, self._modes, self._mtimes = array("Q"), array("H"), array("q")
+        digests: list[str] = []
+        # directory -> {name: row of a file, None for a subdirectory}
+        self._children: dict[str, dict[str, int | None]] = {"": {}}
         self._subdirs: dict[str, int] = {"": 0}
-        root = os.fspath(objects_dir)
-        dir_entry_cache: dict[int, LowerEntry] = {}
-        for fe, mtime_ns in entries:
-            src = f"{root}/{fe.digest[:2]}/{fe.digest[2:]}"
-            path = fe.path
-            self._entries[path] = LowerEntry(stat.S_IFREG | fe.mode, fe.size, mtime_ns, src,
-                                             uid, gid, 0, mtime_ns)
-            parent, _, name = path.rpartition("/")
-            kids = self._children.get(parent)
-            if kids is None:
-                self._add_dirs(parent, mtime_ns, uid, gid, dir_entry_cache)
-                kids = self._children[parent]
-            kids[name] = None
+        self._entries: dict[str, LowerEntry] = {}  # directories; files once looked up
+        children, subdirs, entries = self._children, self._subdirs, self._entries
+        base = 0
+        for layer in layers:
+            mtime_ns, names, n = layer.mtime_ns, layer.names, len(layer.names)
+            digests.append(layer.digests)
+            self._sizes.extend(array("Q", layer.sizes))
+            self._modes.extend(array("H", layer.modes))
+            self._mtimes.extend(array("q", (mtime_ns,)) * n)
+            dir_entry = LowerEntry(DIR_MODE, 4096, mtime_ns, None, uid, gid, 0, mtime_ns)
+            at = base
+            for d, count in zip(layer.dirs, layer.counts):  # noqa: B905 (checked: decode)
+                kids = children.get(d)
+                if kids is None:  # a new directory; inlined: ~2k of them on a reload
+                    parent, _, name = d.rpartition("/")
+                    if parent not in children:
+                        self._add_dirs(parent, dir_entry)
+                    children[parent][name] = None
+                    subdirs[parent] += 1
+                    kids = children[d] = {}
+                    subdirs[d] = 0
+                    entries[d] = dir_entry
+                if count:
+                    end = at + count
+                    kids.update(zip(names[at - base:end - base], range(at, end)))  # noqa: B905
+                    at = end
+            base += n
+        self._digests = "".join(digests)
 
-    def _add_dirs(self, path: str, mtime_ns: int, uid: int, gid: int,
-                  cache: dict[int, LowerEntry]) -> None:
+    def _add_dirs(self, path: str, entry: LowerEntry) -> None:
         """Create path and any missing ancestors as directories."""
         missing = []
         while path not in self._children:
             missing.append(path)
             path = path.rpartition("/")[0]
-        entry = cache.get(mtime_ns)
-        if entry is None:
-            entry = cache[mtime_ns] = LowerEntry(DIR_MODE, 4096, mtime_ns, None, uid, gid, 0,
-                                                 mtime_ns)
         for d in reversed(missing):
             parent, _, name = d.rpartition("/")
             self._children[parent][name] = None
@@ -109,22 +130,31 @@ class ManifestLower:
     def from_manifests(cls, objects_dir: Path, manifests: Sequence[Manifest],
                        extra: Sequence[FileEntry] = (), uid: int = 0,
                        gid: int = 0) -> ManifestLower:
-        def rows() -> Iterable[tuple[FileEntry, int]]:
-            for m in manifests:
-                for fe in m.files:
-                    yield fe, m.mtime_ns
-            for fe in extra:
-                yield fe, manifests[0].mtime_ns if manifests else 0
-
-        return cls(objects_dir, rows(), uid, gid)
+        layers = [layer_of_entries(m.mtime_ns, m.files) for m in manifests]
+        layers.append(layer_of_entries(manifests[0].mtime_ns if manifests else 0, extra))
+        return cls(objects_dir, layers, uid, gid)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        files = sum(1 for d, kids in self._children.items() for name, row in kids.items()
+                    if row is not None and join(d, name) not in self._children)
+        return files + len(self._children) - 1  # the root is no entry
 
     def lookup(self, path: str) -> LowerEntry | None:
+        entry = self._entries.get(path)
+        if entry is not None:
+            return entry
         if not path:
-            return self._entries.get("") or LowerEntry(DIR_MODE, 4096, 0, None)
-        return self._entries.get(path)
+            return LowerEntry(DIR_MODE, 4096, 0, None)
+        parent, _, name = path.rpartition("/")
+        kids = self._children.get(parent)
+        i = kids.get(name) if kids is not None else None
+        if i is None:
+            return None
+        d, mtime_ns = self._digests[DIGEST_LEN * i:DIGEST_LEN * (i + 1)], self._mtimes[i]
+        entry = LowerEntry(stat.S_IFREG | self._modes[i], self._sizes[i], mtime_ns,
+                           f"{self._root}/{d[:2]}/{d[2:]}", self._uid, self._gid, 0, mtime_ns)
+        self._entries[path] = entry  # two threads at once just build two equal entries
+        return entry
 
     def listdir(self, path: str) -> list[str]:
         return list(self._children.get(path, ()))

@@ -267,13 +267,20 @@ class Store:
 
     # -- small JSON documents (manifests, roots) ----------------------------------------
 
-    def write_json(self, path: Path, doc: Any) -> None:
-        """Atomic JSON write: tmp in the store, fsync, rename, fsync the directory."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def write_json(self, path: Path, doc: Any) -> bytes:
+        """Atomic JSON write (see write_bytes); returns the bytes written."""
         data = json.dumps(doc, indent=1, sort_keys=True).encode()
-        fd, tmp = self.temp_file(".json")
+        self.write_bytes(path, data, suffix=".json")
+        return data
+
+    def write_bytes(self, path: Path, data: bytes, *, suffix: str = "") -> None:
+        """Atomic write: tmp in the store, fsync, rename, fsync the directory."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = self.temp_file(suffix)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             os.fchmod(fd, 0o644)
             os.fsync(fd)
         finally:

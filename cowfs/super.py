@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cowfs.inode import Node
+from cowfs.layer import layer_of_entries, read_layer
 from cowfs.lower import DirLower, Lower, ManifestLower, join
-from cowfs.manifest import read_manifest
 from cowfs.overlay import Overlay
 from cowfs.spec import MountSpec, VenvState
 from cowfs.store import Store
 from cowfs.upper import Upper
+
+log = logging.getLogger("cowfs.super")
 
 
 def build_lower(spec: MountSpec) -> Lower:
@@ -20,10 +23,14 @@ def build_lower(spec: MountSpec) -> Lower:
         state = VenvState.load(Path(spec.venv))
         store = Store(state.store)
         # Bytecode first: later manifests win a clash, and a wheel's own file must win.
-        manifests = [read_manifest(store, d) for d in [*state.bytecode, *state.dists]]
+        missing: list[str] = []
+        layers = [read_layer(store, d, missing) for d in [*state.bytecode, *state.dists]]
+        if missing:
+            log.info("%d manifests have no compiled layer (read as JSON): %s", len(missing),
+                     ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else ""))
+        layers.append(layer_of_entries(layers[0].mtime_ns if layers else 0, state.extra))
         st = os.stat(state.venv)
-        return ManifestLower.from_manifests(store.objects, manifests, state.extra,
-                                            uid=st.st_uid, gid=st.st_gid)
+        return ManifestLower(store.objects, layers, uid=st.st_uid, gid=st.st_gid)
     return DirLower([Path(p) for p in spec.lowerdirs])
 
 

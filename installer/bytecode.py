@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from cowfs.manifest import FileEntry, Manifest, manifest_path, write_manifest
+from cowfs.manifest import Dist, FileEntry, Manifest, manifest_path, read_manifest, write_manifest
 from cowfs.store import Store
 from installer.interpreters import InterpreterInfo
 
@@ -55,13 +55,21 @@ def bytecode_id(dist_id: str, tag: str) -> str:
     return f"{dist_id}.{tag}"
 
 
-def ensure_bytecode(store: Store, manifest: Manifest, info: InterpreterInfo,
+def bytecode_if_compiled(store: Store, manifest: Dist, info: InterpreterInfo) -> str | None:
+    """Id of the distribution's bytecode manifest for this interpreter if it exists."""
+    ident = bytecode_id(manifest.id, cache_tag(info))
+    # A manifest is written last, so one that exists is complete.
+    return ident if manifest_path(store, ident).exists() else None
+
+
+def ensure_bytecode(store: Store, dist: Dist, info: InterpreterInfo,
                     python: Path) -> str | None:
     """Id of the distribution's bytecode manifest for this interpreter, compiling if new."""
     tag = cache_tag(info)
-    ident = bytecode_id(manifest.id, tag)
+    ident = bytecode_id(dist.id, tag)
     if manifest_path(store, ident).exists():  # written last, so it is complete
         return ident
+    manifest = dist if isinstance(dist, Manifest) else read_manifest(store, dist.id)
     sources = [(fe.path, str(store.object_path(fe.digest))) for fe in manifest.files
                if fe.path.endswith(".py")]
     if not sources:

@@ -19,7 +19,7 @@ from pathlib import Path
 import xxhash
 
 from cowfs.errors import StoreError
-from cowfs.manifest import FileEntry, Manifest, check_relpath
+from cowfs.manifest import Dist, FileEntry, check_relpath
 from cowfs.store import CHUNK, Store
 from installer.wheel_archive import (
     SCRIPT_GROUPS,
@@ -124,7 +124,7 @@ def _python_version(venv: Path, python_exe: Path, purelib: Path | None) -> str:
     return out
 
 
-def _check_paths(manifest: Manifest) -> list[str]:
+def _check_paths(manifest: Dist) -> list[str]:
     """Script names stay in bin, targets are sane, other paths stay below their directory.
 
     Manifest parsing checks paths but not script names or entry points, and an in-memory
@@ -146,7 +146,7 @@ def _check_paths(manifest: Manifest) -> list[str]:
 
 def install_venv_files(
     store: Store,
-    manifest: Manifest,
+    manifest: Dist,
     venv: Path,
     python_exe: Path,
     *,
@@ -204,7 +204,7 @@ def _remove(path: Path, stop: set[Path]) -> None:
         parent = parent.parent
 
 
-def remove_venv_files(manifest: Manifest, venv: Path) -> None:
+def remove_venv_files(manifest: Dist, venv: Path) -> None:
     """Undo install_venv_files: remove exactly the paths it writes for this manifest.
 
     Headers are looked for under every include/site/python*/<name> (the version is not

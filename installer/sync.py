@@ -14,7 +14,6 @@ import fcntl
 import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,17 +22,18 @@ from packaging.utils import canonicalize_name
 from cowfs import control
 from cowfs import mount as mounting
 from cowfs.errors import CowfsError
-from cowfs.manifest import FileEntry, Manifest, read_manifest
+from cowfs.layer import ensure_layer, read_head
+from cowfs.manifest import Dist, FileEntry
 from cowfs.spec import VenvState
 from cowfs.store import Store
-from installer.bytecode import ensure_bytecode
+from installer.bytecode import bytecode_if_compiled, ensure_bytecode
 from installer.fetch import fetch
 from installer.interpreters import InterpreterInfo
 from installer.locks import pins_from_local_wheels
 from installer.resolve import Pin, local_path, resolve
 from installer.scripts import install_venv_files, remove_venv_files
 from installer.venv import ensure_mounted
-from installer.wheel import ingest_wheel, venv_extra_files
+from installer.wheel import ingest_wheel, ingested_manifest, venv_extra_files
 
 
 @dataclass
@@ -91,24 +91,38 @@ def plan(request: Request, info: InterpreterInfo, store: Store, python: Path) ->
 
 
 def _ingest_all(store: Store, pins: Sequence[Pin], paths: dict[str, Path],
-                info: InterpreterInfo) -> dict[str, Manifest]:
-    """Ingest in parallel: unzip and hashing release the GIL; a warm ingest is a lookup."""
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        futures = {p.name: pool.submit(ingest_wheel, store, paths[p.name],
-                                       supported_tags=info.tags) for p in pins}
-        return {name: f.result() for name, f in futures.items()}
+                info: InterpreterInfo) -> dict[str, Dist]:
+    """Warm wheels are a lookup each; the rest are ingested in parallel (unzip and hashing
+    release the GIL). No thread pool when all are warm: threads only add overhead then."""
+    known = {p.name: ingested_manifest(store, paths[p.name], supported_tags=info.tags)
+             for p in pins}
+    cold = [p for p in pins if known[p.name] is None]
+    if cold:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+            futures = {p.name: pool.submit(ingest_wheel, store, paths[p.name],
+                                           supported_tags=info.tags) for p in cold}
+            known.update({name: f.result() for name, f in futures.items()})
+    return {name: m for name, m in known.items() if m is not None}
 
 
-def _dist_info_prefix(m: Manifest) -> str:
+def _dist_info_prefix(m: Dist) -> str:
     return f"{m.dist_info}/"
 
 
-def _bytecode(store: Store, manifests: Sequence[Manifest], info: InterpreterInfo,
+def _bytecode(store: Store, manifests: Sequence[Dist], info: InterpreterInfo,
               python: Path) -> list[str]:
     """Shared pyc manifests for these distributions; compiled once per interpreter."""
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        ids = pool.map(lambda m: ensure_bytecode(store, m, info, python), manifests)
-        return [i for i in ids if i is not None]
+    known = {m.id: bytecode_if_compiled(store, m, info) for m in manifests}
+    cold = [m for m in manifests if known[m.id] is None]
+    if cold:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+            ids = pool.map(lambda m: ensure_bytecode(store, m, info, python), cold)
+            known.update(zip([m.id for m in cold], ids, strict=True))
+    return [i for i in known.values() if i is not None]
 
 
 def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[Pin], *,
@@ -135,9 +149,9 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
     paths = fetch(pins, (store if store.exists() else store.ensure()).wheels,
                   progress=not quiet)
     new = _ingest_all(store, pins, paths, info)
-    current = {canonicalize_name(m.name): m for m in (read_manifest(store, d)
+    current = {canonicalize_name(m.name): m for m in (read_head(store, d)
                                                         for d in state.dists)}
-    wanted: dict[str, Manifest] = {} if exact else dict(current)
+    wanted: dict[str, Dist] = {} if exact else dict(current)
     for name, manifest in new.items():
         wanted[canonicalize_name(name)] = manifest
     requested = {canonicalize_name(n) for n in state.requested}
@@ -168,6 +182,8 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
         state.bytecode = [b for b in state.bytecode if b.rpartition(".")[0] in state.dists]
     state.extra = _dedup(extra)
     state.requested = sorted(requested)
+    for ident in [*state.bytecode, *state.dists]:
+        ensure_layer(store, ident)  # what the daemon loads (it falls back to the manifest)
     state.save()
     return summary
 
@@ -183,7 +199,7 @@ def uninstall(state: VenvState, store: Store, names: Sequence[str]) -> Summary:
     extra = list(state.extra)
     found: set[str] = set()
     for dist_id in state.dists:
-        m = read_manifest(store, dist_id)
+        m = read_head(store, dist_id)
         name = canonicalize_name(m.name)
         if name in wanted:
             found.add(name)

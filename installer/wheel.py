@@ -28,7 +28,16 @@ from packaging.utils import NormalizedName
 from packaging.version import Version
 
 from cowfs.errors import StoreError
-from cowfs.manifest import DATA_KEYS, FileEntry, Manifest, read_manifest, write_manifest
+from cowfs.layer import read_head
+from cowfs.manifest import (
+    DATA_KEYS,
+    Dist,
+    FileEntry,
+    Manifest,
+    ManifestHead,
+    read_manifest,
+    write_manifest,
+)
 from cowfs.store import CHUNK, Store
 from installer import wheel_index
 from installer.wheel_archive import (
@@ -54,7 +63,8 @@ from installer.wheel_archive import (
     split_python_shebang,
 )
 
-__all__ = ["WheelError", "ingest_wheel", "read_wheel_metadata", "venv_extra_files"]
+__all__ = ["WheelError", "ingest_wheel", "ingested_manifest", "read_wheel_metadata",
+           "venv_extra_files"]
 
 # dist-info files never taken from the wheel: RECORD and its signatures are regenerated for
 # the installed layout; INSTALLER is ours; REQUESTED and direct_url.json are per venv.
@@ -243,6 +253,31 @@ def _open_wheel(wheel_path: Path) -> IO[bytes]:
         raise WheelError(f"cannot read wheel {wheel_path}: {exc.strerror}") from None
 
 
+def _name_checked(wheel: str, supported_tags: Sequence[str] | None) -> tuple[
+        NormalizedName, Version, list[str]]:
+    name, version, tags = parse_filename(wheel)
+    if supported_tags is not None and not set(tags) & set(supported_tags):
+        raise WheelError(
+            f"wheel {wheel} is not compatible with this interpreter (tags {', '.join(tags)})"
+        )
+    return name, version, tags
+
+
+def ingested_manifest(
+    store: Store, wheel_path: Path, *, supported_tags: Sequence[str] | None = None
+) -> ManifestHead | None:
+    """The manifest (without its files) of this unchanged wheel file if it was ingested
+    before (the warm path: no hashing, no unzipping, no JSON rows), else None."""
+    name, version, _tags = _name_checked(wheel_path.name, supported_tags)
+    known = wheel_index.get(store, wheel_path).get("sha256")
+    if isinstance(known, str):
+        try:
+            return read_head(store, f"{name}-{version}-{known[:16]}")
+        except StoreError:
+            pass
+    return None
+
+
 def ingest_wheel(
     store: Store,
     wheel_path: Path | str,
@@ -258,11 +293,7 @@ def ingest_wheel(
     """
     wheel_path = Path(wheel_path)
     wheel = wheel_path.name
-    name, version, tags = parse_filename(wheel)
-    if supported_tags is not None and not set(tags) & set(supported_tags):
-        raise WheelError(
-            f"wheel {wheel} is not compatible with this interpreter (tags {', '.join(tags)})"
-        )
+    name, version, tags = _name_checked(wheel, supported_tags)
     if not force:
         known = wheel_index.get(store, wheel_path).get("sha256")
         if isinstance(known, str):
@@ -317,7 +348,7 @@ def read_wheel_metadata(wheel_path: Path | str) -> tuple[str, str, list[str], st
 
 
 def venv_extra_files(
-    store: Store, manifest: Manifest, *, requested: bool, direct_url: dict[str, Any] | None
+    store: Store, manifest: Dist, *, requested: bool, direct_url: dict[str, Any] | None
 ) -> list[FileEntry]:
     """REQUESTED and direct_url.json, stored as objects, for one venv's own layer.
 

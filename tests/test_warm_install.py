@@ -1,0 +1,97 @@
+"""The warm install path: manifest heads and compiled sidecars on a real mount.
+
+A warm `cowfs install` must give exactly what a cold one gives; the caches it reads are
+only trusted while what they were computed from is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cowfs import control
+from cowfs.layer import layer_path
+from cowfs.spec import VenvState
+from cowfs.store import Store
+from tests import wheelbuild
+from tests.conftest import force_unmount
+
+
+def _cowfs(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "cowfs", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _wheels(d: Path) -> Path:
+    d.mkdir(exist_ok=True)
+    wheelbuild.build(d, {"alpha/__init__.py": b"A = 1\n", "alpha/sub/data.txt": b"alpha\n"},
+                     name="alpha", version="1.0", meta_extra="Requires-Dist: beta==2.0\n")
+    wheelbuild.build(d, {"beta/__init__.py": b"def main():\n    print('beta')\n"},
+                     name="beta", version="2.0", meta_extra="",
+                     entry_points="[console_scripts]\nbeta = beta:main\n")
+    return d
+
+
+@pytest.fixture
+def venv(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        v = tmp_path / name
+        _cowfs("venv", str(v))
+        made.append(v)
+        return v
+
+    yield make
+    for v in made:
+        force_unmount(str(VenvState.load(v).site_packages))
+
+
+def test_warm_install_serves_the_files_from_sidecars(
+        tmp_path: Path, venv: Callable[[str], Path]) -> None:
+    wheels, req = _wheels(tmp_path / "wheels"), tmp_path / "req.txt"
+    req.write_text("alpha==1.0\nbeta==2.0\n")
+    cold, warm = venv("cold"), venv("warm")
+    for v in (cold, warm):
+        out = _cowfs("install", "--venv", str(v), "-r", str(req), "--no-index",
+                     "--find-links", str(wheels), "--json").stdout
+        assert json.loads(out)["resolver"] == "local"
+        state = VenvState.load(v)
+        assert (state.site_packages / "alpha" / "sub" / "data.txt").read_text() == "alpha\n"
+        assert (state.site_packages / "beta-2.0.dist-info" / "REQUESTED").exists()
+        assert (v / "bin" / "beta").read_text().startswith(f"#!{v}/bin/python")
+        log = state.log.read_text()
+        assert "reading the manifest" not in log and "reloaded lower" in log
+        store = Store(state.store)
+        assert all(layer_path(store, d).is_file() for d in [*state.dists, *state.bytecode])
+
+
+def test_daemon_falls_back_to_the_manifest_on_a_damaged_sidecar(
+        tmp_path: Path, venv: Callable[[str], Path]) -> None:
+    wheels = _wheels(tmp_path / "wheels")
+    v = venv("v")
+    _cowfs("install", "--venv", str(v), "alpha==1.0", "beta==2.0", "--no-index",
+           "--find-links", str(wheels))
+    state = VenvState.load(v)
+    store = Store(state.store)
+    alpha = next(d for d in state.dists if d.startswith("alpha-"))
+    sidecar = layer_path(store, alpha)
+    data = bytearray(sidecar.read_bytes())
+    data[-40] ^= 0xFF
+    os.chmod(sidecar, 0o644)
+    sidecar.write_bytes(bytes(data))
+    control.request(state.mount_spec().socket, "reload")
+    assert "checksum mismatch" in state.log.read_text()
+    assert (state.site_packages / "alpha" / "sub" / "data.txt").read_text() == "alpha\n"
+    assert (state.site_packages / "alpha" / "__init__.py").read_text() == "A = 1\n"
+    # The next install (here: a no-op) puts an intact sidecar back.
+    _cowfs("install", "--venv", str(v), "alpha==1.0", "--no-index", "--find-links", str(wheels))
+    assert sidecar.read_bytes() != bytes(data)
