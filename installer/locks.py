@@ -93,21 +93,27 @@ def _option(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
-def _read_requirement_file(path: Path, markers: Markers, depth: int = 0) -> list[_Line]:
-    """Requirement lines that apply under `markers`; `-r` is followed, other options refused."""
+def _read_requirement_file(path: Path, markers: Markers, depth: int = 0,
+                           read: list[tuple[Path, str]] | None = None) -> list[_Line]:
+    """Requirement lines that apply under `markers`; `-r` is followed, other options refused.
+
+    Each file's text is appended to `read` as it is parsed (for installer.plan_cache).
+    """
     if depth > 20:
         raise CowfsError(f"{path}: -r nesting too deep (a cycle?)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, ValueError) as exc:  # ValueError: undecodable, or a NUL in `-r` path
         raise CowfsError(f"cannot read requirements file {path}: {exc}") from None
+    if read is not None:
+        read.append((path, text))
     out: list[_Line] = []
     for number, line in _logical_lines(text):
         where = f"{path}:{number}"
         if line.startswith("-"):
             opt, value = _option(line)
             if opt in ("-r", "--requirement"):
-                out += _read_requirement_file(path.parent / value, markers, depth + 1)
+                out += _read_requirement_file(path.parent / value, markers, depth + 1, read)
             elif opt in ("-e", "--editable"):
                 raise CowfsError(f"{where}: editable requirements are not supported: {line}")
             elif opt not in _IGNORED_OPTIONS:
@@ -383,6 +389,7 @@ def pins_from_local_wheels(
     markers: Markers,
     *,
     requirement_files: Sequence[Path] = (),
+    read: list[tuple[Path, str]] | None = None,
 ) -> list[Pin] | None:
     """Pins for an exactly pinned, dependency-closed set of wheels already on disk, or None.
 
@@ -394,7 +401,7 @@ def pins_from_local_wheels(
     try:
         lines = [_Line(Requirement(r), (), "argument") for r in requirements]
         for req_file in requirement_files:
-            lines += _read_requirement_file(Path(req_file), env)
+            lines += _read_requirement_file(Path(req_file), env, read=read)
     except (InvalidRequirement, CowfsError):
         return None
     top: dict[str, _Line] = {}

@@ -26,6 +26,7 @@ from cowfs.layer import ensure_layer, read_head
 from cowfs.manifest import Dist, FileEntry
 from cowfs.spec import VenvState
 from cowfs.store import Store
+from installer import plan_cache
 from installer.bytecode import bytecode_if_compiled, ensure_bytecode
 from installer.fetch import fetch
 from installer.interpreters import InterpreterInfo
@@ -79,9 +80,17 @@ def plan(request: Request, info: InterpreterInfo, store: Store, python: Path) ->
     """Pins for the request: the local pip-sync fast path when it applies, else pip."""
     local = (local_path(p) for p in request.find_links)
     wheel_dirs = [store.wheels] + [p for p in local if p is not None and p.is_dir()]
+    key = (list(request.requirements), request.requirement_files, wheel_dirs, info.tags,
+           info.markers)
+    if (pins := plan_cache.lookup(store, *key)) is not None:
+        return pins, "local"
+    wheels = plan_cache.wheels_state(wheel_dirs)
+    read: list[tuple[Path, str]] = []
     pins = pins_from_local_wheels(list(request.requirements), wheel_dirs, info.tags,
-                                  info.markers, requirement_files=request.requirement_files)
+                                  info.markers, requirement_files=request.requirement_files,
+                                  read=read)
     if pins is not None:
+        plan_cache.record(store, *key, wheels=wheels, read=read, pins=pins)
         return pins, "local"
     return resolve(list(request.requirements), python=python,
                    requirement_files=request.requirement_files,

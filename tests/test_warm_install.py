@@ -1,4 +1,4 @@
-"""The warm install path: manifest heads and compiled sidecars on a real mount.
+"""The warm install path: planning cache, manifest heads and compiled sidecars on a real mount.
 
 A warm `cowfs install` must give exactly what a cold one gives; the caches it reads are
 only trusted while what they were computed from is unchanged.
@@ -19,6 +19,8 @@ from cowfs import control
 from cowfs.layer import layer_path
 from cowfs.spec import VenvState
 from cowfs.store import Store
+from installer import locks, plan_cache, sync
+from installer.interpreters import query_interpreter
 from tests import wheelbuild
 from tests.conftest import force_unmount
 
@@ -72,6 +74,7 @@ def test_warm_install_serves_the_files_from_sidecars(
         assert "reading the manifest" not in log and "reloaded lower" in log
         store = Store(state.store)
         assert all(layer_path(store, d).is_file() for d in [*state.dists, *state.bytecode])
+    assert len(list(Store(VenvState.load(cold).store).root.glob("plans/*.json"))) == 1
 
 
 def test_daemon_falls_back_to_the_manifest_on_a_damaged_sidecar(
@@ -95,3 +98,62 @@ def test_daemon_falls_back_to_the_manifest_on_a_damaged_sidecar(
     # The next install (here: a no-op) puts an intact sidecar back.
     _cowfs("install", "--venv", str(v), "alpha==1.0", "--no-index", "--find-links", str(wheels))
     assert sidecar.read_bytes() != bytes(data)
+
+
+# -- the planning cache, in process ---------------------------------------------------------
+
+
+@pytest.fixture
+def planning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
+        Callable[[], list[str]]]:
+    store = Store(tmp_path / "store").ensure()
+    info = query_interpreter(sys.executable, store)
+    wheels = _wheels(tmp_path / "wheels")
+    (tmp_path / "base.txt").write_text("beta==2.0\n")
+    (tmp_path / "req.txt").write_text("-r base.txt\nalpha==1.0\n")
+    computed: list[int] = []
+    real = locks.pins_from_local_wheels
+
+    def counting(*args: object, **kw: object) -> object:
+        computed.append(1)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sync, "pins_from_local_wheels", counting)
+    request = sync.Request(requirement_files=[tmp_path / "req.txt"], find_links=[str(wheels)],
+                           no_index=True)
+
+    def plan() -> list[str]:
+        pins, how = sync.plan(request, info, store, Path(sys.executable))
+        assert how == "local"
+        return [f"{p.name}=={p.version}:{len(computed)}" for p in pins]
+
+    yield plan
+
+
+def test_plan_cache_hits_only_while_its_inputs_are_unchanged(
+        tmp_path: Path, planning: Callable[[], list[str]]) -> None:
+    assert planning() == ["beta==2.0:1", "alpha==1.0:1"]
+    assert planning() == ["beta==2.0:1", "alpha==1.0:1"]  # no new computation
+    (tmp_path / "base.txt").write_text("beta==2.0\n# edited\n")  # an included file
+    assert planning() == ["beta==2.0:2", "alpha==1.0:2"]
+    assert planning() == ["beta==2.0:2", "alpha==1.0:2"]
+    wheel = next((tmp_path / "wheels").glob("alpha-*.whl"))
+    wheel.write_bytes(wheel.read_bytes())  # rewritten in place: new ctime and mtime
+    assert planning() == ["beta==2.0:3", "alpha==1.0:3"]
+    wheelbuild.build(tmp_path / "wheels", {"x/__init__.py": b""}, name="unrelated",
+                     meta_extra="")
+    assert planning() == ["beta==2.0:4", "alpha==1.0:4"]  # any new wheel: recomputed
+
+
+def test_plan_cache_entry_damage_is_a_miss(tmp_path: Path,
+                                           planning: Callable[[], list[str]]) -> None:
+    planning()
+    (entry,) = (tmp_path / "store" / "plans").glob("*.json")
+    doc = json.loads(entry.read_text())
+    doc["pins"][0]["requested"] = "yes"
+    entry.write_text(json.dumps(doc))
+    assert planning() == ["beta==2.0:2", "alpha==1.0:2"]
+    entry.write_text("{")
+    assert planning() == ["beta==2.0:3", "alpha==1.0:3"]
+    assert planning() == ["beta==2.0:3", "alpha==1.0:3"]
+    assert plan_cache.FORMAT == 1
