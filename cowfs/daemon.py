@@ -19,7 +19,7 @@ from typing import Any
 
 from cowfs import fuse_shim
 
-fuse_shim.preload()  # before pyfuse3 binds libfuse: lets the kernel cache listings
+fuse_shim.preload()  # before pyfuse3 binds libfuse: lets the kernel cache opens, listings
 
 import pyfuse3
 import trio
@@ -41,6 +41,10 @@ class Daemon:
     # -- kernel cache invalidation --------------------------------------------------------
 
     async def invalidate(self, inv: Invalidation) -> None:
+        for ino in inv.inodes:  # before any await: no read may use the old layer's file
+            node = self.ov.table.by_ino.get(ino)
+            if node is not None:
+                self.ov.drop_implicit(node)
         for parent, name in inv.entries:
             pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
         for ino in inv.inodes:
@@ -61,8 +65,7 @@ class Daemon:
                     "upper": self.spec.upper, "venv": self.spec.venv,
                     "lowerdirs": self.spec.lowerdirs, "nodes": len(self.ov.table.by_ino),
                     "open_files": len(self.ov.handles), "max_rss_kb": usage.ru_maxrss,
-                    "kernel_dircache": self.ops.dirs_by_inode(),
-                    "listings_served": self.ops.listings_served}
+                    "kernel_cache": self.ops.by_inode, "served": self.ops.served}
         if op == "reload":
             await self.ops.settle()
             inv = swap_lower(self.ov, build_lower(self.spec))

@@ -1,9 +1,9 @@
-"""Load cowfs._fuse_shim ahead of pyfuse3, so that the kernel may cache directory listings.
+"""Load cowfs._fuse_shim ahead of pyfuse3, so that the kernel may cache listings and opens.
 
 The shim (cowfs/_fuse_shim.c) must sit in the global symbol scope before pyfuse3's extension
 binds libfuse (extension modules load with RTLD_NOW), so `preload()` runs before the first
 `import pyfuse3` of the daemon. Without it (not built, loaded too late, or disabled with
-COWFS_KERNEL_DIRCACHE=0) the daemon answers OPENDIR/READDIR/RELEASEDIR as usual.
+COWFS_KERNEL_CACHE=0) the daemon answers OPEN/RELEASE and OPENDIR/RELEASEDIR as usual.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def preload() -> None:
     global _shim
     if _shim is not None or "pyfuse3" in sys.modules:
         return
-    if os.environ.get("COWFS_KERNEL_DIRCACHE", "1") == "0":
+    if os.environ.get("COWFS_KERNEL_CACHE", "1") == "0":
         return
     flags = sys.getdlopenflags()
     sys.setdlopenflags(flags | os.RTLD_GLOBAL)
@@ -32,6 +32,10 @@ def preload() -> None:
     _shim = _fuse_shim
 
 
-def readdir_by_inode() -> bool:
-    """True when the live session hands readdir the directory's inode instead of a handle."""
-    return _shim is not None and bool(_shim.readdir_by_inode())
+BY_INODE = 1 << 63  # a file handle that carries an inode number (see _fuse_shim.c)
+
+
+def active() -> bool:
+    """True when the live session hands readdir the directory's inode instead of a handle,
+    and read/write/fsync `BY_INODE | inode` instead of the zero handle of a kernel open."""
+    return _shim is not None and bool(_shim.active())

@@ -21,8 +21,8 @@ ROOT_INO = 1
 
 
 class Node:
-    __slots__ = ("children", "extra_links", "gone", "handles", "ino", "lower", "name",
-                 "nlookup", "parent", "upper")
+    __slots__ = ("children", "extra_links", "gone", "handles", "implicit", "ino", "lower",
+                 "name", "nlookup", "parent", "upper")
 
     def __init__(self, ino: int, parent: Node | None, name: str, lower: LowerEntry | None,
                  upper: bool) -> None:
@@ -35,6 +35,7 @@ class Node:
         self.nlookup = 0
         self.children: dict[str, Node] | None = None  # known children (dirs only)
         self.handles: set[int] | None = None  # open file handle ids
+        self.implicit: int | None = None  # the handle serving kernel opens (no OPEN request)
         # Attributes at the moment the last name went away: an open directory or a cwd can
         # still be fstat'ed after rmdir, and must answer (nlink 0), not fail.
         self.gone: Attr | None = None

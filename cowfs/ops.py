@@ -6,9 +6,11 @@ for long and the page cache is kept across opens (`keep_cache`). When the daemon
 changes what the kernel cached (reload after an install, reset), it invalidates explicitly.
 
 `flush` answers ENOSYS once, which makes the kernel stop sending FLUSH on every close():
-writes go straight to the upper file, so there is nothing to flush. `opendir` does the same
-when cowfs._fuse_shim tells readdir which directory it lists (see cowfs/fuse_shim.py): the
-kernel then caches listings and a warm directory scan costs no round trip at all.
+writes go straight to the upper file, so there is nothing to flush. `open` and `opendir` do
+the same when cowfs._fuse_shim tells the handlers which inode a zero handle stands for (see
+cowfs/fuse_shim.py): the kernel then opens files and directories without asking, caches
+listings, and a warm scan, read or import costs no round trip at all. Reads and writes of
+such kernel opens go through one implicit handle per inode (Overlay.implicit_handle).
 """
 
 from __future__ import annotations
@@ -73,8 +75,14 @@ class CowfsOperations(pyfuse3.Operations):
         self._lower_entries: dict[int, pyfuse3.EntryAttributes] = {}
         self._lower_listings: dict[int, list[tuple[str, Node]]] = {}
         self._upper_listings: dict[int, list[tuple[str, Node]]] = {}
-        self._dirs_by_inode: bool | None = None  # known once the session is live
-        self.listings_served = 0  # READDIRPLUS requests at offset 0 (status shows it)
+        self.by_inode = False  # the shim is in place (known once the session is live)
+        # Requests served, for `status`: listings (READDIRPLUS at offset 0), OPEN, READ.
+        self.served = {"listings": 0, "opens": 0, "reads": 0}
+
+    def init(self) -> None:
+        self.by_inode = fuse_shim.active()
+        # Kernel opens are invisible: a file unlinked while open must stay readable.
+        self.ov.pin_unlinked = self.by_inode
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -143,7 +151,8 @@ class CowfsOperations(pyfuse3.Operations):
         if node.upper:
             return
         lower = node.lower
-        if not with_data or lower is None or lower.size < THREAD_COPY_UP_BYTES:
+        if not with_data or lower is None or lower.size < THREAD_COPY_UP_BYTES \
+                or node.parent is None:
             self.ov.copy_up(node, with_data)
             return
         done = self._copying[node] = trio.Event()
@@ -177,6 +186,8 @@ class CowfsOperations(pyfuse3.Operations):
         for ino, count in inode_list:
             node = self.ov.table.by_ino.get(ino)
             if node is not None:
+                if node.nlookup <= count and node.implicit is not None:
+                    self.ov.release(node.implicit)  # no kernel open can outlive its inode
                 self.ov.table.forget(node, count)
 
     @fuse_errors
@@ -189,7 +200,8 @@ class CowfsOperations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.node(inode)
         size = attr.st_size if fields.update_size else None
-        if node.parent is not None:
+        # (A detached lower file may still be open: the kernel did not tell us, see open.)
+        if node.parent is not None or (self.by_inode and node.children is None):
             await self.ensure_upper(node, with_data=size != 0)
         a = self.ov.setattr(
             node, fh,
@@ -235,15 +247,10 @@ class CowfsOperations(pyfuse3.Operations):
             cache[node.ino] = listing
         return listing
 
-    def dirs_by_inode(self) -> bool:
-        if self._dirs_by_inode is None:
-            self._dirs_by_inode = fuse_shim.readdir_by_inode()
-        return self._dirs_by_inode
-
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self.node(inode)
-        if self.dirs_by_inode():
+        if self.by_inode:
             # From now on the kernel opens directories without asking and caches listings.
             raise pyfuse3.FUSEError(errno.ENOSYS)
         dh = self._next_dh
@@ -253,8 +260,8 @@ class CowfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        self.listings_served += start_id == 0
-        if self.dirs_by_inode():
+        self.served["listings"] += start_id == 0
+        if self.by_inode:
             parent = self.node(fh)  # the shim passes the directory's inode as the handle
             listing = self.listing(parent, fresh=start_id == 0)
         else:
@@ -342,9 +349,18 @@ class CowfsOperations(pyfuse3.Operations):
 
     # -- files --------------------------------------------------------------------------
 
+    def implicit(self, fh: int) -> Node | None:
+        """The node of a kernel open (the shim's BY_INODE | inode handle), else None."""
+        return self.node(fh & ~fuse_shim.BY_INODE) if fh & fuse_shim.BY_INODE else None
+
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.node(inode)
+        self.served["opens"] += 1
+        if self.by_inode:
+            # From now on the kernel opens files without asking (and keeps their pages);
+            # the first read or write of an inode opens it here, a write copies it up.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
             await self.ensure_upper(node, with_data=not flags & os.O_TRUNC)
         return pyfuse3.FileInfo(fh=self.ov.open(node, flags), keep_cache=True)
@@ -361,10 +377,18 @@ class CowfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        self.served["reads"] += 1
+        node = self.implicit(fh)
+        if node is not None:
+            fh = self.ov.implicit_handle(node, writable=False)
         return self.ov.read(fh, off, size)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        node = self.implicit(fh)
+        if node is not None:
+            await self.ensure_upper(node)
+            fh = self.ov.implicit_handle(node, writable=True)
         return self.ov.write(fh, off, buf)
 
     async def flush(self, fh: int) -> None:
@@ -375,6 +399,9 @@ class CowfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
+        node = self.implicit(fh)
+        if node is not None:
+            fh = self.ov.implicit_handle(node, writable=False)
         self.ov.fsync(fh, datasync)
 
     # -- xattrs -------------------------------------------------------------------------

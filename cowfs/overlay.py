@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from cowfs import copy_up
@@ -65,6 +66,9 @@ def _attr_from_lower(e: LowerEntry, nlink: int) -> Attr:
                 e.ctime_ns or e.mtime_ns)
 
 
+IMPLICIT_OPEN_MAX = 512  # implicit handles of reachable files kept open (reopenable)
+
+
 class Overlay:
     def __init__(self, lower: Lower, upper: Upper) -> None:
         self.lower = lower
@@ -76,6 +80,12 @@ class Overlay:
         self._next_fh = 1
         # node ino -> upper dirs where libfuse may hold .fuse_hidden names of its inode
         self._hidden_in: dict[int, set[str]] = {}
+        # Kernel opens send no OPEN (see cowfs/ops.py): files are read and written through
+        # one implicit handle per inode, opened on first use. Those of reachable files can be
+        # reopened any time, so only the most recently used stay open; a file unlinked while
+        # the kernel knows it is pinned open until the kernel forgets the inode.
+        self.pin_unlinked = False
+        self._implicit_lru: OrderedDict[int, Node] = OrderedDict()
 
     # -- names --------------------------------------------------------------------------
 
@@ -187,6 +197,10 @@ class Overlay:
         """An upper name of node in parent_path goes away. On a FUSE upper (ntfs-3g) the
         name survives as `.fuse_hidden*` while the daemon holds the file open: its link must
         not count (see _hidden_links)."""
+        if self.pin_unlinked and node.nlookup and node.children is None \
+                and node.implicit is None and not node.extra_links \
+                and stat.S_ISREG(self.getattr(node).mode):
+            self._pin(node)  # the kernel may have it open: keep its data reachable
         if self.upper.fuse_hidden and node.handles and node.children is None:
             # (Upper.clear_markers may park hidden names in the work dir.)
             self._hidden_in.setdefault(node.ino, {self.upper.work}).add(
@@ -275,9 +289,25 @@ class Overlay:
         if node.upper:
             return
         if node.parent is None:
-            raise oserror(errno.ENOENT)
+            self._copy_up_orphan(node, with_data)
+            return
         tmp = self.copy_up_prepare(node, with_data)
         self.copy_up_commit(node, tmp)
+
+    def _copy_up_orphan(self, node: Node, with_data: bool) -> None:
+        """A lower file unlinked while the kernel may hold it open (no OPEN request told us)
+        is written to: its private copy is an anonymous file, alive as long as its handles."""
+        if not self.pin_unlinked or node.lower is None or not stat.S_ISREG(node.lower.mode):
+            raise oserror(errno.ENOENT)
+        tmp = copy_up.prepare_file(self.upper, node.lower, with_data=with_data)
+        try:
+            node.upper, node.lower = True, None
+            self._redirect_handles(node, tmp)
+            if node.implicit is None:
+                fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+                node.implicit = self.add_handle(node, fd, writable=True, on_lower=False)
+        finally:
+            os.unlink(tmp)
 
     def copy_up_prepare(self, node: Node, with_data: bool = True) -> str:
         """Parents first, then the entry itself into the work dir (data copy included)."""
@@ -296,12 +326,13 @@ class Overlay:
             node.lower = None
         self._redirect_handles(node)
 
-    def _redirect_handles(self, node: Node) -> None:
+    def _redirect_handles(self, node: Node, copy: str | None = None) -> None:
         """Handles opened on the lower file now read the upper copy (same fd number)."""
         for fh in node.handles or ():
             h = self.handles[fh]
             if h.on_lower:
-                new = os.open(self.upper.path(self.path(node)), os.O_RDONLY | os.O_CLOEXEC)
+                new = os.open(copy or self.upper.path(self.path(node)),
+                              os.O_RDONLY | os.O_CLOEXEC)
                 os.dup2(new, h.fd)
                 os.close(new)
                 h.on_lower = False
@@ -340,6 +371,45 @@ class Overlay:
         fd = os.open(node.lower.source, os.O_RDONLY | os.O_CLOEXEC)  # never writable
         return self.add_handle(node, fd, False, on_lower=True)
 
+    def implicit_handle(self, node: Node, writable: bool) -> int:
+        """The handle that serves kernel opens of node; writable ones need node copied up."""
+        fh = node.implicit
+        if fh is None:
+            fh = self.open(node, os.O_RDWR if writable else os.O_RDONLY)
+            node.implicit = fh
+            self._implicit_lru[fh] = node
+            self._trim_implicit()
+        else:
+            if fh in self._implicit_lru:  # (pinned ones are not)
+                self._implicit_lru.move_to_end(fh)
+            h = self.handles[fh]
+            if writable and not h.writable:
+                # Same fd number: a read racing with this upgrade sees the same file.
+                new = os.open(f"/proc/self/fd/{h.fd}", os.O_RDWR | os.O_CLOEXEC)
+                os.dup2(new, h.fd)
+                os.close(new)
+                h.writable = True
+        return fh
+
+    def _pin(self, node: Node) -> None:
+        try:
+            self.implicit_handle(node, writable=node.upper)
+        except PermissionError:
+            self.implicit_handle(node, writable=False)
+        if node.implicit is not None:
+            self._implicit_lru.pop(node.implicit, None)  # never closed before the forget
+
+    def _trim_implicit(self, keep: int = IMPLICIT_OPEN_MAX) -> None:
+        while len(self._implicit_lru) > keep:
+            fh, node = self._implicit_lru.popitem(last=False)
+            if self.table.is_attached(node):
+                self.release(fh)
+
+    def drop_implicit(self, node: Node) -> None:
+        """The daemon changed node's layers (reset, reload): reopen on next use."""
+        if node.implicit is not None and self.table.is_attached(node):
+            self.release(node.implicit)
+
     def handle(self, fh: int) -> Handle:
         try:
             return self.handles[fh]
@@ -365,6 +435,9 @@ class Overlay:
         if h is None:
             return
         os.close(h.fd)
+        if h.node.implicit == fh:
+            h.node.implicit = None
+            self._implicit_lru.pop(fh, None)
         if h.node.handles is not None:
             h.node.handles.discard(fh)
         if not h.node.handles:

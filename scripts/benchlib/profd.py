@@ -26,6 +26,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from cowfs import fuse_shim
+
+fuse_shim.preload()  # as the real daemon does: before pyfuse3 binds libfuse
+
 import pyfuse3
 
 import cowfs.daemon as cowfs_daemon
