@@ -136,12 +136,15 @@ class VenvState:
             "scripts": self.scripts,
         }
 
+    def encode(self) -> bytes:
+        return json.dumps(self.to_json(), indent=1).encode()
+
     def save(self) -> None:
         path = self.path_for(self.venv)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
+        with open(tmp, "wb") as f:
+            f.write(self.encode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -32,7 +32,7 @@ from installer.fetch import fetch
 from installer.interpreters import InterpreterInfo
 from installer.locks import pins_from_local_wheels
 from installer.resolve import Pin, local_path, resolve
-from installer.scripts import install_venv_files, remove_venv_files
+from installer.scripts import VenvFiles, install_venv_files, remove_venv_files
 from installer.venv import ensure_mounted
 from installer.wheel import ingest_wheel, ingested_manifest, venv_extra_files
 
@@ -175,25 +175,33 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
             extra = [e for e in extra if not e.path.startswith(_dist_info_prefix(old))]
             summary.removed.append((old.name, old.version))
     direct = {p.name: p.direct_url for p in pins}
-    for name, m in wanted.items():
-        if name in current and current[name].id == m.id:
-            summary.unchanged += 1
-            continue
-        install_venv_files(store, m, state.venv, python, purelib=state.site_packages)
-        extra = [e for e in extra if not e.path.startswith(_dist_info_prefix(m))]
-        extra.extend(venv_extra_files(store, m, requested=name in requested,
-                                      direct_url=direct.get(name)))
-        summary.installed.append((m.name, m.version))
-    state.dists = [m.id for m in wanted.values()]
-    if compile_bytecode:
-        state.bytecode = _bytecode(store, list(wanted.values()), info, python)
-    else:
-        state.bytecode = [b for b in state.bytecode if b.rpartition(".")[0] in state.dists]
-    state.extra = _dedup(extra)
-    state.requested = sorted(requested)
-    for ident in [*state.bytecode, *state.dists]:
-        ensure_layer(store, ident)  # what the daemon loads (it falls back to the manifest)
-    state.save()
+    # One batch for every script and, last, the state file: one round of fsyncs, and
+    # nothing appears unless everything was written (the state is renamed last).
+    files = VenvFiles()
+    try:
+        for name, m in wanted.items():
+            if name in current and current[name].id == m.id:
+                summary.unchanged += 1
+                continue
+            install_venv_files(store, m, state.venv, python, purelib=state.site_packages,
+                               files=files)
+            extra = [e for e in extra if not e.path.startswith(_dist_info_prefix(m))]
+            extra.extend(venv_extra_files(store, m, requested=name in requested,
+                                          direct_url=direct.get(name)))
+            summary.installed.append((m.name, m.version))
+        state.dists = [m.id for m in wanted.values()]
+        if compile_bytecode:
+            state.bytecode = _bytecode(store, list(wanted.values()), info, python)
+        else:
+            state.bytecode = [b for b in state.bytecode if b.rpartition(".")[0] in state.dists]
+        state.extra = _dedup(extra)
+        state.requested = sorted(requested)
+        for ident in [*state.bytecode, *state.dists]:
+            ensure_layer(store, ident)  # what the daemon loads (else it reads the manifest)
+        files.write(VenvState.path_for(state.venv), [state.encode()], 0o644)
+        files.commit()
+    finally:
+        files.abort()
     return summary
 
 

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 
 from cowfs import control
+from cowfs.errors import StoreError
 from cowfs.layer import layer_path
 from cowfs.spec import VenvState
 from cowfs.store import Store
 from installer import locks, plan_cache, sync
 from installer.interpreters import query_interpreter
+from installer.scripts import VenvFiles
 from tests import wheelbuild
 from tests.conftest import force_unmount
 
@@ -157,3 +159,27 @@ def test_plan_cache_entry_damage_is_a_miss(tmp_path: Path,
     assert planning() == ["beta==2.0:3", "alpha==1.0:3"]
     assert planning() == ["beta==2.0:3", "alpha==1.0:3"]
     assert plan_cache.FORMAT == 1
+
+
+def test_venv_files_appear_together_or_not_at_all(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    files = VenvFiles()
+    files.write(bindir / "a", [b"#!/bin/sh\n", b"echo a\n"], 0o755)
+    files.write(bindir / "b", [b"b"], 0o644)
+    assert all(p.name.startswith(".") for p in bindir.iterdir())  # nothing visible yet
+    files.commit()
+    assert sorted(p.name for p in bindir.iterdir()) == ["a", "b"]
+    assert (bindir / "a").read_bytes() == b"#!/bin/sh\necho a\n"
+    assert (bindir / "a").stat().st_mode & 0o777 == 0o755
+    assert (bindir / "b").stat().st_mode & 0o777 == 0o644
+
+    def corrupt() -> Iterator[bytes]:
+        yield b"partial"
+        raise StoreError("object is corrupt")
+
+    files = VenvFiles()
+    files.write(bindir / "c", [b"c"], 0o755)
+    with pytest.raises(StoreError):
+        files.write(bindir / "d", corrupt(), 0o755)
+    files.abort()
+    assert sorted(p.name for p in bindir.iterdir()) == ["a", "b"]  # no c, no temp files
