@@ -1,4 +1,6 @@
-"""Shared fixtures: isolated store/runtime dirs and real FUSE mounts that always unmount."""
+"""Shared fixtures: isolated store/runtime dirs, real FUSE mounts that always unmount, the
+cached real wheels and cowfs venvs made through the CLI. Plain helpers are imported by the
+test modules (`from tests.conftest import cowfs, site, ...`)."""
 
 from __future__ import annotations
 
@@ -6,11 +8,13 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import pwd
 import shutil
 import signal
 import stat
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +27,15 @@ from cowfs import control
 from cowfs import mount as mounting
 from cowfs.inode import Node
 from cowfs.overlay import Overlay
-from cowfs.spec import MountSpec
+from cowfs.spec import MountSpec, VenvState
+from cowfs.store import Store, digest_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from wheelcache import ensure_wheels  # noqa: E402
+
+PKG = "pycowsay==0.0.0.2"  # the real wheel the end-to-end tests install
+UDDER, EDITED = "||----w |", "||----ww|"  # its cow's udder line, and an edit of it
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +69,99 @@ def force_unmount(mountpoint: str) -> None:
         time.sleep(0.05)
 
 
+def unmount_venv(venv: Path) -> None:
+    """Teardown of a cowfs venv: unmount its site-packages, if the venv was made at all."""
+    if VenvState.path_for(venv).exists():
+        force_unmount(str(VenvState.load(venv).site_packages))
+
+
+# -- the real command line on real wheels ----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def wheels() -> Path:
+    """The directory holding the cached real wheels (PKG); skipped offline, outside CI."""
+    try:
+        return ensure_wheels([PKG])
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"real wheels unavailable offline: {exc}")
+
+
+def cowfs(*args: str, check: bool = True, timeout: float | None = 120, **kw: Any
+          ) -> subprocess.CompletedProcess[str]:
+    """`python -m cowfs ARGS` (kw go to subprocess.run: env, cwd); AssertionError with its
+    stderr on a non-zero exit unless check=False."""
+    proc = subprocess.run([sys.executable, "-m", "cowfs", *args], capture_output=True,
+                          text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cowfs {' '.join(args)} failed: {proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def venvs(tmp_path: Path) -> Iterator[Callable[[str | Path], Path]]:
+    """Factory: `cowfs venv` at tmp_path/NAME/.venv (a str) or at a given Path; each one is
+    unmounted at teardown."""
+    made: list[Path] = []
+
+    def make(where: str | Path) -> Path:
+        venv = tmp_path / where / ".venv" if isinstance(where, str) else where
+        made.append(venv)
+        cowfs("venv", str(venv))
+        return venv
+
+    try:
+        yield make
+    finally:
+        for venv in made:
+            unmount_venv(venv)
+
+
+def install(venv: Path, wheel_dir: Path, *reqs: str) -> None:
+    """`cowfs install` of reqs (default PKG) from wheel_dir only, quietly."""
+    cowfs("install", "--venv", str(venv), *(reqs or (PKG,)), "--no-index", "--find-links",
+          str(wheel_dir), "-q")
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], text: str) -> None:
+    """The CLI refused with exit 1 and exactly one `cowfs: error: ...` line holding text."""
+    assert proc.returncode == 1, proc
+    assert proc.stderr.startswith("cowfs: error:") and proc.stderr.count("\n") == 1, proc.stderr
+    assert text in proc.stderr, proc.stderr
+
+
+def object_hashes(store: Store) -> dict[str, str]:
+    """digest -> hash of the object's bytes now (equal while the store is intact)."""
+    return {d: digest_bytes(p.read_bytes()) for d, p in store.iter_objects()}
+
+
+def site(venv: Path) -> Path:
+    return VenvState.load(venv).site_packages
+
+
+def cow(venv: Path) -> str:
+    """The udder line `pycowsay moo` prints in this venv."""
+    out = subprocess.run([str(venv / "bin" / "pycowsay"), "moo"], capture_output=True,
+                         text=True, check=True).stdout
+    return next(ln.strip() for ln in out.splitlines() if "||--" in ln)
+
+
+def ensure_user(name: str) -> tuple[int, int]:
+    """(uid, gid) of a system user for acting as someone else; created on first use."""
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/false",
+                        name], check=True, capture_output=True)
+        pw = pwd.getpwnam(name)
+    return pw.pw_uid, pw.pw_gid
+
+
+# -- generic overlay mounts --------------------------------------------------------------------
+
+
 @dataclass
 class OverlayMount:
     mnt: Path
@@ -71,16 +176,21 @@ class OverlayMount:
 
 @pytest.fixture
 def overlay_mount(tmp_path: Path) -> Iterator[Callable[..., OverlayMount]]:
-    """Factory: mount a generic overlay over the given lower dirs; unmounted at teardown."""
+    """Factory: mount a generic overlay over the given lower dirs; unmounted at teardown.
+    Its dirs are under tmp_path/ov-NAME; upper_base and mnt_base put the upper/work dirs (and
+    daemon log) or the mountpoint under another directory (another filesystem)."""
     made: list[str] = []
 
-    def make(*lower: Path, name: str = "mnt") -> OverlayMount:
-        base = tmp_path / f"ov-{name}"
-        mnt, upper, work = base / "mnt", base / "upper", base / "work"
+    def make(*lower: Path, name: str = "mnt", upper_base: Path | None = None,
+             mnt_base: Path | None = None, allow_other: bool = False) -> OverlayMount:
+        base = (upper_base or tmp_path) / f"ov-{name}"
+        mnt = (mnt_base or tmp_path) / f"ov-{name}" / "mnt"
+        upper, work = base / "upper", base / "work"
         for d in (mnt, upper, work):
             d.mkdir(parents=True, exist_ok=True)
         spec = MountSpec(mountpoint=str(mnt), upper=str(upper), work=str(work),
-                         log=str(base / "daemon.log"), lowerdirs=[str(p) for p in lower])
+                         log=str(base / "daemon.log"), lowerdirs=[str(p) for p in lower],
+                         allow_other=allow_other)
         made.append(str(mnt))
         mounting.mount(spec)
         return OverlayMount(mnt, list(lower), upper, work, spec)

@@ -15,15 +15,11 @@ from cowfs import mount as mounting
 from cowfs.spec import VenvState
 from cowfs.store import Store
 from installer import adopt as adopt_module
-from tests import test_installer_e2e as e2e
-from tests.conftest import force_unmount
-from tests.test_changes import install, one_line_error, status
-from tests.test_installer_e2e import EDITED, PKG, UDDER, cow, cowfs
+from tests.conftest import EDITED, PKG, UDDER, cow, cowfs, force_unmount, install, one_line_error
+from tests.test_changes import status
 
 UV = Path(sys.executable).parent / "uv"
 MAIN = "pycowsay/main.py"
-venvs = e2e.venvs  # fixtures, assigned so pytest finds them here
-wheels = e2e.wheels
 
 
 def uv(*args: str) -> None:

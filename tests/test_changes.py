@@ -22,31 +22,16 @@ from cowfs.spec import VenvState
 from cowfs.store import Store
 from cowfs.upper import OPAQUE_XATTR, WHITEOUT_XATTR
 from installer import changes
-from tests import test_installer_e2e as e2e
-from tests.test_installer_e2e import EDITED, PKG, UDDER, cow, cowfs, site
+from tests.conftest import EDITED, UDDER, cow, cowfs, install, one_line_error, site
 from tests.wheelbuild import build
 
 MAIN = "pycowsay/main.py"
-# Shared fixtures (assigned, so pytest finds them here): real venvs, the cached wheels.
-venvs = e2e.venvs
-wheels = e2e.wheels
-
-
-def install(venv: Path, wheel_dir: Path, *reqs: str) -> None:
-    cowfs("install", "--venv", str(venv), *(reqs or (PKG,)), "--no-index", "--find-links",
-          str(wheel_dir), "-q")
 
 
 def status(venv: Path) -> dict[str, dict[str, str]]:
     """path -> {"kind", "owner"} from `cowfs status --json`."""
     doc = json.loads(cowfs("status", "--venv", str(venv), "--json").stdout)
     return {c["path"]: c for g in doc["groups"] for c in g["changes"]}
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], text: str) -> None:
-    assert proc.returncode == 1, proc
-    assert proc.stderr.startswith("cowfs: error:") and proc.stderr.count("\n") == 1, proc.stderr
-    assert text in proc.stderr, proc.stderr
 
 
 def test_status_diff_reset_on_a_live_mount(venvs: Callable[[str], Path], wheels: Path) -> None:

@@ -20,16 +20,10 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import force_unmount
 
 from cowfs.cli import main
 from cowfs.spec import VenvState
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from wheelcache import ensure_wheels  # noqa: E402
-
-PKG = "pycowsay==0.0.0.2"
+from tests.conftest import EDITED, PKG, UDDER, cowfs, unmount_venv
 
 COMMANDS = [["venv"], ["install"], ["uninstall", "x"], ["sync", "lock.txt"], ["mount"],
             ["umount", "x"], ["mounts"], ["python", "info"], ["python"], ["cache", "clean"],
@@ -118,15 +112,12 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(cwd / "plainvenv")],
                    check=True)
     venv = cwd / "v"
-    proc = subprocess.run([sys.executable, "-m", "cowfs", "venv", str(venv)],
-                          capture_output=True, text=True,
-                          env=dict(os.environ, COWFS_HOME=str(env["store"]),
-                                   COWFS_RUNTIME_DIR=str(env["run"])))
-    assert proc.returncode == 0, proc.stderr
+    cowfs("venv", str(venv), env=dict(os.environ, COWFS_HOME=str(env["store"]),
+                                      COWFS_RUNTIME_DIR=str(env["run"])))
     try:
         yield {"cwd": cwd, "venv": venv, "root": d, **env}
     finally:
-        force_unmount(str(VenvState.load(venv).site_packages))
+        unmount_venv(venv)
         subprocess.run(["rm", "-rf", str(env["run"])], check=False)
 
 
@@ -193,10 +184,9 @@ def test_store_commands_on_no_store_create_nothing(base: dict[str, Path],
 
 def test_real_entry_point_exit_codes(base: dict[str, Path]) -> None:
     def run(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cowfs", *argv], capture_output=True,
-                              text=True, cwd=base["cwd"],
-                              env=dict(os.environ, COWFS_HOME=str(base["store"]),
-                                       COWFS_RUNTIME_DIR=str(base["run"])))
+        return cowfs(*argv, check=False, cwd=base["cwd"],
+                     env=dict(os.environ, COWFS_HOME=str(base["store"]),
+                              COWFS_RUNTIME_DIR=str(base["run"])))
 
     before = snapshot(base["root"])
     usage = run("frobnicate")
@@ -211,44 +201,26 @@ def test_real_entry_point_exit_codes(base: dict[str, Path]) -> None:
 # -- odd venv paths, end to end ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def wheels() -> Path:
-    try:
-        return ensure_wheels([PKG])
-    except RuntimeError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"real wheels unavailable offline: {exc}")
-
-
 def test_venv_path_with_spaces_and_non_ascii(tmp_path: Path, wheels: Path) -> None:
     """`cowfs venv "/tmp/x/my proj/\u00fcn\u00ef"`, one level deeper with shell quoting
     hazards too (the launchers' sh stanza, the automount hook, mountinfo escapes)."""
     venv = tmp_path / "x" / "my proj" / "\u00fcn\u00ef" / "it's \"q\" $HOME `id` \\ \u00e9t\u00e9"
-
-    def cowfs(*argv: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "cowfs", *argv], capture_output=True,
-                              text=True)
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
     try:
         cowfs("venv", str(venv))
         cowfs("install", "--venv", str(venv), PKG, "--no-index", "--find-links", str(wheels))
         out = subprocess.run([str(venv / "bin" / "pycowsay"), "m\u00f6\u00f6"],
                              capture_output=True, text=True, check=True).stdout
-        assert "< m\u00f6\u00f6 >" in out and "||----w |" in out
+        assert "< m\u00f6\u00f6 >" in out and UDDER in out
         site = VenvState.load(venv).site_packages
-        assert str(venv) in cowfs("mounts")
+        assert str(venv) in cowfs("mounts").stdout
         cowfs("umount", str(venv))  # then the automount hook, with this path, mounts it
         proc = subprocess.run([str(venv / "bin" / "python"), "-c", "import pycowsay.main"],
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         main_py = site / "pycowsay" / "main.py"
-        main_py.write_text(main_py.read_text().replace("||----w |", "||----ww|"))
-        assert "pycowsay/main.py" in cowfs("status", "--venv", str(venv))
+        main_py.write_text(main_py.read_text().replace(UDDER, EDITED))
+        assert "pycowsay/main.py" in cowfs("status", "--venv", str(venv)).stdout
         cowfs("reset", "--venv", str(venv), "--all", "-y")
-        assert "||----w |" in main_py.read_text()
+        assert UDDER in main_py.read_text()
     finally:
-        if VenvState.path_for(venv).exists():
-            force_unmount(str(VenvState.load(venv).site_packages))
+        unmount_venv(venv)

@@ -21,56 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fingerprint, force_unmount
 
 from cowfs import control
 from cowfs import mount as mounting
 from cowfs.spec import MountSpec, VenvState
 from cowfs.store import Store
+from tests.conftest import PKG, cowfs, fingerprint, force_unmount
 from tests.wheelbuild import build
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from wheelcache import ensure_wheels  # noqa: E402
-
-PKG = "pycowsay==0.0.0.2"
 TMP_NAME = re.compile(r"[0-9a-f]{32}")
 DEAD = (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
-
-
-def cowfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "cowfs", *args], capture_output=True,
-                          text=True, timeout=120)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cowfs {' '.join(args)} failed: {proc.stderr}")
-    return proc
-
-
-@pytest.fixture(scope="session")
-def wheels() -> Path:
-    try:
-        return ensure_wheels([PKG])
-    except RuntimeError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"real wheels unavailable offline: {exc}")
-
-
-@pytest.fixture
-def make_venv() -> Iterator[Callable[[Path], Path]]:
-    made: list[Path] = []
-
-    def make(path: Path) -> Path:
-        made.append(path)
-        cowfs("venv", str(path))
-        return path
-
-    try:
-        yield make
-    finally:
-        for venv in made:
-            if VenvState.path_for(venv).exists():
-                force_unmount(str(VenvState.load(venv).site_packages))
 
 
 def objects(store: Store) -> dict[str, tuple[str, int, int, int]]:
@@ -97,13 +57,13 @@ def wait_stale(mp: Path) -> None:
 
 
 def test_kill_9_during_fsynced_writes_on_a_venv(tmp_path: Path,
-                                                make_venv: Callable[[Path], Path]) -> None:
+                                                venvs: Callable[[Path], Path]) -> None:
     links = tmp_path / "links"
     links.mkdir()
     data = os.urandom(256 * 1024)
     build(links, {"blob/__init__.py": b"X = 1\n", "blob/data.bin": data}, name="blob",
           meta_extra="")
-    venv = make_venv(tmp_path / "v")
+    venv = venvs(tmp_path / "v")
     cowfs("install", "--venv", str(venv), "blob==1.0", "--no-index", "--find-links", str(links))
     state = VenvState.load(venv)
     spec = state.mount_spec()
@@ -167,8 +127,8 @@ def test_kill_9_during_a_big_copy_up(tmp_path: Path, overlay_mount: Any) -> None
 
     def opener() -> None:
         try:
-            os.close(os.open(m.mnt / "big.bin", os.O_RDWR))  # the copy-up runs here
-            outcome.append("opened")
+            write_in_place(m.mnt / "big.bin")
+            outcome.append("written")
         except OSError as exc:
             outcome.append(exc.errno)
 
@@ -258,7 +218,7 @@ def test_upper_on_a_full_filesystem(small_fs: Path, tmp_path: Path) -> None:
         assert exc.value.errno == errno.ENOSPC
         os.unlink(mnt / "filler")
         with pytest.raises(OSError) as exc:  # 6 MiB cannot be copied into 4 MiB
-            os.open(mnt / "big.bin", os.O_RDWR)
+            write_in_place(mnt / "big.bin")
         assert exc.value.errno == errno.ENOSPC
         assert not (upper / "big.bin").exists() and os.listdir(work) == []
         assert (mnt / "big.bin").read_bytes() == big
@@ -274,19 +234,19 @@ def test_upper_on_a_full_filesystem(small_fs: Path, tmp_path: Path) -> None:
 
 
 def test_copy_up_that_does_not_fit_leaves_the_store_intact(
-        small_fs: Path, tmp_path: Path, make_venv: Callable[[Path], Path]) -> None:
+        small_fs: Path, tmp_path: Path, venvs: Callable[[Path], Path]) -> None:
     links = tmp_path / "links"
     links.mkdir()
     data = os.urandom(5 << 20)
     build(links, {"blob/__init__.py": b"", "blob/data.bin": data}, name="blob", meta_extra="")
-    venv = make_venv(small_fs / "v")  # the venv, and so its upper layer, on the 4 MiB fs
+    venv = venvs(small_fs / "v")  # the venv, and so its upper layer, on the 4 MiB fs
     cowfs("install", "--venv", str(venv), "blob==1.0", "--no-index", "--find-links", str(links))
     state = VenvState.load(venv)
     store = Store(state.store)
     before = objects(store)
     target = state.site_packages / "blob" / "data.bin"
     with pytest.raises(OSError) as exc:
-        open(target, "r+b").close()
+        write_in_place(target)
     assert exc.value.errno == errno.ENOSPC
     assert not (state.upper / "blob" / "data.bin").exists()
     assert os.listdir(state.work) == []
@@ -295,6 +255,16 @@ def test_copy_up_that_does_not_fit_leaves_the_store_intact(
     cowfs("store", "verify")
     (state.site_packages / "blob" / "__init__.py").write_text("X = 2\n")  # small ones fit
     assert objects(store) == before
+
+
+def write_in_place(path: Path) -> None:
+    """Open for writing and write a byte: the copy-up runs at the open or, when the kernel
+    opens files without asking the daemon (cowfs/_fuse_shim.c), at the first write."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"x", 0)
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture
@@ -321,12 +291,12 @@ def tree(path: Path) -> dict[str, bytes]:
 
 
 def test_store_on_a_read_only_filesystem(tmp_path: Path, wheels: Path,
-                                         make_venv: Callable[[Path], Path],
+                                         venvs: Callable[[Path], Path],
                                          readonly_store: Callable[[], None]) -> None:
     links = tmp_path / "links"
     links.mkdir()
     build(links, {"other/__init__.py": b"Y = 1\n"}, name="other", meta_extra="")
-    a, b = make_venv(tmp_path / "a"), make_venv(tmp_path / "b")
+    a, b = venvs(tmp_path / "a"), venvs(tmp_path / "b")
     cowfs("install", "--venv", str(a), PKG, "--no-index", "--find-links", str(wheels),
           "--no-compile")
     before = objects(Store())
@@ -359,7 +329,7 @@ def test_store_on_a_read_only_filesystem(tmp_path: Path, wheels: Path,
 
 
 def test_concurrent_installs_and_gc_share_one_store(tmp_path: Path, wheels: Path,
-                                                    make_venv: Callable[[Path], Path]) -> None:
+                                                    venvs: Callable[[Path], Path]) -> None:
     links = tmp_path / "links"
     links.mkdir()
     for whl in wheels.glob("pycowsay-*.whl"):
@@ -369,7 +339,7 @@ def test_concurrent_installs_and_gc_share_one_store(tmp_path: Path, wheels: Path
                  f"syn{i}/shared.py": b"SHARED = True\n",  # one object for all three
                  f"syn{i}/blob.bin": os.urandom(200_000)}
         build(links, files, name=f"syn{i}", meta_extra="")
-    x, y = make_venv(tmp_path / "x"), make_venv(tmp_path / "y")
+    x, y = venvs(tmp_path / "x"), venvs(tmp_path / "y")
 
     def together(*commands: list[str]) -> None:
         procs = [subprocess.Popen([sys.executable, "-m", "cowfs", *c], stdout=subprocess.PIPE,

@@ -431,17 +431,16 @@ if __name__ == "__main__":  # the runner: THIS_FILE run TOP OTHER_UID OTHER_GID
 
 # -- the pytest side -------------------------------------------------------------------------
 
-import pwd  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
-from conftest import fingerprint, force_unmount  # noqa: E402
 
 from cowfs import mount as mounting  # noqa: E402
 from cowfs.spec import MountSpec  # noqa: E402
+from tests.conftest import ensure_user, fingerprint, force_unmount  # noqa: E402
 
 USER = "cowfs-errno"
 OTHER = {"uid": 54321, "gid": 54321}
@@ -481,16 +480,6 @@ EXPECT = {
 }
 # Known differences that cannot be fixed in cowfs: (case, who) -> reason.
 XFAIL: dict[tuple[str, str], str] = {}
-
-
-def ensure_user(name: str) -> tuple[int, int]:
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/false",
-                        name], check=True, capture_output=True)
-        pw = pwd.getpwnam(name)
-    return pw.pw_uid, pw.pw_gid
 
 
 def runner(top: Path, who: str, uid: int, gid: int) -> subprocess.Popen[str]:

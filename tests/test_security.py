@@ -11,7 +11,6 @@ import hashlib
 import json
 import mmap
 import os
-import pwd
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import force_unmount
 
 from cowfs import mount as mounting
 from cowfs.errors import CollisionError, StoreError
@@ -27,35 +25,18 @@ from cowfs.manifest import read_manifest
 from cowfs.spec import MountSpec, VenvState
 from cowfs.store import Store, digest_bytes
 from installer.automount import HOOK_MODULE, write_hook
+from tests.conftest import cowfs, ensure_user, force_unmount, unmount_venv
 from tests.wheelbuild import build
 
 USER = "cowfs-errno"  # shared with test_posix_errno
 RUNNER_PYTHON = "/usr/bin/python3"
 
 
-def cowfs(*args: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "cowfs", *args], capture_output=True,
-                          text=True, timeout=120, **kw)  # type: ignore[call-overload]
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cowfs {' '.join(args)} failed: {proc.stderr}")
-    return proc
-
-
-def ensure_user() -> tuple[int, int]:
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/false",
-                        USER], check=True, capture_output=True)
-        pw = pwd.getpwnam(USER)
-    return pw.pw_uid, pw.pw_gid
-
-
 def as_user(code: str, *args: str) -> dict[str, object]:
     """Run python code as the unprivileged user; it prints one JSON document."""
     if not os.path.exists(RUNNER_PYTHON):
         pytest.skip(f"{RUNNER_PYTHON} is needed to act as another user")
-    uid, gid = ensure_user()
+    uid, gid = ensure_user(USER)
     proc = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
                            RUNNER_PYTHON, "-I", "-c", code, *args], capture_output=True,
                           text=True, timeout=60)
@@ -197,8 +178,7 @@ def test_no_write_path_reaches_a_store_object(tmp_path: Path) -> None:
         cowfs("store", "verify")
     finally:
         for v in venvs:
-            if VenvState.path_for(v).exists():
-                force_unmount(str(VenvState.load(v).site_packages))
+            unmount_venv(v)
 
 
 def test_a_digest_cannot_substitute_content(tmp_path: Path) -> None:
@@ -278,8 +258,7 @@ def test_venv_mount_is_private(public_dir: Path) -> None:
                       str(site))
         assert got == "EACCES"
     finally:
-        if VenvState.path_for(venv).exists():
-            force_unmount(str(VenvState.load(venv).site_packages))
+        unmount_venv(venv)
 
 
 def test_allow_other_still_enforces_permissions(public_dir: Path) -> None:
@@ -373,8 +352,7 @@ def test_automount_hook_runs_only_the_recorded_cowfs(tmp_path: Path) -> None:
         assert not marker.exists(), marker.read_text()
         assert mounting.mount_state(str(state.site_packages)) == "live"
     finally:
-        if VenvState.path_for(venv).exists():
-            force_unmount(str(VenvState.load(venv).site_packages))
+        unmount_venv(venv)
 
 
 @pytest.mark.parametrize("hostile", ["/tmp/x'; import os; os.system('touch /tmp/pwn') #",

@@ -12,16 +12,10 @@ from pathlib import Path
 from cowfs.manifest import read_manifest
 from cowfs.spec import VenvState
 from cowfs.store import Store, digest_bytes
-from tests import test_installer_e2e as e2e
-from tests.conftest import force_unmount
-from tests.test_changes import install, one_line_error
-from tests.test_installer_e2e import UDDER, cow, cowfs, site
+from tests.conftest import UDDER, cow, cowfs, force_unmount, install, one_line_error, site
 from tests.wheelbuild import build
 
 MAIN = "pycowsay/main.py"
-# Shared fixtures (assigned, so pytest finds them here): real venvs, the cached wheels.
-venvs = e2e.venvs
-wheels = e2e.wheels
 
 
 def _object_of(venv: Path, path: str) -> str:
