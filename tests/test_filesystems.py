@@ -33,12 +33,22 @@ from hypothesis.stateful import run_state_machine_as_test
 from cowfs import meta
 from cowfs import mount as mounting
 from cowfs.cli import main as cli_main
-from cowfs.spec import MountSpec, VenvState
+from cowfs.spec import VenvState
 from cowfs.store import Store, digest_bytes
 from cowfs.upper import RENAME_EXCHANGE, WHITEOUT_XATTR, renameat2
 from tests import fsimages
-from tests.conftest import OverlayMount, fingerprint, force_unmount, populate
-from tests.test_installer_e2e import EDITED, PKG, UDDER, cow, object_hashes, wheels  # noqa: F401
+from tests.conftest import (
+    EDITED,
+    PKG,
+    UDDER,
+    OverlayMount,
+    cow,
+    fingerprint,
+    force_unmount,
+    object_hashes,
+    populate,
+    unmount_venv,
+)
 
 FSTYPE = {"ext4": "ext4", "ntfs": "fuse", "btrfs": "btrfs", "xfs": "xfs", "tmpfs": "tmpfs"}
 PLACEMENTS = ["upper", "store"]
@@ -113,31 +123,6 @@ def scratch(request: pytest.FixtureRequest) -> Callable[[fsimages.FsImage], Path
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def mounts(tmp_path: Path) -> Iterator[Callable[..., OverlayMount]]:
-    """Generic overlay mounts with the upper/work dirs wherever the test says."""
-    made: list[str] = []
-
-    def make(*lower: Path, upper_base: Path, name: str = "mnt",
-             allow_other: bool = False, mnt_base: Path | None = None) -> OverlayMount:
-        mnt = (mnt_base or tmp_path) / f"ov-{name}" / "mnt"
-        upper, work = upper_base / f"ov-{name}" / "upper", upper_base / f"ov-{name}" / "work"
-        for d in (mnt, upper, work):
-            d.mkdir(parents=True, exist_ok=True)
-        spec = MountSpec(mountpoint=str(mnt), upper=str(upper), work=str(work),
-                         log=str(upper.parent / "daemon.log"),
-                         lowerdirs=[str(p) for p in lower], allow_other=allow_other)
-        made.append(str(mnt))
-        mounting.mount(spec)
-        return OverlayMount(mnt, list(lower), upper, work, spec)
-
-    try:
-        yield make
-    finally:
-        for mp in made:
-            force_unmount(mp)
-
-
 def cli(*args: str) -> str:
     """The real command line, in process (the mount daemons are real processes)."""
     result = CliRunner().invoke(cli_main, list(args), catch_exceptions=False)
@@ -165,7 +150,7 @@ def cli_fails(*args: str) -> str:
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_two_projects(fs: fsimages.FsImage, placement: str, tmp_path: Path, images: Images,
-                      scratch: Callable[[fsimages.FsImage], Path], wheels: Path,  # noqa: F811
+                      scratch: Callable[[fsimages.FsImage], Path], wheels: Path,
                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A edits its installed main.py; B, the store and a new C stay pristine. "upper": A and
     C live on the filesystem, the store and B on the host (copy-up across filesystems);
@@ -219,8 +204,7 @@ def test_two_projects(fs: fsimages.FsImage, placement: str, tmp_path: Path, imag
             shutil.copytree(store_dir / "interpreters", warm)
     finally:
         for venv in venvs.values():
-            if VenvState.path_for(venv).exists():
-                force_unmount(str(VenvState.load(venv).site_packages))
+            unmount_venv(venv)
 
 
 # -- the differential state machine ------------------------------------------------------------
@@ -229,7 +213,7 @@ def test_two_projects(fs: fsimages.FsImage, placement: str, tmp_path: Path, imag
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_differential_short_run(fs: fsimages.FsImage, placement: str, tmp_path: Path,
                                 scratch: Callable[[fsimages.FsImage], Path],
-                                mounts: Callable[..., OverlayMount]) -> None:
+                                overlay_mount: Callable[..., OverlayMount]) -> None:
     """test_differential's machine: "upper" puts the upper/work dirs on the filesystem (the
     lower on the host), "store" the lower layer; the plain reference stays on the host."""
     from tests.test_differential import OverlayVsPlain, bottom_layer
@@ -241,7 +225,7 @@ def test_differential_short_run(fs: fsimages.FsImage, placement: str, tmp_path: 
     before = [fingerprint(layer) for layer in layers]
 
     def make(*lower: Path, name: str = "mnt") -> OverlayMount:
-        om = mounts(*lower, upper_base=upper_base, name=name)
+        om = overlay_mount(*lower, upper_base=upper_base, name=name)
         # The root shows the upper dir's attributes (as with overlayfs); the plain reference
         # copied the lower root's (ntfs-3g: 0777).
         os.chmod(om.mnt, stat.S_IMODE(lower[0].stat().st_mode))
@@ -268,7 +252,7 @@ def _as_user(uid: int, *cmd: str) -> subprocess.CompletedProcess[str]:
 
 def test_ntfs_keeps_modes_owners_and_whiteouts_across_remount(
         images: Images, tmp_path: Path, scratch: Callable[[fsimages.FsImage], Path],
-        mounts: Callable[..., OverlayMount]) -> None:
+        overlay_mount: Callable[..., OverlayMount]) -> None:
     ntfs = images.get("ntfs")
     on = scratch(ntfs)
     lower = tmp_path / "lower"
@@ -280,7 +264,7 @@ def test_ntfs_keeps_modes_owners_and_whiteouts_across_remount(
     mnt_base = images.base / f"mnt-{os.urandom(3).hex()}"  # traversable for another user
     mnt_base.mkdir(mode=0o755)
     try:
-        om = mounts(lower, upper_base=on, allow_other=True, mnt_base=mnt_base)
+        om = overlay_mount(lower, upper_base=on, allow_other=True, mnt_base=mnt_base)
         m = om.mnt
         os.chmod(m / "pkg" / "main.py", 0o640)  # copy-up of a lower file
         os.chown(m / "pkg" / "main.py", 1234, 5678)
@@ -335,7 +319,7 @@ def test_ntfs_keeps_modes_owners_and_whiteouts_across_remount(
         subprocess.run(["cp", "-p", str(m / "secret.txt"), str(m / "copy.txt")], check=True)
         assert stat.S_IMODE((m / "copy.txt").stat().st_mode) == 0o600
         force_unmount(str(m))
-        om = mounts(lower, upper_base=on, allow_other=True, mnt_base=mnt_base)
+        om = overlay_mount(lower, upper_base=on, allow_other=True, mnt_base=mnt_base)
         check()
         assert stat.S_IMODE((m / "copy.txt").stat().st_mode) == 0o600
     finally:
@@ -344,7 +328,7 @@ def test_ntfs_keeps_modes_owners_and_whiteouts_across_remount(
 
 def test_interrupted_directory_whiteout_is_finished_at_mount(
         images: Images, tmp_path: Path, scratch: Callable[[fsimages.FsImage], Path],
-        mounts: Callable[..., OverlayMount]) -> None:
+        overlay_mount: Callable[..., OverlayMount]) -> None:
     """Without RENAME_EXCHANGE (ntfs-3g) a directory becomes a whiteout in two renames; a
     daemon killed between them left an intent in the work dir: the next mount finishes it."""
     ntfs = images.get("ntfs")
@@ -353,7 +337,7 @@ def test_interrupted_directory_whiteout_is_finished_at_mount(
     lower = tmp_path / "lower"
     lower.mkdir()
     populate(lower)
-    om = mounts(lower, upper_base=on)
+    om = overlay_mount(lower, upper_base=on)
     (om.mnt / "pkg" / "sub" / "data.bin").unlink()
     os.rmdir(om.mnt / "pkg" / "sub")
     assert os.getxattr(om.upper / "pkg" / "sub", WHITEOUT_XATTR) == b"y"
@@ -361,7 +345,7 @@ def test_interrupted_directory_whiteout_is_finished_at_mount(
     # The state right after the first rename: the upper dir moved away, no whiteout yet.
     os.unlink(om.upper / "pkg" / "sub")
     (om.work / f"intent-{os.urandom(16).hex()}").write_bytes(b"whiteout\0pkg/sub")
-    om = mounts(lower, upper_base=on)
+    om = overlay_mount(lower, upper_base=on)
     assert not os.path.lexists(om.mnt / "pkg" / "sub")
     assert not [p for p in os.listdir(om.work) if p.startswith("intent-")]
 
@@ -462,7 +446,7 @@ def shared_bytes(path: Path) -> int:
 @pytest.mark.parametrize("kind", ["btrfs", "xfs"])
 def test_copy_up_is_a_reflink_on_the_same_filesystem(
         kind: str, images: Images, scratch: Callable[[fsimages.FsImage], Path],
-        mounts: Callable[..., OverlayMount]) -> None:
+        overlay_mount: Callable[..., OverlayMount]) -> None:
     fs = images.get(kind)
     on = scratch(fs)
     lower = on / "lower"
@@ -473,7 +457,7 @@ def test_copy_up_is_a_reflink_on_the_same_filesystem(
             f.write(chunk)
         os.fsync(f.fileno())
     assert shared_bytes(lower / "big.bin") == 0
-    om = mounts(lower, upper_base=on)
+    om = overlay_mount(lower, upper_base=on)
     started = time.perf_counter()
     with open(om.mnt / "big.bin", "r+b") as f:  # opening for write copies up
         copy_up_seconds = time.perf_counter() - started
