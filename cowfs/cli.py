@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -57,6 +59,31 @@ class CowfsGroup(click.Group):
         for module_name in COMMAND_MODULES:
             self._load(module_name)
         return sorted(self.commands)
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if args is not None or not standalone_mode:  # called from Python (CliRunner...)
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        # The real command line: once the command is done, skip the interpreter's teardown
+        # of ~300 modules (5-10 ms of a ~130 ms warm install). Nothing of cowfs runs at exit:
+        # files, executors and temporary directories are all closed by then; the standard
+        # streams are flushed here.
+        try:
+            super().main(args, prog_name, complete_var, standalone_mode, **extra)
+            code = 0
+        except SystemExit as exc:
+            if exc.code is None or isinstance(exc.code, int):
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+                code = 1
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            code = 120  # what Python exits with when flushing stdout fails at shutdown
+        os._exit(code)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
