@@ -7,6 +7,7 @@ only when the mount answers. Logs to the file named in the spec.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -154,6 +155,12 @@ def run(spec: MountSpec, ready_fd: int | None = None) -> None:
         filename=None if ready_fd is None else spec.log, level=logging.INFO,
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     os.umask(0)  # modes arrive from the kernel with the caller's umask already applied
+    # Every file the kernel holds open through the mount may cost the daemon an fd.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     daemon = Daemon(spec)
     options = set(pyfuse3.default_options) | {"fsname=cowfs", "subtype=cowfs"}
     if spec.allow_other:

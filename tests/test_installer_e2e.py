@@ -17,12 +17,7 @@ from cowfs import control
 from cowfs import mount as mounting
 from cowfs.spec import VenvState
 from cowfs.store import Store, digest_bytes
-from tests import conftest as shared
 from tests.conftest import EDITED, PKG, UDDER, cow, cowfs, object_hashes, site
-
-# The shared fixtures live in conftest.py; test_kernel_dircache still takes them from here
-# (`venvs = e2e.venvs`): drop these aliases once it no longer does.
-venvs, wheels = shared.venvs, shared.wheels
 
 
 def test_two_projects_edit_stays_private(venvs: Callable[[str], Path], wheels: Path) -> None:

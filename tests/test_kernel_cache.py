@@ -20,14 +20,8 @@ from typing import Any
 import pytest
 
 from cowfs import control
-from tests import test_installer_e2e as e2e
-from tests.conftest import populate
-from tests.test_changes import install
-from tests.test_installer_e2e import cowfs, site
+from tests.conftest import cowfs, install, populate, site
 from tests.test_mount_semantics import drop_kernel_caches
-
-venvs = e2e.venvs
-wheels = e2e.wheels
 
 
 def served(spec: Any, what: str = "listings") -> int:
