@@ -8,6 +8,7 @@ the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -130,7 +131,8 @@ class VenvFiles:
     def commit(self) -> None:
         try:
             for fd, _, _ in self._pending:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # start writeback now
+                with contextlib.suppress(OSError):  # only a hint: start writeback now
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             for fd, _, _ in self._pending:
                 os.fsync(fd)
             for _, tmp, dest in self._pending:
