@@ -72,9 +72,8 @@ class CowfsOperations(pyfuse3.Operations):
         self._dirs: dict[int, tuple[Node, list[tuple[str, Node]]]] = {}
         self._next_dh = 1
         self._copying: dict[Node, trio.Event] = {}
-        self._lower_entries: dict[int, pyfuse3.EntryAttributes] = {}
-        self._lower_listings: dict[int, list[tuple[str, Node]]] = {}
-        self._upper_listings: dict[int, list[tuple[str, Node]]] = {}
+        # Snapshots of listings in progress (a big directory takes several READDIRPLUS).
+        self._listings: dict[int, list[tuple[str, Node]]] = {}
         self.by_inode = False  # the shim is in place (known once the session is live)
         # Requests served, for `status`: listings (READDIRPLUS at offset 0), OPEN, READ.
         self.served = {"listings": 0, "opens": 0, "reads": 0}
@@ -94,22 +93,12 @@ class CowfsOperations(pyfuse3.Operations):
 
     def forget_caches(self) -> None:
         """The lower layer changed (reload, reset, repair): derived answers are stale."""
-        self._lower_entries.clear()
-        self._lower_listings.clear()
-        self._upper_listings.clear()
+        self._listings.clear()
 
     def entry(self, node: Node, attr: Attr | None = None) -> pyfuse3.EntryAttributes:
-        # A lower-only node's attributes are a pure function of the immutable lower entry:
-        # build the reply once (lookup, getattr and readdirplus each need it).
-        cacheable = attr is None and not node.upper and node.parent is not None
-        if cacheable:
-            cached = self._lower_entries.get(node.ino)
-            if cached is not None:
-                return cached
-        e = self._make_entry(node, attr or self.ov.getattr(node))
-        if cacheable:
-            self._lower_entries[node.ino] = e
-        return e
+        # Not cached: the kernel keeps entries and attributes for long, so each is built about
+        # once per mount, and 200 bytes per node is a third of the daemon's growth.
+        return self._make_entry(node, attr or self.ov.getattr(node))
 
     def _make_entry(self, node: Node, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -230,21 +219,20 @@ class CowfsOperations(pyfuse3.Operations):
 
     # -- directories --------------------------------------------------------------------
 
-    def listing(self, node: Node, fresh: bool = True) -> list[tuple[str, Node]]:
-        """A snapshot of a directory: offsets stay meaningful while it changes underneath.
+    def snapshot(self, node: Node) -> list[tuple[str, Node]]:
+        """A directory's entries: offsets into it stay meaningful while it changes."""
+        listing = []
+        for name in self.ov.listdir(node):
+            child = self.ov.lookup(node, name)
+            if child is not None:
+                listing.append((name, child))
+        return listing
 
-        A lower-only directory cannot change without a copy-up, so its snapshot is reused;
-        an upper one is taken anew when a listing starts (`fresh`).
-        """
-        cache = self._upper_listings if node.upper else self._lower_listings
-        listing = None if fresh and node.upper else cache.get(node.ino)
+    def listing(self, node: Node, fresh: bool) -> list[tuple[str, Node]]:
+        """The snapshot of a listing in progress, taken anew when one starts (`fresh`)."""
+        listing = None if fresh else self._listings.get(node.ino)
         if listing is None:
-            listing = []
-            for name in self.ov.listdir(node):
-                child = self.ov.lookup(node, name)
-                if child is not None:
-                    listing.append((name, child))
-            cache[node.ino] = listing
+            listing = self._listings[node.ino] = self.snapshot(node)
         return listing
 
     @fuse_errors
@@ -255,7 +243,7 @@ class CowfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSYS)
         dh = self._next_dh
         self._next_dh += 1
-        self._dirs[dh] = (node, self.listing(node))
+        self._dirs[dh] = (node, self.snapshot(node))
         return dh
 
     @fuse_errors
@@ -288,8 +276,8 @@ class CowfsOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, i + len(dots) + 1):
                 return
             child.nlookup += 1
-        if parent.upper:
-            self._upper_listings.pop(parent.ino, None)  # complete: the next one starts anew
+        if self.by_inode:
+            self._listings.pop(parent.ino, None)  # complete: the next one starts anew
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
