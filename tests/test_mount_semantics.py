@@ -305,20 +305,20 @@ def test_big_copy_up_runs_while_other_requests_are_served(tmp_path: Path,
             done.append(time.monotonic())
 
     t = threading.Thread(target=stat_loop)
-    fd = os.open(m.mnt / "big.bin", os.O_RDWR)
+    t.start()
     try:
-        t.start()
-        try:
-            while len(done) < 20:
-                time.sleep(0.001)
-            t0 = time.monotonic()
-            # Copies 64 MiB up: at the open, or at the first write when the kernel opens
-            # files without asking the daemon (cowfs/_fuse_shim.c).
-            os.pwrite(fd, b"tail", (64 << 20) - 4)
-            t1 = time.monotonic()
-        finally:
-            stop.set()
-            t.join()
+        while len(done) < 20:
+            time.sleep(0.001)
+        t0 = time.monotonic()
+        # Copies 64 MiB up: at the open, or at the first write when the kernel opens files
+        # without asking the daemon (cowfs/_fuse_shim.c).
+        fd = os.open(m.mnt / "big.bin", os.O_RDWR)
+        os.pwrite(fd, b"tail", (64 << 20) - 4)
+        t1 = time.monotonic()
+    finally:
+        stop.set()
+        t.join()
+    try:
         assert os.pread(fd, 4, 0) == block[:4]
     finally:
         os.close(fd)
