@@ -100,7 +100,10 @@ def mounts_cmd(as_json: bool) -> None:
     if not rows:
         click.echo("no cowfs mounts")
     for row in rows:
-        extra = f" pid={row['pid']} rss={int(row['max_rss_kb']) // 1024}MB" if "pid" in row else ""
+        extra = ""
+        if "pid" in row:
+            opens = "kernel" if row.get("kernel_cache") else "daemon"
+            extra = f" pid={row['pid']} rss={int(row['max_rss_kb']) // 1024}MB opens={opens}"
         src = row.get("venv") or ":".join(row.get("lowerdirs", []) or []) or "?"  # type: ignore[arg-type]
         click.echo(f"{row['mountpoint']}  {row['state']}{extra}  ({src})")
 

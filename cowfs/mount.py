@@ -208,6 +208,7 @@ def list_mounts() -> list[dict[str, object]]:
             status = control.try_request(spec.socket, "status") if state == "live" else None
             if status:
                 row.update(pid=status["pid"], nodes=status["nodes"],
-                           open_files=status["open_files"], max_rss_kb=status["max_rss_kb"])
+                           open_files=status["open_files"], max_rss_kb=status["max_rss_kb"],
+                           kernel_cache=status.get("kernel_cache", False))
         out.append(row)
     return out

@@ -10,6 +10,7 @@ of kernel opens go through one implicit handle per inode in the daemon.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -106,6 +107,10 @@ def test_install_uninstall_and_reset_refresh_cached_listings(
         venvs: Callable[[str], Path], wheels: Path) -> None:
     venv = venvs("A")
     sp = site(venv)
+    row = next(r for r in json.loads(cowfs("mounts", "--json").stdout)
+               if r["mountpoint"] == str(sp))
+    assert row["kernel_cache"] is True
+    assert "opens=kernel" in cowfs("mounts").stdout
     assert os.listdir(sp) == []  # an empty listing, cached by the kernel
     install(venv, wheels)
     dist_info = "pycowsay-0.0.0.2.dist-info"
