@@ -27,15 +27,19 @@ QUICK_FIGURES = ("install-warm", "import-warm", "import-first", "walk", "read-al
 UNITS = {"disk-per-venv": "MB", "daemon-rss": "MB"}
 
 # Read every regular file's bytes (the same tiny reader for every peer).
+# With a second argument: only the files that list names (relative paths, one per line).
 READER = """
 import os, sys
 buf = bytearray(1 << 20)
 n = 0
-for root, dirs, files in os.walk(sys.argv[1]):
-    for name in files:
-        with open(os.path.join(root, name), 'rb', buffering=0) as f:
-            while (k := f.readinto(buf)):
-                n += k
+if len(sys.argv) > 2:
+    paths = [os.path.join(sys.argv[1], p) for p in open(sys.argv[2]).read().splitlines()]
+else:
+    paths = [os.path.join(r, f) for r, _, fs in os.walk(sys.argv[1]) for f in fs]
+for path in paths:
+    with open(path, 'rb', buffering=0) as f:
+        while (k := f.readinto(buf)):
+            n += k
 print(n)
 """
 
@@ -162,6 +166,29 @@ def read_all(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
     for env in envs.values():
         timed(ctx, reader(ctx, env))
     _interleaved(ctx, res, "read-all", envs, lambda e: timed(ctx, reader(ctx, e)), ctx.reps)
+    _read_same_files(ctx, res, envs)
+
+
+def _read_same_files(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
+    """The trees differ (cowfs holds bytecode for every module): also read only the files
+    every peer has, so the ratio compares the same bytes."""
+    if "native" not in envs:
+        return
+    common: set[str] | None = None
+    for env in envs.values():
+        files = {os.path.relpath(os.path.join(r, f), env.site)
+                 for r, _, fs in os.walk(env.site) for f in fs}
+        common = files if common is None else common & files
+    listing = ctx.work / "read-all-common.txt"
+    listing.write_text("\n".join(sorted(common or ())))
+    same: dict[str, list[float]] = {}
+    for _ in range(ctx.reps):
+        for name, env in envs.items():
+            same.setdefault(name, []).append(timed(ctx, [*reader(ctx, env), str(listing)]))
+    base = median(same["native"])
+    res.note("read-all", "same_files", len(common or ()))
+    for name, samples in same.items():
+        res.note("read-all", f"same_files_ratio.{name}", round(median(samples) / base, 3))
 
 
 def read_all_cold(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
