@@ -410,6 +410,8 @@ def collect(store: Store, dry_run: bool = False, now: float | None = None) -> Gc
             rep.manifests_deleted.append(ident)
             if not dry_run:
                 manifest_path(store, ident).unlink(missing_ok=True)
+        if not dry_run:
+            _clean_caches(store, keep_dists)
         for digest, path in store.iter_objects():
             if digest in keep_objects:
                 rep.objects_kept += 1
@@ -425,6 +427,17 @@ def collect(store: Store, dry_run: bool = False, now: float | None = None) -> Gc
                 if r.status == "dead":
                     r.file.unlink(missing_ok=True)
     return rep
+
+
+def _clean_caches(store: Store, keep_dists: set[str]) -> None:
+    """Derived files go with what they derive from: compiled sidecars of deleted manifests,
+    and every planning cache entry (one per request ever made; rebuilt on the next install)."""
+    for path in store.dists.glob("*.layer") if store.dists.is_dir() else ():
+        if path.stem not in keep_dists:
+            path.unlink(missing_ok=True)
+    plans = store.root / "plans"
+    for path in plans.glob("*.json") if plans.is_dir() else ():
+        path.unlink(missing_ok=True)
 
 
 def _clean_tmp(store: Store, now: float, dry_run: bool) -> int:

@@ -104,9 +104,14 @@ def test_gc_collects_a_deleted_venv_and_keeps_shared_objects(
     new.write_text("y")
     os.utime(old, (time.time() - 7200, time.time() - 7200))
 
+    sidecars = {p.stem for p in store.dists.glob("*.layer")}
+    assert b_ids <= sidecars  # compiled manifest sidecars, derived from the manifests
+    plans = list((store.root / "plans").glob("*.json"))
+    assert plans  # the planning cache of the installs above
     dry = json.loads(cowfs("store", "gc", "--dry-run", "--json").stdout)
     assert dry["dead_roots"] == [str(b)] and dry["objects_deleted"] >= 1
     assert store.has(unique) and old.exists()  # a dry run changes nothing
+    assert {p.stem for p in store.dists.glob("*.layer")} == sidecars and plans[0].exists()
     text = cowfs("store", "info").stdout
     assert "1 live, 1 dead" in text
     done = json.loads(cowfs("store", "gc", "--json").stdout)
@@ -115,6 +120,10 @@ def test_gc_collects_a_deleted_venv_and_keeps_shared_objects(
     assert not store.has(unique) and store.has(shared)
     assert not old.exists() and new.exists()
     assert [p.name for p in store.roots.glob("*.json")] == [store.root_path(a).name]
+    left = {p.stem for p in store.dists.glob("*.layer")}
+    gone = set(done["manifests_deleted"])
+    assert left and left == sidecars - gone  # sidecars go with their manifests
+    assert not any((store.root / "plans").glob("*.json"))  # a cache: rebuilt on demand
     again = json.loads(cowfs("store", "gc", "--json").stdout)
     assert again["objects_deleted"] == 0 and again["dead_roots"] == []
     assert _verify()[0] == 0
