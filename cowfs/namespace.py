@@ -273,6 +273,9 @@ def _exchange(ov: Overlay, a: Node, a_parent: Node, a_name: str, b: Node, b_pare
     _materialise(ov, a)
     _materialise(ov, b)
     ov.upper.exchange(join(ov.path(a_parent), a_name), join(ov.path(b_parent), b_name))
+    ov.upper.fsync_dir(ov.path(a_parent))  # durable like every other namespace change
+    if b_parent is not a_parent:
+        ov.upper.fsync_dir(ov.path(b_parent))
     ov.table.move(a, a_parent, a_name, b_parent, b_name)
     ov.table.move(b, b_parent, b_name, a_parent, a_name)
     assert b_parent.children is not None
