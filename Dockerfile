@@ -18,14 +18,15 @@ ENV DEBIAN_FRONTEND=noninteractive \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         fuse3 libfuse3-dev pkg-config gcc \
-        fuse-overlayfs stress-ng fio attr ntfs-3g btrfs-progs xfsprogs \
+        fuse-overlayfs stress-ng fio attr ntfs-3g btrfs-progs xfsprogs shellcheck \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /cowfs
 COPY . .
 
-# The project-local environment (.dev-env, cowfs editable + the test extra). Its stamp is the
-# hash of pyproject.toml, which the image fixes, so scripts/test finds it current at run time.
+# The project-local environment (.dev-env, cowfs editable + the test extra, and the kernel-cache
+# extension cowfs/_fuse_shim.c built with gcc and libfuse3-dev). Its stamp hashes pyproject.toml
+# and the extension's source, which the image fixes, so scripts/test finds it current.
 RUN scripts/bootstrap
 
 # Root on purpose: FUSE mounts in the container (run with --device /dev/fuse --cap-add SYS_ADMIN).
