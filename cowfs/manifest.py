@@ -52,19 +52,10 @@ class ManifestHead:
 
 
 @dataclass(frozen=True, slots=True)
-class Manifest:
-    id: str
-    name: str
-    version: str
-    files: tuple[FileEntry, ...]
-    mtime_ns: int = DEFAULT_MTIME_NS
-    wheel: str = ""
-    wheel_sha256: str = ""
-    tags: tuple[str, ...] = ()
-    dist_info: str = ""
-    data: dict[str, tuple[FileEntry, ...]] = field(default_factory=dict)
-    entry_points: dict[str, dict[str, str]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+class Manifest(ManifestHead):
+    """A whole manifest: the head plus the files it puts into site-packages."""
+
+    files: tuple[FileEntry, ...] = field(kw_only=True)
 
     def to_json(self) -> dict[str, Any]:
         def rows(entries: tuple[FileEntry, ...]) -> list[list[Any]]:
@@ -96,7 +87,7 @@ class Manifest:
 
 
 # What installing into a venv takes: a whole manifest, or one without its files.
-Dist = Manifest | ManifestHead
+Dist = ManifestHead
 
 
 def _fields(doc: Any) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def _manifest(ident: str = "demo-1.0-abc", files: tuple[FileEntry, ...] | None =
         FileEntry("demo-1.0.dist-info/METADATA", D1, 10, 0o644),
         FileEntry("top.py", D2, 20, 0o644),
     )
-    return Manifest(ident, "demo", "1.0", files, mtime_ns=1_700_000_000 * 10**9,
+    return Manifest(ident, "demo", "1.0", files=files, mtime_ns=1_700_000_000 * 10**9,
                     dist_info="demo-1.0.dist-info",
                     data={"scripts": (FileEntry("tool", D3, 30, 0o755),)},
                     entry_points={"console_scripts": {"demo": "demo:main"}},

@@ -552,10 +552,10 @@ def test_manifest_lower_from_store(tmp_path: Path) -> None:
     def fe(path: str, key: str, mode: int = 0o644) -> FileEntry:
         return FileEntry(path, digests[key], len(blobs[key]), mode)
 
-    m1 = Manifest("one-1.0", "one", "1.0", (fe("one/__init__.py", "a"),
+    m1 = Manifest("one-1.0", "one", "1.0", files=(fe("one/__init__.py", "a"),
                                             fe("one/data/x.bin", "b"), fe("shared.py", "a")),
                   mtime_ns=1_700_000_000 * 10**9)
-    m2 = Manifest("two-2.0", "two", "2.0", (fe("two/run", "c", 0o755), fe("shared.py", "b")))
+    m2 = Manifest("two-2.0", "two", "2.0", files=(fe("two/run", "c", 0o755), fe("shared.py", "b")))
     extra = [fe("one-1.0.dist-info/REQUESTED", "a")]
     lower = ManifestLower.from_manifests(store.objects, [m1, m2], extra=extra)
     objects_before = fingerprint(store.objects)
@@ -584,7 +584,7 @@ def test_manifest_lower_build_time_for_12k_files(tmp_path: Path) -> None:
     for d in range(60):
         files = tuple(FileEntry(f"dist{d}/mod{m}/file{f}.py", digest, 100 + f, 0o644)
                       for m in range(20) for f in range(10))
-        manifests.append(Manifest(f"dist{d}-1.0", f"dist{d}", "1.0", files))
+        manifests.append(Manifest(f"dist{d}-1.0", f"dist{d}", "1.0", files=files))
     t0 = time.perf_counter()
     lower = ManifestLower.from_manifests(tmp_path, manifests)
     elapsed = time.perf_counter() - t0
