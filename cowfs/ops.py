@@ -98,9 +98,7 @@ class CowfsOperations(pyfuse3.Operations):
     def entry(self, node: Node, attr: Attr | None = None) -> pyfuse3.EntryAttributes:
         # Not cached: the kernel keeps entries and attributes for long, so each is built about
         # once per mount, and 200 bytes per node is a third of the daemon's growth.
-        return self._make_entry(node, attr or self.ov.getattr(node))
-
-    def _make_entry(self, node: Node, a: Attr) -> pyfuse3.EntryAttributes:
+        a = attr or self.ov.getattr(node)
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
         e.generation = 0
