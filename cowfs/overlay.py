@@ -384,6 +384,8 @@ class Overlay:
                 self._implicit_lru.move_to_end(fh)
             h = self.handles[fh]
             if writable and not h.writable:
+                if h.on_lower:  # callers copy up first: the store is never opened to write
+                    raise oserror(errno.EROFS)
                 # Same fd number: a read racing with this upgrade sees the same file.
                 new = os.open(f"/proc/self/fd/{h.fd}", os.O_RDWR | os.O_CLOEXEC)
                 os.dup2(new, h.fd)
