@@ -45,17 +45,28 @@ class Capabilities:
         return missing
 
 
-def fstype_of(path: str) -> str:
-    """The filesystem type of the mount holding path, from /proc/self/mountinfo."""
+def _mount_of(path: str) -> tuple[str, str]:
+    """(filesystem type, source) of the mount holding path, from /proc/self/mountinfo."""
     real = os.path.realpath(path)
-    best, kind = "", "unknown"
+    best, found = "", ("unknown", "")
     with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             mp = left.split()[4].replace("\\040", " ")
             if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
-                best, kind = mp, right.split()[0]
-    return kind
+                kind, source = [*right.split(), "", ""][:2]
+                best, found = mp, (kind, source.replace("\\040", " "))
+    return found
+
+
+def fstype_of(path: str) -> str:
+    """The filesystem type of the mount holding path."""
+    return _mount_of(path)[0]
+
+
+def mount_source(path: str) -> str:
+    """What is mounted at the mount holding path (a device, an image, "tmpfs"...)."""
+    return _mount_of(path)[1]
 
 
 def _try(fn: object, *args: object) -> bool:

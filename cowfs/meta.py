@@ -179,19 +179,6 @@ def mode_from_acl(data: bytes) -> int | None:
     return perms[_ACL_USER_OBJ] << 6 | group << 3 | perms[_ACL_OTHER]
 
 
-def mount_source(path: str) -> str:
-    """What is mounted at the mount holding path (a device, an image, "tmpfs"...)."""
-    real = os.path.realpath(path)
-    best, source = "", ""
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            mp = left.split()[4].replace("\\040", " ")
-            if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
-                best, source = mp, [*right.split(), "", ""][1].replace("\\040", " ")
-    return source
-
-
 def describe(caps: Capabilities, source: str = "") -> str:
     """A compact one-line summary of a filesystem's probed capabilities; FUSE filesystems
     (ntfs-3g...) are named by what they mount, their type says little."""

@@ -29,7 +29,7 @@ def _state(venv_opt: str | None) -> VenvState:
 def _filesystem(directory: Path) -> dict[str, object] | None:
     """Probed capabilities of the filesystem holding directory (a scratch dir is made in
     it, so never the live upper itself) and how cowfs copes there; None if not probeable."""
-    from cowfs import meta
+    from cowfs import fscaps, meta
 
     try:
         caps = meta.caps_for(str(directory))
@@ -37,7 +37,7 @@ def _filesystem(directory: Path) -> dict[str, object] | None:
     except OSError:
         return None
     why = meta.refusal(caps, str(directory))
-    source = meta.mount_source(str(directory))
+    source = fscaps.mount_source(str(directory))
     return {**caps.to_json(), "source": source, "rename_exchange": exchange,
             "metadata": meta.for_upper(str(directory)).strategy if why is None else None,
             "refused": why, "summary": meta.describe(caps, source)}
