@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import os
 import pwd
@@ -15,6 +16,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -332,3 +334,34 @@ def py39(tmp_path: Path) -> Any:
     from tests.test_interpreters import make_fake
 
     return make_fake(tmp_path, "3.9.21")
+
+
+DAEMON_GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)  # errnos of a dead mount
+
+
+def kill_during_synced_writes(target: Path, kill: Callable[[], None], synced_min: int) -> bytes:
+    """Write 16-byte records to target from a thread, fsyncing every fourth; once synced_min
+    are synced, call kill (kill -9 the daemon). Returns the bytes that were fsynced."""
+    synced: list[int] = []
+
+    def writer() -> None:
+        try:
+            with open(target, "r+b", buffering=0) as f:
+                for i in range(1_000_000):
+                    f.seek(i * 16)
+                    f.write(f"record {i:08d}\n".encode())
+                    if i % 4 == 3:
+                        os.fsync(f.fileno())
+                        synced.append(i)
+        except OSError as exc:  # the daemon died under us
+            assert exc.errno in DAEMON_GONE, exc
+
+    t = threading.Thread(target=writer)
+    t.start()
+    deadline = time.monotonic() + 20
+    while len(synced) < synced_min and time.monotonic() < deadline:
+        time.sleep(0.01)
+    kill()
+    t.join(10)
+    assert not t.is_alive() and len(synced) >= synced_min
+    return b"".join(f"record {i:08d}\n".encode() for i in range(synced[-1] + 1))

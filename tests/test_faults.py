@@ -26,11 +26,17 @@ from cowfs import control
 from cowfs import mount as mounting
 from cowfs.spec import MountSpec, VenvState
 from cowfs.store import Store
-from tests.conftest import PKG, cowfs, fingerprint, force_unmount
+from tests.conftest import (
+    DAEMON_GONE,
+    PKG,
+    cowfs,
+    fingerprint,
+    force_unmount,
+    kill_during_synced_writes,
+)
 from tests.wheelbuild import build
 
 TMP_NAME = re.compile(r"[0-9a-f]{32}")
-DEAD = (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
 
 
 def objects(store: Store) -> dict[str, tuple[str, int, int, int]]:
@@ -70,29 +76,8 @@ def test_kill_9_during_fsynced_writes_on_a_venv(tmp_path: Path,
     store = Store(state.store)
     before = objects(store)
     target = state.site_packages / "blob" / "data.bin"
-    synced: list[int] = []
-
-    def writer() -> None:
-        try:
-            with open(target, "r+b", buffering=0) as f:
-                for i in range(1_000_000):
-                    f.seek(i * 16)
-                    f.write(f"record {i:08d}\n".encode())
-                    if i % 4 == 3:
-                        os.fsync(f.fileno())
-                        synced.append(i)
-        except OSError as exc:
-            assert exc.errno in DEAD, exc
-
-    t = threading.Thread(target=writer)
-    t.start()
-    deadline = time.monotonic() + 20
-    while len(synced) < 40 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(daemon_pid(spec), signal.SIGKILL)
-    t.join(10)
-    assert not t.is_alive() and len(synced) >= 40
-    expect = b"".join(f"record {i:08d}\n".encode() for i in range(synced[-1] + 1))
+    expect = kill_during_synced_writes(
+        target, lambda: os.kill(daemon_pid(spec), signal.SIGKILL), 40)
     assert (state.upper / "blob" / "data.bin").read_bytes()[:len(expect)] == expect
     assert objects(store) == before, "a store object changed"
     wait_stale(state.site_packages)
@@ -143,7 +128,7 @@ def test_kill_9_during_a_big_copy_up(tmp_path: Path, overlay_mount: Any) -> None
     os.kill(pid, signal.SIGKILL)
     t.join(10)
     assert caught is not None and caught < size, f"copy-up not caught in flight: {outcome}"
-    assert outcome and outcome[0] in DEAD
+    assert outcome and outcome[0] in DAEMON_GONE
     assert not (m.upper / "big.bin").exists(), "a half-copied file is visible in the upper"
     leftovers = os.listdir(m.work)
     assert leftovers and all(TMP_NAME.fullmatch(n) for n in leftovers), leftovers

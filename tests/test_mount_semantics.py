@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fingerprint, populate, statx_fresh
+from conftest import fingerprint, kill_during_synced_writes, populate, statx_fresh
 
 from cowfs import mount as mounting
 from cowfs.upper import WHITEOUT_XATTR
@@ -134,29 +134,8 @@ def test_two_mounts_share_a_lower_independently(lower: Path, overlay_mount: Any)
 
 def kill_during_writes(m: Any) -> bytes:
     """Write and fsync records from a thread, kill -9 the daemon midway; the synced bytes."""
-    synced: list[int] = []
-
-    def writer() -> None:
-        try:
-            with open(m.mnt / "pkg" / "sub" / "data.bin", "r+b", buffering=0) as f:
-                for i in range(1_000_000):
-                    f.seek(i * 16)
-                    f.write(f"record {i:08d}\n".encode())
-                    if i % 4 == 3:
-                        os.fsync(f.fileno())
-                        synced.append(i)
-        except OSError as exc:  # the daemon died under us
-            assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO), exc
-
-    t = threading.Thread(target=writer)
-    t.start()
-    deadline = time.monotonic() + 20
-    while len(synced) < 50 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(m.pid(), signal.SIGKILL)
-    t.join(10)
-    assert not t.is_alive() and len(synced) >= 50
-    return b"".join(f"record {i:08d}\n".encode() for i in range(synced[-1] + 1))
+    return kill_during_synced_writes(m.mnt / "pkg" / "sub" / "data.bin",
+                                     lambda: os.kill(m.pid(), signal.SIGKILL), 50)
 
 
 def test_kill_9_keeps_fsynced_data(lower: Path, overlay_mount: Any) -> None:
