@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,10 @@ def test_implicit_handles_are_bounded_and_reopen(tmp_path: Path, overlay_mount: 
     for i in range(700):
         assert (m.mnt / f"f{i}").read_text() == f"file {i}\n"
     drop_kernel_caches()  # inodes: the kernel forgets them, the daemon closes their files
-    assert daemon_fds(m.spec) - base < 520
+    deadline = time.monotonic() + 5  # FORGET is asynchronous
+    while daemon_fds(m.spec) - base > 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon_fds(m.spec) - base <= 8  # (without the forget it would stay at ~512)
 
 
 def test_reset_reaches_files_the_kernel_holds_open(venvs: Callable[[str], Path],
