@@ -25,9 +25,11 @@ fuse_shim.preload()  # before pyfuse3 binds libfuse: lets the kernel cache opens
 import pyfuse3
 import trio
 
+from cowfs import roots
 from cowfs.errors import CowfsError
 from cowfs.ops import CowfsOperations
-from cowfs.spec import MountSpec
+from cowfs.spec import MountSpec, VenvState
+from cowfs.store import Store
 from cowfs.super import Invalidation, build_lower, build_overlay, swap_lower
 
 log = logging.getLogger("cowfs.daemon")
@@ -36,8 +38,16 @@ log = logging.getLogger("cowfs.daemon")
 class Daemon:
     def __init__(self, spec: MountSpec) -> None:
         self.spec = spec
-        self.ov = build_overlay(spec)
+        lower, self.lease = build_lower(spec)  # held while the daemon runs (cowfs.lease)
+        self.ov = build_overlay(spec, lower)
         self.ops = CowfsOperations(self.ov)
+
+    def last_used(self) -> None:
+        """The retention clock of the venv's gc root runs from the end of its last mount."""
+        if self.spec.venv is not None:
+            with contextlib.suppress(CowfsError, OSError):
+                state = VenvState.load(Path(self.spec.venv))
+                roots.touch(Store(state.store), state)
 
     # -- kernel cache invalidation --------------------------------------------------------
 
@@ -69,7 +79,12 @@ class Daemon:
                     "kernel_cache": self.ops.by_inode, "served": self.ops.served}
         if op == "reload":
             await self.ops.settle()
-            inv = swap_lower(self.ov, build_lower(self.spec))
+            # In a thread: taking the lease waits for a running gc to finish.
+            lower, lease = await trio.to_thread.run_sync(build_lower, self.spec)
+            inv = swap_lower(self.ov, lower)
+            if self.lease is not None:
+                self.lease.release()  # only now: the old layer was served until the swap
+            self.lease = lease
             self.ops.forget_caches()
             await self.invalidate(inv)
             log.info("reloaded lower: %d inodes, %d entries invalidated", len(inv.inodes),
@@ -175,6 +190,7 @@ def run(spec: MountSpec, ready_fd: int | None = None) -> None:
     finally:
         pyfuse3.close(unmount=True)
         spec.socket.unlink(missing_ok=True)
+        daemon.last_used()
         log.info("unmounted %s", spec.mountpoint)
 
 

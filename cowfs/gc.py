@@ -1,19 +1,21 @@
 """Store maintenance: which venvs are alive, verify objects, collect garbage, measure usage.
 
-Liveness comes only from gc roots (`roots/*.json`): a root is live while its venv exists and
-the venv's state still points at this store. Link counts are never consulted: objects are
-served through mounts, not hard-linked into venvs. Anything the live states reference (their
-distributions, bytecode manifests, venv-local extra rows) is kept; the rest is garbage.
+Liveness comes from gc roots (cowfs.roots) and from the leases of live mounts
+(cowfs.lease). A root is live while its venv exists here and still uses this store; a root
+registered from another mount namespace (a container) whose venv is not visible here is
+unseen and keeps what it records until the retention period has passed. Whatever a live
+mount anywhere on this kernel serves is leased and kept whatever the roots say. Link counts
+are never consulted: objects are served through mounts, not hard-linked into venvs.
 
 gc holds the store lock exclusively: installs hold it shared from ingest until a root
-refers to what they ingested, so gc never sees a half-installed distribution as garbage.
+refers to what they ingested, and mounts while they take their lease, so gc never sees a
+half-installed distribution or a starting mount's files as garbage.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import shutil
 import stat
@@ -24,33 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cowfs.errors import CowfsError, StoreError
+from cowfs import roots as gc_roots
+from cowfs.errors import StoreError
+from cowfs.lease import in_use
 from cowfs.manifest import FileEntry, Manifest, iter_manifests, manifest_path, read_manifest
-from cowfs.spec import VenvState
 from cowfs.store import OBJECT_MODE, Store, digest_bytes, digest_fd
 
 TMP_GRACE_S = 3600  # tmp/ entries younger than this may belong to a running writer
-
-
-@dataclass
-class Root:
-    file: Path
-    venv: Path | None
-    status: str  # live, dead, broken (unreadable root or state: liveness unknown)
-    reason: str = ""
-    state: VenvState | None = None
-    bytecode: list[str] = field(default_factory=list)
-
-    @property
-    def dist_ids(self) -> list[str]:
-        return [*self.state.dists, *self.bytecode] if self.state else []
-
-
-def _same_dir(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def check_root(store: Store) -> None:
@@ -68,53 +50,6 @@ def check_root(store: Store) -> None:
             return
         raise StoreError(f"store {store.root} is not a directory" if path == store.root
                          else f"store {store.root} cannot exist: {path} is not a directory")
-
-
-def scan_roots(store: Store) -> list[Root]:
-    roots: list[Root] = []
-    for f in sorted(store.roots.glob("*.json")) if store.roots.is_dir() else ():
-        try:
-            doc = json.loads(f.read_text())
-            venv = Path(doc["venv"])
-        except (OSError, ValueError, KeyError, TypeError):
-            roots.append(Root(f, None, "broken", "unreadable root file"))
-            continue
-        state_file = VenvState.path_for(venv)
-        if not venv.is_dir():
-            roots.append(Root(f, venv, "dead", "venv deleted"))
-            continue
-        if not state_file.exists():
-            roots.append(Root(f, venv, "dead", "no cowfs state any more"))
-            continue
-        try:
-            state = VenvState.load(venv)
-            raw = json.loads(state_file.read_text())
-        except (OSError, ValueError, CowfsError) as exc:
-            roots.append(Root(f, venv, "broken", str(exc)))
-            continue
-        if not _same_dir(state.store, store.root):
-            roots.append(Root(f, venv, "dead", f"venv now uses the store {state.store}"))
-            continue
-        roots.append(Root(f, venv, "live", "", state, _bytecode_ids(raw)))
-    return roots
-
-
-def _bytecode_ids(doc: Any) -> list[str]:
-    """`bytecode` in a state: a list of manifest ids (tolerates a dict or nested lists)."""
-    out: list[str] = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, str):
-            out.append(v)
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, list):
-            for x in v:
-                walk(x)
-
-    walk(doc.get("bytecode", []) if isinstance(doc, dict) else [])
-    return out
 
 
 def manifest_rows(m: Manifest) -> Iterable[FileEntry]:
@@ -143,7 +78,7 @@ class VerifyReport:
     manifests: int = 0
     problems: dict[str, Problem] = field(default_factory=dict)
     bad_manifests: dict[str, str] = field(default_factory=dict)
-    roots: list[Root] = field(default_factory=list)
+    roots: list[gc_roots.Root] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -175,7 +110,7 @@ def _check_object(path: Path, digest: str) -> tuple[str, str] | None:
 
 def verify(store: Store) -> VerifyReport:
     """Rehash every object, check every manifest row, and name who is affected."""
-    rep = VerifyReport(roots=scan_roots(store))
+    rep = VerifyReport(roots=gc_roots.scan(store))
     sizes: dict[str, int] = {}
     objects = list(store.iter_objects())
     rep.objects = len(objects)
@@ -359,26 +294,33 @@ class GcReport:
     dry_run: bool
     live_roots: int = 0
     dead_roots: list[str] = field(default_factory=list)
+    dead_reasons: dict[str, str] = field(default_factory=dict)
+    unseen_roots: list[dict[str, Any]] = field(default_factory=list)  # kept: not visible here
     manifests_kept: int = 0
     manifests_deleted: list[str] = field(default_factory=list)
+    manifests_in_use: list[str] = field(default_factory=list)  # leased by a live mount
     objects_kept: int = 0
+    objects_in_use: int = 0
     objects_deleted: int = 0
     bytes_freed: int = 0
     tmp_deleted: int = 0
     missing_manifests: list[str] = field(default_factory=list)
+    retention_s: float = gc_roots.DEFAULT_RETENTION_S
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))
 
 
-def collect(store: Store, dry_run: bool = False, now: float | None = None) -> GcReport:
+def collect(store: Store, dry_run: bool = False, now: float | None = None, *,
+            retention: float = gc_roots.DEFAULT_RETENTION_S,
+            drop_unseen: bool = False) -> GcReport:
     check_root(store)
-    rep = GcReport(dry_run)
+    rep = GcReport(dry_run, retention_s=retention)
     if not store.exists():
         return rep
     now = time.time() if now is None else now
     with store.lock(exclusive=True):
-        roots = scan_roots(store)
+        roots = gc_roots.scan(store, now=now, retention=retention, drop_unseen=drop_unseen)
         broken = [r for r in roots if r.status == "broken"]
         if broken:
             r = broken[0]
@@ -387,12 +329,22 @@ def collect(store: Store, dry_run: bool = False, now: float | None = None) -> Gc
         keep_dists: set[str] = set()
         keep_objects: set[str] = set()
         for r in roots:
+            if r.status in ("live", "unseen"):
+                keep_dists.update(r.dist_ids)
+                keep_objects.update(r.object_ids)
             if r.status == "live":
                 rep.live_roots += 1
-                keep_dists.update(r.dist_ids)
-                keep_objects.update(fe.digest for fe in r.state.extra)  # type: ignore[union-attr]
+            elif r.status == "unseen":
+                rep.unseen_roots.append({"venv": str(r.venv), "reason": r.reason,
+                                         "last_used": r.last_used,
+                                         "kept_until": r.last_used + retention})
             else:
                 rep.dead_roots.append(str(r.venv))
+                rep.dead_reasons[str(r.venv)] = r.reason
+        for ident in iter_manifests(store):
+            if ident not in keep_dists and in_use(manifest_path(store, ident)):
+                rep.manifests_in_use.append(ident)
+                keep_dists.add(ident)
         for ident in sorted(keep_dists):
             if not manifest_path(store, ident).exists():
                 rep.missing_manifests.append(ident)
@@ -415,6 +367,9 @@ def collect(store: Store, dry_run: bool = False, now: float | None = None) -> Gc
         for digest, path in store.iter_objects():
             if digest in keep_objects:
                 rep.objects_kept += 1
+                continue
+            if in_use(path):  # a venv-local object of a live mount that recorded no root
+                rep.objects_in_use += 1
                 continue
             rep.objects_deleted += 1
             with contextlib.suppress(OSError):
@@ -486,7 +441,7 @@ def usage(store: Store) -> dict[str, Any]:
             objects_bytes += st.st_size
             objects_disk += st.st_blocks * 512
             obj_size[digest] = st.st_size
-    roots = scan_roots(store)
+    roots = gc_roots.scan(store)
     logical = 0
     referenced: set[str] = set()
     venvs = []
@@ -518,7 +473,7 @@ def usage(store: Store) -> dict[str, Any]:
         "manifests": len(iter_manifests(store)),
         **{name: {"files": f, "bytes": b} for name, (f, b) in parts.items()},
         "roots": {s: [str(r.venv or r.file) for r in roots if r.status == s]
-                  for s in ("live", "dead", "broken")},
+                  for s in ("live", "unseen", "dead", "broken")},
         "venvs": venvs,
         "logical_bytes": logical,
         "physical_bytes": physical,

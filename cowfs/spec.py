@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,20 @@ def runtime_dir() -> Path:
         d = Path(f"/tmp/cowfs-{os.geteuid()}")
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     return d
+
+
+def new_venv_id() -> str:
+    return uuid.uuid4().hex
+
+
+def legacy_id(venv: Path) -> str:
+    return hashlib.sha256(os.fsencode(venv.absolute())).hexdigest()[:24]
+
+
+def _venv_id(value: object) -> str:
+    if not isinstance(value, str) or (value and not value.isalnum()):
+        raise ValueError(f"bad venv id {value!r}")  # it names a file in the store
+    return value
 
 
 def mount_key(mountpoint: str) -> str:
@@ -96,6 +111,13 @@ class VenvState:
     extra: list[FileEntry] = field(default_factory=list)  # venv-local files (REQUESTED...)
     requested: list[str] = field(default_factory=list)  # names the user asked for
     scripts: dict[str, list[str]] = field(default_factory=dict)  # dist id -> files in venv
+    # Names the venv's gc root; random, since a path is not unique across containers.
+    # States from before ids had roots keyed by a hash of the path: that key is kept.
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = legacy_id(self.venv)
 
     @staticmethod
     def state_dir(venv: Path) -> Path:
@@ -124,6 +146,7 @@ class VenvState:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT,
+            "id": self.id,
             "venv": str(self.venv),
             "site_packages": str(self.site_packages),
             "store": str(self.store),
@@ -171,6 +194,7 @@ class VenvState:
                 extra=list(_rows(doc.get("extra", []))),
                 requested=list(doc.get("requested", [])),
                 scripts=dict(doc.get("scripts", {})),
+                id=_venv_id(doc.get("id", "")),
             )
         except (KeyError, TypeError, ValueError, CowfsError) as exc:
             raise CowfsError(f"corrupt venv state {path}: {exc}") from None

@@ -288,27 +288,3 @@ class Store:
         os.replace(tmp, path)
         fsync_dir(path.parent)
 
-    # -- gc roots -----------------------------------------------------------------------
-
-    def root_path(self, venv: Path) -> Path:
-        key = hashlib.sha256(os.fsencode(venv.absolute())).hexdigest()[:24]
-        return self.roots / f"{key}.json"
-
-    def add_root(self, venv: Path, state_file: Path) -> None:
-        self.write_json(self.root_path(venv),
-                        {"venv": str(venv.absolute()), "state": str(state_file.absolute())})
-
-    def remove_root(self, venv: Path) -> None:
-        self.root_path(venv).unlink(missing_ok=True)
-
-    def iter_roots(self) -> Iterator[tuple[Path, dict[str, Any]]]:
-        """Every registered root as (root file, document); unreadable roots are skipped."""
-        if not self.roots.is_dir():
-            return
-        for p in sorted(self.roots.glob("*.json")):
-            try:
-                doc = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(doc, dict) and isinstance(doc.get("venv"), str):
-                yield p, doc

@@ -7,8 +7,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cowfs import roots
 from cowfs.inode import Node
 from cowfs.layer import layer_of_entries, read_layer
+from cowfs.lease import StoreLease
 from cowfs.lower import DirLower, Lower, ManifestLower, join
 from cowfs.overlay import Overlay
 from cowfs.spec import MountSpec, VenvState
@@ -18,26 +20,36 @@ from cowfs.upper import Upper
 log = logging.getLogger("cowfs.super")
 
 
-def build_lower(spec: MountSpec) -> Lower:
-    if spec.venv is not None:
-        state = VenvState.load(Path(spec.venv))
-        store = Store(state.store)
-        # Bytecode first: later manifests win a clash, and a wheel's own file must win.
+def build_lower(spec: MountSpec) -> tuple[Lower, StoreLease | None]:
+    """The lower layer, and for a venv the lease on the store files it is built from,
+    taken before any of them is read (gc in any namespace then keeps them)."""
+    if spec.venv is None:
+        return DirLower([Path(p) for p in spec.lowerdirs]), None
+    state = VenvState.load(Path(spec.venv))
+    store = Store(state.store)
+    # Bytecode first: later manifests win a clash, and a wheel's own file must win.
+    ids = [*state.bytecode, *state.dists]
+    lease = StoreLease.acquire(store, ids, (fe.digest for fe in state.extra))
+    try:
         missing: list[str] = []
-        layers = [read_layer(store, d, missing) for d in [*state.bytecode, *state.dists]]
+        layers = [read_layer(store, d, missing) for d in ids]
         if missing:
             log.info("%d manifests have no compiled layer (read as JSON): %s", len(missing),
                      ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else ""))
         layers.append(layer_of_entries(layers[0].mtime_ns if layers else 0, state.extra))
         st = os.stat(state.venv)
-        return ManifestLower(store.objects, layers, uid=st.st_uid, gid=st.st_gid)
-    return DirLower([Path(p) for p in spec.lowerdirs])
+        lower = ManifestLower(store.objects, layers, uid=st.st_uid, gid=st.st_gid)
+    except BaseException:
+        lease.release()
+        raise
+    roots.touch(store, state)
+    return lower, lease
 
 
-def build_overlay(spec: MountSpec) -> Overlay:
+def build_overlay(spec: MountSpec, lower: Lower) -> Overlay:
     os.makedirs(spec.upper, exist_ok=True)
     os.makedirs(spec.work, exist_ok=True)
-    return Overlay(build_lower(spec), Upper(spec.upper, spec.work))
+    return Overlay(lower, Upper(spec.upper, spec.work))
 
 
 @dataclass

@@ -32,6 +32,7 @@ import xxhash
 from packaging.utils import canonicalize_name
 
 from cowfs import mount as mounting
+from cowfs import roots
 from cowfs.errors import CowfsError, StoreError
 from cowfs.manifest import (
     DEFAULT_MTIME_NS,
@@ -41,7 +42,7 @@ from cowfs.manifest import (
     read_manifest,
     write_manifest,
 )
-from cowfs.spec import VenvState
+from cowfs.spec import VenvState, new_venv_id
 from cowfs.store import CHUNK, Store, fsync_dir
 from cowfs.upper import RENAME_NOREPLACE, renameat2
 from installer.automount import HOOK_MODULE, HOOK_PTH, write_hook
@@ -114,7 +115,7 @@ def adopt(path: Path, store: Store) -> AdoptResult:
                 raise
             fsync_dir(venv)
             state.save()
-            store.add_root(venv, VenvState.path_for(venv))
+            roots.record(store, state)
         return _finish(state, result)
 
 
@@ -205,7 +206,7 @@ def _build(venv: Path, site: Path, store: Store, staging: Path, info: Interprete
     upper.mkdir(parents=True)
     (staging / "work").mkdir()
     state = VenvState(venv=venv, site_packages=site, store=store.root,
-                      python=str(venv_python(venv)))
+                      python=str(venv_python(venv)), id=new_venv_id())
     result = AdoptResult(state)
     private: set[str] = set()
     rows: dict[str, list[FileEntry]] = {rec.partition("/")[0]: [] for rec in infos}

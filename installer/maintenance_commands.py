@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from cowfs import gc
+from cowfs import roots as gc_roots
 from cowfs.errors import CowfsError
 from cowfs.spec import VenvState
 from cowfs.store import Store
@@ -186,7 +187,7 @@ def _invalidate_live_mounts(store: Store, digests: list[str]) -> None:
         return
     from cowfs import control
 
-    for root in gc.scan_roots(store):
+    for root in gc_roots.scan(store):
         if root.state is not None:
             control.try_request(root.state.mount_spec().socket, "invalidate", objects=digests)
 
@@ -232,7 +233,7 @@ def verify_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
         ctx.exit(1)
 
 
-def _rebuild_bytecode(store: Store, ident: str, roots: list[gc.Root]) -> bool | None:
+def _rebuild_bytecode(store: Store, ident: str, roots: list[gc_roots.Root]) -> bool | None:
     """Recompile a shared-bytecode manifest with the interpreter of a venv that uses it;
     None when ident is no bytecode manifest or no live venv uses it."""
     from cowfs.manifest import manifest_path, read_manifest
@@ -261,19 +262,46 @@ def _rebuild_bytecode(store: Store, ident: str, roots: list[gc.Root]) -> bool | 
     return done
 
 
+def _retention(ctx: click.Context, param: click.Parameter, value: str | None) -> float:
+    try:
+        return gc_roots.parse_retention(value) if value else gc_roots.default_retention()
+    except CowfsError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @store_group.command("gc")
 @click.option("--dry-run", "-n", is_flag=True, help="Only report what would be deleted.")
+@click.option("--retention", metavar="AGE", callback=_retention,
+              help="Keep roots of venvs not visible from here (other containers or mount "
+                   "namespaces) until unused this long: 30d, 12h, ... [default: "
+                   "$COWFS_GC_RETENTION, else 30d].")
+@click.option("--drop-unseen", is_flag=True,
+              help="Also drop the roots of venvs not visible from here now (what a live "
+                   "mount anywhere uses is kept all the same).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def gc_cmd(dry_run: bool, as_json: bool) -> None:
-    """Delete what no live venv references (dead roots, manifests, objects, old tmp files)."""
+def gc_cmd(dry_run: bool, retention: float, drop_unseen: bool, as_json: bool) -> None:
+    """Delete what no live venv references (dead roots, manifests, objects, old tmp files).
+
+    Whatever a live mount serves, in any container or mount namespace on this machine, is
+    kept: mounts hold a lock on the store files they use."""
     store = Store()
-    rep = gc.collect(store, dry_run=dry_run)
+    rep = gc.collect(store, dry_run=dry_run, retention=retention, drop_unseen=drop_unseen)
     if as_json:
         click.echo(json.dumps({"store": str(store.root), **rep.to_json()}, indent=1))
         return
     verb = "would delete" if dry_run else "deleted"
     for venv in rep.dead_roots:
-        click.echo(f"dead root: {venv} ({'would be ' if dry_run else ''}removed)")
+        why = rep.dead_reasons.get(venv)
+        click.echo(f"dead root: {venv} ({why + ', ' if why else ''}"
+                   f"{'would be ' if dry_run else ''}removed)")
+    for u in rep.unseen_roots:
+        click.echo(f"kept root: {u['venv']} ({u['reason']}; last used "
+                   f"{_ago(u['last_used'])}, kept until {_when(u['kept_until'])}; "
+                   "--drop-unseen drops it)")
+    if rep.manifests_in_use or rep.objects_in_use:
+        click.echo(f"in use by live mounts not registered here: "
+                   f"{_plural(len(rep.manifests_in_use), 'manifest')}, "
+                   f"{_plural(rep.objects_in_use, 'venv-local object')} (kept)")
     for ident in rep.missing_manifests:
         click.echo(f"warning: a live venv names {ident}, which is not in the store")
     click.echo(f"{verb} {_plural(len(rep.manifests_deleted), 'manifest')}, "
@@ -281,7 +309,19 @@ def gc_cmd(dry_run: bool, as_json: bool) -> None:
                f"{_plural(rep.tmp_deleted, 'tmp leftover')}; kept "
                f"{_plural(rep.manifests_kept, 'manifest')} and "
                f"{_plural(rep.objects_kept, 'object')} for "
-               f"{_plural(rep.live_roots, 'live venv')}")
+               f"{_plural(rep.live_roots, 'live venv')}"
+               + (f" and {_plural(len(rep.unseen_roots), 'unseen venv')}"
+                  if rep.unseen_roots else ""))
+
+
+def _ago(t: float) -> str:
+    s = max(0.0, time.time() - t)
+    return f"{s / 86400:.1f} days ago" if s >= 86400 else \
+        f"{s / 3600:.1f} hours ago" if s >= 3600 else f"{int(s // 60)} minutes ago"
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
 def _usage_lines(u: dict[str, object], detail: bool) -> list[str]:
@@ -296,7 +336,8 @@ def _usage_lines(u: dict[str, object], detail: bool) -> list[str]:
         d = u[part]
         assert isinstance(d, dict)
         lines.append(f"{part:<13}{_plural(d['files'], 'file')}, {_size(d['bytes'])}")
-    lines.append(f"{'roots':<13}" + ", ".join(f"{len(v)} {k}" for k, v in roots.items()))
+    lines.append(f"{'roots':<13}" + ", ".join(f"{len(v)} {k}" for k, v in roots.items()
+                                              if v or k != "unseen"))
     if detail:
         sizes = {v["venv"]: v for v in u["venvs"]}  # type: ignore[attr-defined]
         for status, venvs in roots.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
-from cowfs import control
+from cowfs import control, roots
 from cowfs import mount as mounting
 from cowfs.errors import CowfsError
 from cowfs.layer import ensure_layer, read_head
@@ -200,6 +200,7 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
             ensure_layer(store, ident)  # what the daemon loads (else it reads the manifest)
         files.write(VenvState.path_for(state.venv), [state.encode()], 0o644)
         files.commit()
+        roots.record(store, state)  # still under the store lock: gc sees what it names
     finally:
         files.abort()
     return summary
@@ -232,6 +233,7 @@ def uninstall(state: VenvState, store: Store, names: Sequence[str]) -> Summary:
     state.bytecode = [b for b in state.bytecode if b.rpartition(".")[0] in keep]
     state.requested = [n for n in state.requested if canonicalize_name(n) not in wanted]
     state.save()
+    roots.record(store, state)
     reload(state)
     return summary
 

@@ -12,8 +12,9 @@ import subprocess
 from pathlib import Path
 
 from cowfs import mount as mounting
+from cowfs import roots
 from cowfs.errors import CowfsError
-from cowfs.spec import VenvState
+from cowfs.spec import VenvState, new_venv_id
 from cowfs.store import Store
 from installer.automount import write_hook
 from installer.interpreters import InterpreterInfo, query_interpreter
@@ -64,11 +65,11 @@ def create_venv(path: Path, python: str | None, store: Store) -> tuple[VenvState
     if not site.is_dir() or venv not in site.parents:
         raise CowfsError(f"unexpected site-packages location {site} for {venv}")
     state = VenvState(venv=venv, site_packages=site, store=store.root,
-                      python=str(venv_python(venv)))
+                      python=str(venv_python(venv)), id=new_venv_id())
     write_hook(site, venv)
     state.save()
     store.ensure()
-    store.add_root(venv, VenvState.path_for(venv))
+    roots.record(store, state)
     return state, ensure_mounted(state)
 
 
@@ -98,7 +99,3 @@ def _run_venv(base: InterpreterInfo, venv: Path) -> None:
     if proc.returncode != 0:
         detail = (proc.stderr.strip().splitlines() or ["failed"])[-1]
         raise CowfsError(f"creating the venv {venv} with {base.executable} failed: {detail}")
-
-
-def remove_venv_root(store: Store, venv: Path) -> None:
-    store.remove_root(venv)

@@ -119,7 +119,7 @@ def test_gc_collects_a_deleted_venv_and_keeps_shared_objects(
     assert b_ids <= set(done["manifests_deleted"])
     assert not store.has(unique) and store.has(shared)
     assert not old.exists() and new.exists()
-    assert [p.name for p in store.roots.glob("*.json")] == [store.root_path(a).name]
+    assert [p.name for p in store.roots.glob("*.json")] == [f"{VenvState.load(a).id}.json"]
     left = {p.stem for p in store.dists.glob("*.layer")}
     gone = set(done["manifests_deleted"])
     assert left and left == sidecars - gone  # sidecars go with their manifests
@@ -136,7 +136,7 @@ def test_gc_refuses_when_a_live_venv_state_is_unreadable(tmp_path: Path) -> None
     venv = tmp_path / "venv"
     (venv / ".cowfs").mkdir(parents=True)
     (venv / ".cowfs" / "state.json").write_text("{broken")
-    store.add_root(venv, VenvState.path_for(venv))
+    store.write_json(store.roots / "someroot.json", {"venv": str(venv)})
     one_line_error(cowfs("store", "gc", check=False), "nothing collected")
     assert store.has(orphan)
     (venv / ".cowfs" / "state.json").unlink()  # no cowfs state any more: a dead root

@@ -1,0 +1,83 @@
+"""A live mount's lease on the store files it serves, visible to gc in any mount namespace.
+
+A mount daemon holds a shared flock on every manifest and venv-local object its lower
+layer is built from, taken before its first read and held while it runs (swapped on
+reload, released when the process ends, also by a crash). flock lives on the inode in the
+one kernel, so gc sees it whether the mount is in a container, another mount namespace or
+on a read-only view of the store that could record no gc root: a file gc cannot lock
+exclusively is in use, and is kept. Leases are taken under the store lock (shared) and gc
+runs under it exclusively, so no lease can start halfway through a collection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from cowfs.errors import StoreError
+from cowfs.manifest import manifest_path
+from cowfs.store import Store
+
+
+class StoreLease:
+    def __init__(self, fds: list[int]) -> None:
+        self._fds = fds
+
+    @classmethod
+    def acquire(cls, store: Store, manifests: Iterable[str],
+                objects: Iterable[str] = ()) -> StoreLease:
+        paths = [manifest_path(store, i) for i in dict.fromkeys(manifests)]
+        paths += [store.object_path(d) for d in dict.fromkeys(objects)]
+        fds: list[int] = []
+        try:
+            with _store_lock(store):
+                for path in paths:
+                    try:
+                        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        raise StoreError(f"{path} is missing from the store (collected by "
+                                         "gc, or the store was moved?): reinstall to restore "
+                                         "it") from None
+                    fds.append(fd)
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            cls(fds).release()
+            raise
+        return cls(fds)
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def release(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _store_lock(store: Store) -> Iterator[None]:
+    """The store lock (shared) where it exists; a read-only store without one has no gc."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(store.lock())
+        except (FileNotFoundError, PermissionError):
+            pass
+        yield
+
+
+def in_use(path: Path) -> bool:
+    """Whether a live mount holds a lease on this store file (gc, under the store lock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
