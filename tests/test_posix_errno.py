@@ -431,6 +431,7 @@ if __name__ == "__main__":  # the runner: THIS_FILE run TOP OTHER_UID OTHER_GID
 
 # -- the pytest side -------------------------------------------------------------------------
 
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -482,9 +483,9 @@ EXPECT = {
 XFAIL: dict[tuple[str, str], str] = {}
 
 
-def runner(top: Path, who: str, uid: int, gid: int) -> subprocess.Popen[str]:
-    cmd = [RUNNER_PYTHON, "-I", str(Path(__file__).resolve()), "run", str(top),
-           str(OTHER["uid"]), str(OTHER["gid"])]
+def runner(script: Path, top: Path, who: str, uid: int, gid: int) -> subprocess.Popen[str]:
+    cmd = [RUNNER_PYTHON, "-I", str(script), "run", str(top), str(OTHER["uid"]),
+           str(OTHER["gid"])]
     if who == "user":
         cmd = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *cmd]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -534,8 +535,14 @@ def results() -> Iterator[dict[tuple[str, str], Any]]:
             spec = MountSpec(mountpoint=str(mnt), upper=str(base / "upper"),
                              work=str(base / "work"), log=str(base / "daemon.log"),
                              lowerdirs=[str(base / "lower")], allow_other=True)
+            # The user runs a copy of this file: the checkout may be closed to others (a 0700
+            # parent such as mktemp -d), base is not.
+            script = base / "errno_runner.py"
+            shutil.copyfile(__file__, script)
+            script.chmod(0o644)
             mounting.mount(spec)
-            procs = {(side, who): runner(base / side / who if side == "native" else mnt / who,
+            procs = {(side, who): runner(script,
+                                         base / side / who if side == "native" else mnt / who,
                                          who, uid, gid)
                      for side in ("native", "mount") for who in WHO}
             runs = {key: collect(proc) for key, proc in procs.items()}
