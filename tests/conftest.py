@@ -16,9 +16,10 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from cowfs.inode import Node
 from cowfs.overlay import Overlay
 from cowfs.spec import MountSpec, VenvState
 from cowfs.store import Store, digest_bytes
+from cowfs.upper import probe_user_xattrs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -232,6 +234,77 @@ def fingerprint(root: Path) -> dict[str, tuple[object, ...]]:
             out[str(full)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
                               st.st_ino, st.st_nlink, digest, sorted(xattrs.items()))
     return out
+
+
+# -- kernel caches and filesystems a container does not give -------------------------------
+
+
+def drop_kernel_caches() -> None:
+    """Make the kernel forget dentries and inodes (a FUSE FORGET for every unused inode):
+    `echo 2 > /proc/sys/vm/drop_caches`. A container mounts /proc/sys read-only; there the
+    same file of a private procfs instance is written (root with CAP_SYS_ADMIN, as the FUSE
+    tests are); without that the test is skipped."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")
+        return
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+    with tempfile.TemporaryDirectory(prefix="cowfs-proc-") as proc_dir:
+        mounted = subprocess.run(["mount", "-t", "proc", "-o", "nosuid,nodev,noexec", "proc",
+                                  proc_dir], capture_output=True, text=True)
+        if mounted.returncode != 0:
+            pytest.skip("cannot make the kernel forget inodes: /proc/sys is read-only and a "
+                        f"private procfs cannot be mounted ({mounted.stderr.strip()})")
+        try:
+            Path(proc_dir, "sys", "vm", "drop_caches").write_text("2\n")
+        finally:
+            subprocess.run(["umount", proc_dir], check=True)
+
+
+def drop_page_cache(paths: Iterable[Path]) -> None:
+    """Evict the cached pages of these files only (POSIX_FADV_DONTNEED): their next reads
+    reach the filesystem (on a mount: READ requests to the daemon)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _takes_device_whiteouts(directory: Path) -> bool:
+    probe = directory / ".cowfs-whiteout-probe"
+    try:
+        os.mknod(probe, stat.S_IFCHR | 0o600, 0)
+    except PermissionError:
+        return False
+    probe.unlink()
+    return True
+
+
+@pytest.fixture
+def device_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory where a test can create classic 0/0 character-device whiteouts and user
+    xattrs: tmp_path, unless its filesystem refuses the device (overlayfs gives EPERM, as a
+    0/0 device is its own whiteout: a container's root, /tmp included); then a tmpfs mounted
+    for the test (skipped where tmpfs has no user xattrs, before Linux 6.6)."""
+    if _takes_device_whiteouts(tmp_path):
+        yield tmp_path
+        return
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0755", "cowfs-test",
+                    str(mnt)], check=True, capture_output=True)
+    try:
+        if not probe_user_xattrs(str(mnt)):
+            pytest.skip(f"{tmp_path} refuses 0/0 character devices and tmpfs has no user "
+                        "xattrs on this kernel (Linux < 6.6)")
+        assert _takes_device_whiteouts(mnt)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -514,11 +514,12 @@ def test_overlay_behaves_like_a_plain_directory(tmp_path: Path, overlay_mount: A
     run_machine(tmp_path, overlay_mount, layers, settings.get_profile(PROFILE).max_examples)
 
 
-def test_two_lower_layers_behave_like_their_merge(tmp_path: Path, overlay_mount: Any) -> None:
+def test_two_lower_layers_behave_like_their_merge(tmp_path: Path, device_dir: Path,
+                                                  overlay_mount: Any) -> None:
     """Whiteouts (both formats), an opaque dir, a dir over a file and a file over a dir in
     the top lower layer: every operation must also see through them correctly."""
     bottom = bottom_layer(tmp_path / "bottom")
-    top = tmp_path / "top"
+    top = device_dir / "top"  # it holds a 0/0 device whiteout
     (top / "pkg" / "sub").mkdir(parents=True)
     (top / "pkg" / "main.py").touch()
     os.setxattr(top / "pkg" / "main.py", "user.overlay.whiteout", b"y")

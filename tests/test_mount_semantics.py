@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fingerprint, kill_during_synced_writes, populate, statx_fresh
+from conftest import (
+    drop_kernel_caches,
+    fingerprint,
+    kill_during_synced_writes,
+    populate,
+    statx_fresh,
+)
 
 from cowfs import mount as mounting
 from cowfs.upper import WHITEOUT_XATTR
@@ -37,12 +43,6 @@ def lower(tmp_path: Path) -> Any:
     before = fingerprint(root)
     yield root
     assert fingerprint(root) == before, "the lower tree was modified through the mount"
-
-
-def drop_kernel_caches() -> None:
-    """Make the kernel forget dentries and inodes (FUSE FORGET for every unused inode)."""
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("2\n")
 
 
 # -- handles and inode numbers --------------------------------------------------------------

@@ -91,8 +91,8 @@ class Layers:
 
 
 @pytest.fixture
-def layers(tmp_path: Path) -> Iterator[Layers]:
-    lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
+def layers(device_dir: Path) -> Iterator[Layers]:  # the upper may hold 0/0 device whiteouts
+    lower, upper, work = device_dir / "lower", device_dir / "upper", device_dir / "work"
     lower.mkdir()
     upper.mkdir()
     populate(lower)
