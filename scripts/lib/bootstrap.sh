@@ -10,8 +10,9 @@ PYTHON_BIN=${PYTHON:-python3}
 
 # Packages needed to build pyfuse3 and to mount.
 APT_BASE=(fuse3 libfuse3-dev pkg-config gcc)
-# Peers and tools the test suite and benchmarks compare against (shellcheck: the lint test).
-APT_TEST=(fuse-overlayfs stress-ng fio attr ntfs-3g btrfs-progs xfsprogs shellcheck)
+# Peers and tools the test suite and benchmarks compare against (shellcheck: the lint test;
+# git: the benchmark records the revision it measured, and its smoke test runs it).
+APT_TEST=(fuse-overlayfs stress-ng fio attr ntfs-3g btrfs-progs xfsprogs shellcheck git)
 
 _missing_apt() {
     local missing=() pkg
