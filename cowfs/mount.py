@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cowfs import control
+from cowfs import control, mount_errors
 from cowfs.errors import CowfsError
 from cowfs.spec import MountSpec
 
@@ -106,6 +106,15 @@ def _last_log_line(log: str) -> str:
     return (errors or lines or [""])[-1].strip()
 
 
+def _log_lines(log: str, start: int) -> list[str]:
+    try:
+        with open(log, "rb") as f:
+            f.seek(start)
+            return f.read(1 << 20).decode(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
 def mount(spec: MountSpec, foreground: bool = False) -> str:
     """Mount and return only once the mount answers. Returns 'mounted' or 'already mounted'."""
     mp = spec.mountpoint
@@ -113,7 +122,10 @@ def mount(spec: MountSpec, foreground: bool = False) -> str:
     if state == "live":
         return "already mounted"
     if state == "foreign":
-        raise CowfsError(f"{mp} is already a mount point of another filesystem")
+        entry = find_mount(mp)
+        raise CowfsError(mount_errors.busy(
+            mp, f"already a mount point: {entry.fstype} from {entry.source}" if entry else
+            "already a mount point"))
     if state == "stale":
         detach_stale(mp)  # the daemon died: "Transport endpoint is not connected"
     if not os.path.isdir(mp):
@@ -121,6 +133,7 @@ def mount(spec: MountSpec, foreground: bool = False) -> str:
     for d in spec.lowerdirs:  # before anything is created: a refused mount changes nothing
         if not os.path.isdir(d):
             raise CowfsError(f"lowerdir {d} is not a directory")
+    mount_errors.preflight(mp, spec.allow_other)  # the cause and the fix, before a daemon
     for d, what in ((spec.upper, "upperdir"), (spec.work, "workdir")):
         try:
             os.makedirs(d, exist_ok=True)
@@ -138,6 +151,7 @@ def mount(spec: MountSpec, foreground: bool = False) -> str:
     # daemon: PYTHONPATH must not choose the code that serves the mount.
     isolated = ["-I"] if sys.flags.isolated else []
     with open(spec.log, "ab") as logf:
+        log_start = logf.tell()  # the log is appended to: read only this attempt's lines
         proc = subprocess.Popen(
             [sys.executable, *isolated, "-m", "cowfs.daemon", str(spec_file), str(write_fd)],
             pass_fds=[write_fd], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -153,6 +167,8 @@ def mount(spec: MountSpec, foreground: bool = False) -> str:
         return "mounted"
     if proc.poll() is None:
         proc.kill()
+    if explained := mount_errors.explain(_log_lines(spec.log, log_start), mp):
+        raise CowfsError(f"{explained} (log: {spec.log})")
     detail = _last_log_line(spec.log)
     raise CowfsError(f"mounting {mp} failed: {detail or 'daemon exited'} (log: {spec.log})")
 
