@@ -318,6 +318,9 @@ def collect(store: Store, dry_run: bool = False, now: float | None = None, *,
     rep = GcReport(dry_run, retention_s=retention)
     if not store.exists():
         return rep
+    if not dry_run and not store.writable():
+        raise StoreError(f"store {store.root} is read-only here: run gc where it is writable "
+                         "(e.g. on the host that owns the volume)")
     now = time.time() if now is None else now
     with store.lock(exclusive=True):
         roots = gc_roots.scan(store, now=now, retention=retention, drop_unseen=drop_unseen)

@@ -64,12 +64,8 @@ def record(store: Store, state: VenvState) -> None:
     try:
         store.write_json(root_file(store, state), doc)
     except StoreError:
-        if _writable(store):
+        if store.writable():
             raise
-
-
-def _writable(store: Store) -> bool:
-    return os.access(store.root, os.W_OK) and not os.statvfs(store.root).f_flag & os.ST_RDONLY
 
 
 def touch(store: Store, state: VenvState) -> None:

@@ -123,8 +123,12 @@ class Store:
 
     # -- layout -------------------------------------------------------------------------
 
-    def ensure(self) -> Store:
-        """Create the layout; one clear error when the location is not writable."""
+    def ensure(self, read_only_ok: bool = False) -> Store:
+        """Create the layout; one clear error when the location is not writable. With
+        read_only_ok an existing store that cannot be written passes: it serves what it
+        holds (a read-only volume in a container), and a write fails where it happens."""
+        if read_only_ok and self.exists():
+            return self
         try:
             for d in (self.objects, self.dists, self.wheels, self.interpreters, self.roots,
                       self.tmp):
@@ -139,6 +143,13 @@ class Store:
 
     def exists(self) -> bool:
         return self.objects.is_dir()
+
+    def writable(self) -> bool:
+        """Whether objects and documents can be added (not a read-only mount or view)."""
+        try:
+            return os.access(self.tmp, os.W_OK) and not os.statvfs(self.tmp).f_flag & os.ST_RDONLY
+        except OSError:
+            return False
 
     @contextlib.contextmanager
     def lock(self, exclusive: bool = False) -> Iterator[None]:

@@ -21,7 +21,7 @@ from packaging.utils import canonicalize_name
 
 from cowfs import control, roots
 from cowfs import mount as mounting
-from cowfs.errors import CowfsError
+from cowfs.errors import CowfsError, StoreError
 from cowfs.layer import ensure_layer, read_head
 from cowfs.manifest import Dist, FileEntry
 from cowfs.spec import VenvState
@@ -110,9 +110,20 @@ def _ingest_all(store: Store, pins: Sequence[Pin], paths: dict[str, Path],
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-            futures = {p.name: pool.submit(ingest_wheel, store, paths[p.name],
-                                           supported_tags=info.tags) for p in cold}
-            known.update({name: f.result() for name, f in futures.items()})
+            futures = {p: pool.submit(ingest_wheel, store, paths[p.name],
+                                      supported_tags=info.tags) for p in cold}
+            lacking = []
+            for pin, future in futures.items():
+                try:
+                    known[pin.name] = future.result()
+                except StoreError:
+                    if store.writable():
+                        raise
+                    lacking.append(f"{pin.name}=={pin.version}")
+        if lacking:
+            raise CowfsError(f"the store {store.root} is read-only and does not hold "
+                             f"{', '.join(lacking)}: install that where the store is "
+                             "writable (a read-only store serves only what it holds)")
     return {name: m for name, m in known.items() if m is not None}
 
 

@@ -58,7 +58,8 @@ def create_venv(path: Path, python: str | None, store: Store) -> tuple[VenvState
         raise CowfsError(f"{venv} exists and is not an empty directory")
     base = query_interpreter(python or "python3", store)
     _check_filesystem(venv)
-    store.ensure()  # before the venv exists: an unwritable store leaves nothing behind
+    # Before the venv exists: an unwritable new store leaves nothing behind.
+    store.ensure(read_only_ok=True)
     _run_venv(base, venv)
     info = query_interpreter(venv_python(venv), store)
     site = Path(info.paths["purelib"])
@@ -68,7 +69,6 @@ def create_venv(path: Path, python: str | None, store: Store) -> tuple[VenvState
                       python=str(venv_python(venv)), id=new_venv_id())
     write_hook(site, venv)
     state.save()
-    store.ensure()
     roots.record(store, state)
     return state, ensure_mounted(state)
 

@@ -309,7 +309,7 @@ def ingest_wheel(
             sha.update(chunk)
         f.seek(0)
         wheel_sha256 = sha.hexdigest()
-        store.ensure()
+        store.ensure(read_only_ok=True)  # a read-only store may hold the manifest already
         wheel_index.put(store, wheel_path, st, sha256=wheel_sha256)
         if not force:
             try:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cowfs.errors import StoreError
 from cowfs.store import Store
 
 Facts = dict[str, Any]
@@ -49,5 +50,5 @@ def put(store: Store, path: Path, st: os.stat_result, **facts: Any) -> None:
         store.ensure()
         store.write_json(_entry(store, path), {"path": str(path.absolute()),
                                                "fp": fingerprint(st), "facts": merged})
-    except OSError:
+    except (OSError, StoreError):
         pass  # a cache: a read-only store just means no caching

@@ -13,13 +13,14 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from cowfs.store import Store
-from tests.conftest import PKG, UDDER, cowfs
+from tests.conftest import PKG, UDDER, cowfs, install, unmount_venv
+from tests.wheelbuild import build
 
 pytestmark = pytest.mark.skipif(shutil.which("unshare") is None, reason="no unshare(1)")
 
@@ -28,8 +29,16 @@ NS_SCRIPT = r"""
 set -eu
 mount -t tmpfs cowfs-test "$D"
 mkdir -p "$COWFS_RUNTIME_DIR"
+if [ -n "$NEW" ]; then  # the store as a read-only volume, as `-v store:/cache:ro` gives
+    mount --bind "$COWFS_HOME" "$COWFS_HOME"
+    mount -o remount,bind,ro "$COWFS_HOME"
+fi
 "$PY" -m cowfs venv "$D/.venv" >/dev/null
 "$PY" -m cowfs install --venv "$D/.venv" "$PKG" --no-index --find-links "$W" -q
+if [ -n "$NEW" ]; then
+    "$PY" -m cowfs install --venv "$D/.venv" newpkg --no-index --find-links "$NEW" 2>&1 \
+        && echo "installed into a read-only store" || true
+fi
 echo mounted
 read -r _
 "$D/.venv/bin/pycowsay" moo | grep -F -- '||--'
@@ -43,10 +52,11 @@ echo unmounted
 class Namespace:
     """A shell in private mount + pid namespaces; killing it tears down all it mounted."""
 
-    def __init__(self, tmp: Path, wheels: Path) -> None:
+    def __init__(self, tmp: Path, wheels: Path, new_wheels: Path | None = None) -> None:
         self.venv_dir = tmp / "ns-project"
         self.venv_dir.mkdir()
         env = {"D": str(self.venv_dir), "PY": sys.executable, "PKG": PKG, "W": str(wheels),
+               "NEW": str(new_wheels or ""),
                "COWFS_RUNTIME_DIR": f"/tmp/cowfs-rt-ns-{tmp.name[-12:]}"}
         self.proc = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
@@ -137,3 +147,34 @@ def test_an_unseen_root_is_kept_for_the_retention_period(namespace: Namespace) -
     assert len(done["dead_roots"]) == 1 and "unused for" in str(done["dead_reasons"])
     assert before <= set(done["manifests_deleted"])  # type: ignore[arg-type]
     assert not any(store.roots.glob("*.json"))
+
+
+def test_a_read_only_store_serves_what_it_holds_and_its_mounts_are_leased(
+        tmp_path: Path, wheels: Path, venvs: Callable[[str], Path]) -> None:
+    a = venvs("A")
+    install(a, wheels)  # the host seeds the store, then drops its venv
+    unmount_venv(a)
+    shutil.rmtree(a)
+    store = Store()
+    seeded = _pkg_manifests(store)
+    registered = set(store.roots.glob("*.json"))  # A's, dead: collected by the gc below
+    new = tmp_path / "new"
+    new.mkdir()
+    build(new, {"newpkg/__init__.py": b"V = 1\n"}, name="newpkg", meta_extra="")
+    ns = Namespace(tmp_path, wheels, new_wheels=new)
+    try:
+        said = ns.expect("mounted")
+        (line,) = said  # the new distribution: one line, nothing installed
+        assert line.startswith("cowfs: error: the store") and "read-only" in line
+        assert "newpkg==1.0" in line
+        assert set(store.roots.glob("*.json")) == registered  # a read-only store: no root
+        done = _gc()  # only the mount's lease protects it now
+        assert set(done["manifests_in_use"]) >= seeded  # type: ignore[arg-type]
+        assert done["objects_deleted"] == 0  # its venv-local objects too (leased)
+        ns.go()
+        assert UDDER in "\n".join(ns.expect("imported"))
+        ns.go()
+        ns.expect("unmounted")
+    finally:
+        ns.close()
+    assert seeded <= set(_gc()["manifests_deleted"])  # type: ignore[arg-type]
