@@ -11,6 +11,7 @@ overlay peer and for dropping caches (read-all-cold).
     scripts/bench --figures import-warm,walk --peers native,cowfs
     scripts/bench --scale [--torch]    # + 100k-file mount time / daemon RSS
     scripts/bench --profile            # + FUSE requests per operation (instrumented daemon)
+    scripts/bench --docker [--quick]   # a ready venv in a new container, cowfs vs uv (Docker)
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="scale run: also a venv with the PyTorch CPU wheel (path or auto)")
     p.add_argument("--profile", action="store_true",
                    help="also count FUSE requests per operation with an instrumented daemon")
+    p.add_argument("--docker", action="store_true",
+                   help="the container figure: a ready venv of the workload in a new container, "
+                   "store / uv cache warm on volumes (alone unless --figures names others)")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results")
     p.add_argument("--workdir", type=Path, help="parent of the scratch directory (default /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (unmounted)")
@@ -80,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         bad = [f for f in args.figures if f not in F.FIGURES]
         if bad:
             p.error(f"unknown figure(s) {bad}; known: {', '.join(F.FIGURES)}")
+    elif args.docker:
+        args.figures = []
     else:
         args.figures = list(F.QUICK_FIGURES if args.quick else F.FIGURES)
     if args.peers:
@@ -227,6 +233,10 @@ def measure(ctx: Ctx, args: argparse.Namespace, res: F.Results) -> dict[str, obj
         from benchlib import scale
 
         sections["scale"] = scale.run_scale(ctx, args.scale_files, args.torch)
+    if args.docker:
+        from benchlib import dockerbench
+
+        sections["docker"] = dockerbench.run(ctx, min(ctx.reps, 5))
     return sections
 
 
@@ -262,10 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = report.verdicts(figs, sections.get("scale"))  # type: ignore[arg-type]
         doc = {"meta": meta(ctx, args, sections["skipped"]), "figures": figs,  # type: ignore[arg-type]
                "targets": rows, "trees": res.extra.get("tree"), "scale": sections.get("scale"),
-               "profile": sections.get("profile")}
+               "profile": sections.get("profile"), "docker": sections.get("docker")}
         report.write_json(out_json, doc)
         shown = [p for p in args.peers if any(p in f["peers"] for f in figs.values())]
-        print(report.table(figs, shown, rows, res.extra.get("tree")))
+        if figs:
+            print(report.table(figs, shown, rows, res.extra.get("tree")))
         load = doc["meta"]["load_at_end"]  # type: ignore[index]
         print(f"machine load at the end: {load}")
         for section in ("scale", "profile"):
@@ -273,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
                 from benchlib import summary
 
                 print(summary.render(section, sections[section]))
+        if sections.get("docker"):
+            from benchlib import dockerbench
+
+            print(dockerbench.render(sections["docker"]))  # type: ignore[arg-type]
         png = out_json.with_suffix(".png")
         pythons = [*sections["pythons"], Path(sys.executable)]  # type: ignore[misc]
         if figs and not args.no_chart and report.chart(out_json, png, pythons, ctx.env):

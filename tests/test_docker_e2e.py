@@ -7,19 +7,22 @@ one container edits A's pycowsay/main.py, and a fresh project C stays pristine. 
 container keeps its venvs mounted, `cowfs store gc` runs on the host on the volume's
 directory; afterwards every container must still run and import pycowsay, read every file
 of its venvs, remount A and install a new project D from the store, and `cowfs store
-verify` must pass. Skipped (quickly, with the reason) where no Docker engine answers.
+verify` must pass. Also the plumbing of `scripts/bench --docker` on tiny synthetic wheels.
+Skipped (quickly, with the reason) where no Docker engine answers.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from tests import wheelbuild
 from tests.conftest import EDITED, PKG, UDDER, cowfs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,6 +117,40 @@ def test_four_containers_share_a_store_across_a_host_gc(image: str, wheels: Path
                              + f"\n--- gc said:\n{gc.stdout.strip()[-2500:]}")
         finally:
             play(dk, names, "teardown")
+
+
+def test_bench_docker_figure_plumbing(image: str, tmp_path: Path) -> None:
+    """`scripts/bench --docker` on three tiny synthetic wheels: the docker section has both
+    peers' times and sizes and the cowfs/uv ratios, and no container or volume is left.
+    No timing is asserted."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for i, name in enumerate(("dockdemo_a", "dockdemo_b", "dockdemo_c")):
+        wheelbuild.build(wheels, {f"{name}/__init__.py": f"VALUE = {i}\n".encode(),
+                                  f"{name}/data.bin": bytes(range(256)) * 16},
+                         name=name, version="1.0", meta_extra="")
+    workload = tmp_path / "workload.txt"
+    workload.write_text("dockdemo-a==1.0\ndockdemo_b==1.0\ndockdemo-c==1.0\n")
+    out, work = tmp_path / "results", tmp_path / "scratch"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("COWFS_HOME", "COWFS_RUNTIME_DIR")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--docker", "--reps", "1",
+         "--workload", str(workload), "--wheels", str(wheels), "--out", str(out),
+         "--workdir", str(work), "--no-chart"],
+        capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cowfs/uv" in proc.stdout, proc.stdout
+    doc = json.loads(next(out.glob("bench-*.json")).read_text())["docker"]
+    for peer in ("cowfs", "uv"):
+        for key in ("wall_s", "in_container_s", "layer_mb", "disk_mb"):
+            assert doc["peers"][peer][key]["median"] >= 0, (peer, key, doc)
+        assert doc["peers"][peer]["wall_s"]["median"] > doc["peers"][peer]["in_container_s"][
+            "median"] > 0
+    assert set(doc["ratio"]) >= {"wall_s", "in_container_s", "disk_mb"}, doc
+    left = containers.docker("ps", "-a", "-q", "--filter", "name=cowfs-bench-").stdout.split()
+    left += containers.docker("volume", "ls", "-q", "--filter", "name=cowfs-bench-").stdout.split()
+    assert not left, left
 
 
 def test_skip_reason_is_quick_without_a_docker_cli(monkeypatch: pytest.MonkeyPatch) -> None:
