@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import os
 import pwd
@@ -161,6 +162,25 @@ def ensure_user(name: str) -> tuple[int, int]:
                         name], check=True, capture_output=True)
         pw = pwd.getpwnam(name)
     return pw.pw_uid, pw.pw_gid
+
+
+def as_user(uid: int, gid: int, *cmd: str) -> list[str]:
+    """cmd run as uid:gid, with no supplementary groups."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *cmd]
+
+
+@functools.cache
+def user_python(uid: int, gid: int) -> str:
+    """A Python interpreter uid:gid can run, for stdlib-only code run with -I: the system's,
+    else the base interpreter of this venv (a venv or pyenv under /root is out of its reach;
+    the python image has no /usr/bin/python3). Skips when there is none."""
+    tried = list(dict.fromkeys(["/usr/bin/python3", "/usr/local/bin/python3",
+                                os.path.realpath(sys.executable)]))
+    for python in tried:
+        if os.path.exists(python) and subprocess.run(
+                as_user(uid, gid, python, "-I", "-c", ""), capture_output=True).returncode == 0:
+            return python
+    pytest.skip(f"no Python interpreter that uid {uid} can run (tried {', '.join(tried)})")
 
 
 # -- generic overlay mounts --------------------------------------------------------------------

@@ -3,9 +3,9 @@ lower (and an upper written through the mount) and on a plain ext4 directory hol
 tree, as root and as an unprivileged user (setpriv), and must give the same errno and leave
 the same tree behind (types, modes, owners, sizes, contents, link targets, nlink, xattrs).
 
-The top of this file is the case runner: stdlib only, so that `/usr/bin/python3 THIS_FILE run
-DIR ...` works for a user who cannot read the project's interpreter. The pytest side starts
-below the `__main__` guard.
+The top of this file is the case runner: stdlib only, so that a copy of it run by a system
+interpreter (`PYTHON -I COPY run DIR ...`, conftest.user_python) works for a user who cannot
+reach the project's interpreter or checkout. The pytest side starts below the `__main__` guard.
 """
 
 from __future__ import annotations
@@ -441,11 +441,16 @@ import pytest  # noqa: E402
 
 from cowfs import mount as mounting  # noqa: E402
 from cowfs.spec import MountSpec  # noqa: E402
-from tests.conftest import ensure_user, fingerprint, force_unmount  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    as_user,
+    ensure_user,
+    fingerprint,
+    force_unmount,
+    user_python,
+)
 
 USER = "cowfs-errno"
 OTHER = {"uid": 54321, "gid": 54321}
-RUNNER_PYTHON = "/usr/bin/python3"  # readable by anyone, unlike a venv under /root
 WHO = ("root", "user")
 
 # What the native directory must answer (keeps the table honest: a case that stopped
@@ -484,10 +489,10 @@ XFAIL: dict[tuple[str, str], str] = {}
 
 
 def runner(script: Path, top: Path, who: str, uid: int, gid: int) -> subprocess.Popen[str]:
-    cmd = [RUNNER_PYTHON, "-I", str(script), "run", str(top), str(OTHER["uid"]),
+    cmd = [user_python(uid, gid), "-I", str(script), "run", str(top), str(OTHER["uid"]),
            str(OTHER["gid"])]
     if who == "user":
-        cmd = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *cmd]
+        cmd = as_user(uid, gid, *cmd)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -504,9 +509,8 @@ def results() -> Iterator[dict[tuple[str, str], Any]]:
     The upper half of each case's layout is written straight into the upper directory
     (as a previous mount would have left it); the lower half is copied with cp -a.
     """
-    if not os.path.exists(RUNNER_PYTHON):
-        pytest.skip(f"{RUNNER_PYTHON} is needed to run the cases as another user")
     uid, gid = ensure_user(USER)
+    user_python(uid, gid)  # skips if there is none
     ids = {"u": (uid, gid), "r": (0, 0), "g": (uid, OTHER["gid"])}
     base = Path(tempfile.mkdtemp(prefix="cowfs-errno-", dir="/tmp"))
     base.chmod(0o755)  # the user must reach the mount and the native dir

@@ -25,21 +25,19 @@ from cowfs.manifest import read_manifest
 from cowfs.spec import MountSpec, VenvState
 from cowfs.store import Store, digest_bytes
 from installer.automount import HOOK_MODULE, write_hook
+from tests import conftest
 from tests.conftest import cowfs, ensure_user, force_unmount, unmount_venv
 from tests.wheelbuild import build
 
 USER = "cowfs-errno"  # shared with test_posix_errno
-RUNNER_PYTHON = "/usr/bin/python3"
 
 
 def as_user(code: str, *args: str) -> dict[str, object]:
     """Run python code as the unprivileged user; it prints one JSON document."""
-    if not os.path.exists(RUNNER_PYTHON):
-        pytest.skip(f"{RUNNER_PYTHON} is needed to act as another user")
     uid, gid = ensure_user(USER)
-    proc = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
-                           RUNNER_PYTHON, "-I", "-c", code, *args], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(conftest.as_user(uid, gid, conftest.user_python(uid, gid), "-I",
+                                           "-c", code, *args),
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
