@@ -74,6 +74,11 @@ def mounted(kind: str, base: Path, options: list[str] | None = None,
     root = base / tag
     root.mkdir()
     image = None
+    if "loop" in mount and not os.path.exists("/dev/loop-control"):
+        root.rmdir()
+        raise Unavailable(f"{kind} is mounted from an image through a loop device and there is "
+                          "none (/dev/loop-control is missing: a container gets loop devices "
+                          "only with --privileged or --device)")
     if mkfs:
         if shutil.which(mkfs[0]) is None:
             raise Unavailable(f"{mkfs[0]} is not installed")
