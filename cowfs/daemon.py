@@ -25,12 +25,13 @@ fuse_shim.preload()  # before pyfuse3 binds libfuse: lets the kernel cache opens
 import pyfuse3
 import trio
 
-from cowfs import roots
+from cowfs import roots, teardown
 from cowfs.errors import CowfsError
 from cowfs.ops import CowfsOperations
 from cowfs.spec import MountSpec, VenvState
 from cowfs.store import Store
 from cowfs.super import Invalidation, build_lower, build_overlay, swap_lower
+from cowfs.teardown import VenvTeardown
 
 log = logging.getLogger("cowfs.daemon")
 
@@ -41,6 +42,7 @@ class Daemon:
         lower, self.lease = build_lower(spec)  # held while the daemon runs (cowfs.lease)
         self.ov = build_overlay(spec, lower)
         self.ops = CowfsOperations(self.ov)
+        self.ops.teardown = VenvTeardown.for_spec(spec)  # before the mount hides the hook
 
     def last_used(self) -> None:
         """The retention clock of the venv's gc root runs from the end of its last mount."""
@@ -150,12 +152,40 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.serve_control)
             nursery.start_soon(self._signals)
+            if self.ops.teardown is not None:
+                nursery.start_soon(self._watch_venv)
             if ready_fd is not None:
                 os.write(ready_fd, b"ready\n")
                 os.close(ready_fd)
             log.info("serving %s", self.spec.mountpoint)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
+
+    async def _watch_venv(self) -> None:
+        """A venv deleted without its deleter unlinking anything inside the mount (an
+        empty site-packages, or one it went through before the rest of the venv) must
+        not leave the mount behind either. Detaching while a deleter is between its stat
+        and open of site-packages would fail it, so the watcher first waits for the
+        deletion to go quiet; a deleter inside the mount detaches it at a safe point."""
+        venv = Path(self.spec.venv or "")
+        fd = teardown.watch([str(venv), str(VenvState.state_dir(venv))])
+        try:
+            while not await self.ops.venv_deleted(get_out=False):
+                with trio.move_on_after(teardown.POLL_S):
+                    if fd is None:
+                        await trio.sleep_forever()
+                    await trio.lowlevel.wait_readable(fd)
+                    teardown.drain(fd)
+            while fd is not None:
+                with trio.move_on_after(teardown.QUIET_S):
+                    await trio.lowlevel.wait_readable(fd)
+                    teardown.drain(fd)
+                    continue
+                break
+            await self.ops.venv_deleted()
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -66,7 +66,8 @@ def find_mount(mountpoint: str) -> MountEntry | None:
 
 
 def mount_state(mountpoint: str) -> str:
-    """'none', 'live', 'stale' (daemon gone) or 'foreign' (someone else's mount)."""
+    """'none', 'live', 'stale' (daemon gone), 'gone' (its directory was deleted: the
+    daemon detaches such a mount itself) or 'foreign' (someone else's mount)."""
     entry = find_mount(mountpoint)
     if entry is None:
         return "none"
@@ -79,6 +80,8 @@ def mount_state(mountpoint: str) -> str:
     except OSError as exc:
         if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
             return "stale"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "gone"
         raise
     return "live"
 

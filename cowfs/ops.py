@@ -21,7 +21,7 @@ import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyfuse3
 import trio
@@ -29,6 +29,9 @@ import trio
 from cowfs import fuse_shim, namespace
 from cowfs.inode import Node
 from cowfs.overlay import Attr, Overlay
+
+if TYPE_CHECKING:
+    from cowfs.teardown import VenvTeardown
 
 log = logging.getLogger("cowfs.ops")
 
@@ -58,6 +61,15 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return wrapper
 
 
+def _entry_of(st: os.stat_result) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = pyfuse3.ROOT_INODE
+    for f in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime_ns",
+              "st_mtime_ns", "st_ctime_ns"):
+        setattr(e, f, getattr(st, f))
+    return e
+
+
 def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
@@ -77,6 +89,26 @@ class CowfsOperations(pyfuse3.Operations):
         self.by_inode = False  # the shim is in place (known once the session is live)
         # Requests served, for `status`: listings (READDIRPLUS at offset 0), OPEN, READ.
         self.served = {"listings": 0, "opens": 0, "reads": 0}
+        self.teardown: VenvTeardown | None = None  # set by the daemon for a venv mount
+        self._teardown_done: trio.Event | None = None
+
+    async def venv_deleted(self, get_out: bool = True) -> bool:
+        """Whether the venv around this mount is being deleted (cowfs.teardown). With
+        get_out, the first time it is the mount gets out of the deleter's way before the
+        caller answers anything (and every later caller waits for that)."""
+        t = self.teardown
+        if t is None:
+            return False
+        if self._teardown_done is None:
+            if not t.venv_deleted():
+                return False
+            if not get_out:
+                return True
+            self._teardown_done = trio.Event()
+            await trio.to_thread.run_sync(t.get_out)
+            self._teardown_done.set()
+        await self._teardown_done.wait()
+        return True
 
     def init(self) -> None:
         self.by_inode = fuse_shim.active()
@@ -179,6 +211,15 @@ class CowfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        # A deleter (rm -rf VENV) stats site-packages after it removed the state (and
+        # the upper root with it): answer, but do not detach between its stat and open
+        # (it checks both name one inode); its first unlink inside detaches.
+        if inode == pyfuse3.ROOT_INODE and await self.venv_deleted(get_out=False):
+            assert self.teardown is not None
+            try:
+                return self.entry(self.node(inode))
+            except OSError:
+                return _entry_of(os.fstat(self.teardown.under_fd))
         return self.entry(self.node(inode))
 
     @fuse_errors
@@ -241,12 +282,14 @@ class CowfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSYS)
         dh = self._next_dh
         self._next_dh += 1
-        self._dirs[dh] = (node, self.snapshot(node))
+        self._dirs[dh] = (node, [] if await self.venv_deleted() else self.snapshot(node))
         return dh
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self.served["listings"] += start_id == 0
+        if start_id == 0 and await self.venv_deleted():
+            return  # the deleter holds the directory open: empty, and detached (teardown)
         if self.by_inode:
             parent = self.node(fh)  # the shim passes the directory's inode as the handle
             listing = self.listing(parent, fresh=start_id == 0)
@@ -317,12 +360,16 @@ class CowfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if await self.venv_deleted():
+            return  # a view being thrown away: nothing to record
         parent = self.node(parent_inode)
         await self.settle(parent, (parent.children or {}).get(_name(name)))
         namespace.unlink(self.ov, parent, _name(name))
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if await self.venv_deleted():
+            return
         await self.settle()
         namespace.rmdir(self.ov, self.node(parent_inode), _name(name))
 

@@ -21,6 +21,10 @@ from cowfs.errors import CowfsError
 from cowfs.manifest import FileEntry, _rows
 
 STATE_DIR = ".cowfs"
+# The automount hook in the venv's real site-packages, underneath the mount point
+# (written by installer.automount; removed by the daemon when the venv is deleted).
+HOOK_PTH = "_cowfs_automount.pth"
+HOOK_MODULE = "_cowfs_automount.py"
 STATE_FORMAT = 1
 
 

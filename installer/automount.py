@@ -14,8 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-HOOK_PTH = "_cowfs_automount.pth"
-HOOK_MODULE = "_cowfs_automount.py"
+from cowfs.spec import HOOK_MODULE, HOOK_PTH
+
+__all__ = ["HOOK_MODULE", "HOOK_PTH", "write_hook"]
 
 _TEMPLATE = '''\
 """cowfs automount hook (generated; see installer/automount.py)."""
@@ -40,7 +41,10 @@ def _mount():
         return
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or ["cowfs mount failed"]
-        sys.stderr.write("cowfs: cannot mount %s: %s\\n" % (site_dir, lines[-1]))
+        msg = lines[-1]  # cowfs's own line already names the mount point and the fix
+        if not msg.startswith("cowfs: "):
+            msg = "cowfs: cannot mount %s: %s" % (site_dir, msg)
+        sys.stderr.write(msg + "\\n")
         return
     import importlib
     import site

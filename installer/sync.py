@@ -165,10 +165,17 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
                   compile_bytecode: bool) -> Summary:
     summary = Summary(resolver=resolver)
     # ensure() only for a new store: an existing read-only one serves what it holds already
-    # (anything new fails with one clear error where it would be written).
-    paths = fetch(pins, (store if store.exists() else store.ensure()).wheels,
-                  progress=not quiet)
-    new = _ingest_all(store, pins, paths, info)
+    # (anything new fails with one clear error where it would be written). Its downloads
+    # go to a private directory: a wheel the store has the manifest of installs all the same.
+    with contextlib.ExitStack() as stack:
+        if store.exists() and not store.writable():
+            import tempfile
+
+            dest = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cowfs-")))
+        else:
+            dest = (store if store.exists() else store.ensure()).wheels
+        paths = fetch(pins, dest, progress=not quiet)
+        new = _ingest_all(store, pins, paths, info)
     current = {canonicalize_name(m.name): m for m in (read_head(store, d)
                                                         for d in state.dists)}
     wanted: dict[str, Dist] = {} if exact else dict(current)

@@ -14,7 +14,7 @@ from pathlib import Path
 from cowfs import mount as mounting
 from cowfs import roots
 from cowfs.errors import CowfsError
-from cowfs.spec import VenvState, new_venv_id
+from cowfs.spec import HOOK_MODULE, HOOK_PTH, VenvState, new_venv_id
 from cowfs.store import Store
 from installer.automount import write_hook
 from installer.interpreters import InterpreterInfo, query_interpreter
@@ -54,6 +54,8 @@ def create_venv(path: Path, python: str | None, store: Store) -> tuple[VenvState
     if (venv / "pyvenv.cfg").exists():
         raise CowfsError(f"{venv} is already a venv (not made by cowfs); `cowfs adopt` it "
                          "or choose another directory")
+    if venv.is_dir() and not venv.is_symlink() and _remains_of_a_venv(venv):
+        _clear_remains(venv)  # what an interrupted `rm -rf` of a cowfs venv left: start over
     if venv.exists() and (not venv.is_dir() or any(venv.iterdir())):
         raise CowfsError(f"{venv} exists and is not an empty directory")
     base = query_interpreter(python or "python3", store)
@@ -71,6 +73,32 @@ def create_venv(path: Path, python: str | None, store: Store) -> tuple[VenvState
     state.save()
     roots.record(store, state)
     return state, ensure_mounted(state)
+
+
+def _remains_of_a_venv(venv: Path) -> bool:
+    """Only empty directories, the lib64 link and automount hook files (and cowfs mounts,
+    which the daemon detaches once its venv is gone): nothing anybody could want."""
+    seen = False
+    for dirpath, dirnames, filenames in os.walk(venv):
+        for name in filenames:
+            path = Path(dirpath, name)
+            if name not in (HOOK_PTH, HOOK_MODULE) and not (name == "lib64"
+                                                            and path.is_symlink()):
+                return False
+            seen = True
+        seen = seen or bool(dirnames)
+        dirnames[:] = [d for d in dirnames if not Path(dirpath, d).is_symlink()]
+    return seen
+
+
+def _clear_remains(venv: Path) -> None:
+    import shutil
+
+    for e in mounting.mount_table():
+        if e.fstype == mounting.FSTYPE and Path(e.mountpoint).is_relative_to(venv):
+            mounting.detach_stale(e.mountpoint)
+    shutil.rmtree(venv)
+    venv.mkdir()
 
 
 def _check_filesystem(venv: Path) -> None:

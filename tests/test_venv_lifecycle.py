@@ -1,0 +1,137 @@
+"""The venv's lifecycle as other tools treat it: deleted or cleared under a live mount.
+
+`rm -rf .venv`, `python -m venv --clear`, `uv venv --clear` and `shutil.rmtree` must succeed
+on the first attempt, leave no mount behind, drop the gc root, and `cowfs venv` must make a
+new venv at the same place. On ext4 and on a tmpfs: their directory orders differ, so the
+deleters meet the state directory before or after site-packages.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cowfs import mount as mounting
+from cowfs.spec import VenvState
+from cowfs.store import Store
+from tests.conftest import UDDER, cow, cowfs, install, unmount_venv
+
+UV = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
+
+
+def _deleters() -> dict[str, Callable[[Path], list[str] | None]]:
+    return {
+        "rm -rf": lambda v: ["rm", "-rf", str(v)],
+        "python -m venv --clear": lambda v: [sys.executable, "-m", "venv", "--clear",
+                                             "--without-pip", str(v)],
+        "uv venv --clear": lambda v: [UV, "venv", "-q", "--clear", str(v)],
+        "shutil.rmtree": lambda v: None,
+    }
+
+
+@pytest.fixture(params=["ext4", "tmpfs"])
+def project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    where = tmp_path / "project"
+    where.mkdir()
+    if request.param == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "cowfs-lifecycle", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        venv = where / ".venv"
+        with_state = VenvState.path_for(venv).exists()
+        if with_state:
+            unmount_venv(venv)
+        for e in mounting.mount_table():
+            if Path(e.mountpoint).is_relative_to(where) and e.mountpoint != str(where):
+                subprocess.run(["umount", "-l", e.mountpoint], capture_output=True)
+        if request.param == "tmpfs":
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _mounts_below(path: Path) -> list[str]:
+    return [e.mountpoint for e in mounting.mount_table()
+            if e.fstype == mounting.FSTYPE and Path(e.mountpoint).is_relative_to(path)]
+
+
+def _no_mount_left(path: Path) -> None:
+    deadline = time.monotonic() + 5
+    while _mounts_below(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _mounts_below(path) == []
+
+
+@pytest.mark.parametrize("deleter", list(_deleters()))
+def test_deleting_or_clearing_a_mounted_venv_just_works(
+        project: Path, wheels: Path, deleter: str) -> None:
+    if deleter.startswith("uv") and not Path(UV).exists():
+        pytest.skip("uv is not installed")
+    venv = project / ".venv"
+    cowfs("venv", str(venv))
+    install(venv, wheels)
+    assert cow(venv) == UDDER
+    store = Store()
+    assert any(store.roots.glob("*.json"))
+    argv = _deleters()[deleter](venv)
+    if argv is None:
+        shutil.rmtree(venv)
+    else:
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=project)
+        assert proc.returncode == 0, proc.stderr  # the first attempt
+    _no_mount_left(project)
+    assert not any(store.roots.glob("*.json"))  # its gc root went with it
+    assert "gone" not in cowfs("mounts").stdout
+    if deleter.endswith("--clear"):  # the tool made a plain venv there: cowfs names the way
+        fail = cowfs("install", "--venv", str(venv), "pycowsay", check=False)
+        assert fail.returncode == 1 and f"cowfs adopt {venv}" in fail.stderr
+        shutil.rmtree(venv)
+    cowfs("venv", str(venv))  # the same place, from scratch
+    install(venv, wheels)
+    assert cow(venv) == UDDER
+
+
+def test_a_deletion_that_went_through_site_packages_first_needs_at_most_one_retry(
+        project: Path, wheels: Path) -> None:
+    """`rm -rf .venv/lib .venv`: site-packages is emptied while the venv still stands (a
+    live venv's mount point cannot be removed), then the rest goes and the mount leaves."""
+    venv = project / ".venv"
+    cowfs("venv", str(venv))
+    install(venv, wheels)
+    first = subprocess.run(["rm", "-rf", str(venv / "lib"), str(venv)], capture_output=True,
+                           text=True)
+    assert first.returncode == 0 or "busy" in first.stderr.lower(), first.stderr
+    _no_mount_left(project)
+    retry = subprocess.run(["rm", "-rf", str(venv)], capture_output=True, text=True)
+    assert retry.returncode == 0, retry.stderr
+    assert not venv.exists()
+
+
+def test_cowfs_venv_starts_over_on_what_a_failed_deletion_left(
+        project: Path, wheels: Path) -> None:
+    venv = project / ".venv"
+    cowfs("venv", str(venv))
+    install(venv, wheels)
+    lib = subprocess.run(["rm", "-rf", str(venv / "lib")], capture_output=True, text=True)
+    assert lib.returncode == 1 and "busy" in lib.stderr.lower()  # a live venv's mount point
+    rest = [str(p) for p in venv.iterdir() if p.name != "lib"]
+    subprocess.run(["rm", "-rf", *rest], check=True)  # the venv goes; its mount follows
+    _no_mount_left(project)
+    assert [p.name for p in venv.iterdir()] == ["lib"]
+    cowfs("venv", str(venv))
+    install(venv, wheels)
+    assert cow(venv) == UDDER
+
+
+def test_a_venv_dir_with_anything_else_is_not_taken_for_remains(tmp_path: Path) -> None:
+    venv = tmp_path / ".venv"
+    (venv / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+    (venv / "notes.txt").write_text("mine")
+    fail = cowfs("venv", str(venv), check=False)
+    assert fail.returncode == 1 and "not an empty directory" in fail.stderr
+    assert (venv / "notes.txt").read_text() == "mine"
