@@ -15,10 +15,8 @@ finishes it (hook, emptying the real site-packages, mount), each step being idem
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -28,31 +26,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import xxhash
-from packaging.utils import canonicalize_name
-
 from cowfs import mount as mounting
 from cowfs import roots
-from cowfs.errors import CowfsError, StoreError
+from cowfs.errors import CowfsError
 from cowfs.manifest import (
-    DEFAULT_MTIME_NS,
-    FileEntry,
     Manifest,
-    iter_manifests,
-    read_manifest,
     write_manifest,
 )
 from cowfs.spec import VenvState, new_venv_id
 from cowfs.store import CHUNK, Store, fsync_dir
 from cowfs.upper import RENAME_NOREPLACE, renameat2
 from installer.automount import HOOK_MODULE, HOOK_PTH, write_hook
-from installer.changes import dist_identity, parse_installed_record
 from installer.interpreters import InterpreterInfo, query_interpreter
+from installer.record_match import Sorter, claims, shared_bytecode
 from installer.venv import ensure_mounted, venv_python
 
 MARKER = "adopting"  # in VENV/.cowfs while the swap is unfinished
 STAGING_PREFIX = ".cowfs-adopt-"
-PER_VENV = ("REQUESTED", "direct_url.json")  # never shared: they differ per venv (as install)
 
 
 @dataclass
@@ -145,128 +135,37 @@ def _walk(site: Path) -> tuple[dict[str, os.stat_result], list[str]]:
     return files, empty
 
 
-def _file_hash(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return f"{algo}=" + base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
-
-
-def _pristine_index(store: Store, key: str) -> dict[str, FileEntry]:
-    """sha256 RECORD hash -> store entry, from manifests ingested from verified wheels.
-
-    The installed RECORD the ingest wrote names the sha256 of every site-packages file, and
-    ingest checked each member against the wheel's own RECORD before storing it.
-    """
-    index: dict[str, FileEntry] = {}
-    for ident in iter_manifests(store):
-        if not ident.startswith(f"{key}-") or "-adopted-" in ident:
-            continue
-        try:
-            m = read_manifest(store, ident)
-        except StoreError:
-            continue
-        if not m.wheel or str(canonicalize_name(m.name)) != key:
-            continue
-        by_path = {fe.path: fe for fe in m.files}
-        rec = by_path.get(f"{m.dist_info}/RECORD")
-        if rec is None:
-            continue
-        try:
-            with store.open_object(rec.digest) as f:
-                rows = parse_installed_record(f.read())
-        except OSError:
-            continue
-        for path, hash_, _ in rows:
-            if hash_.startswith("sha256=") and path in by_path:
-                index.setdefault(hash_.rstrip("="), by_path[path])
-    return index
-
-
-def _verified(store: Store, fe: FileEntry, want: str) -> bool:
-    """The object really has the content the RECORD hash names (a store can rot)."""
-    try:
-        return _file_hash(store.object_path(fe.digest), "sha256") == want
-    except OSError:
-        return False
-
-
 def _build(venv: Path, site: Path, store: Store, staging: Path, info: InterpreterInfo
            ) -> tuple[VenvState, AdoptResult]:
     files, empty_dirs = _walk(site)
-    claimed: dict[str, tuple[str, str]] = {}  # path -> (dist-info dir, RECORD hash)
     infos = sorted(p for p in files if p.count("/") == 1 and p.endswith(".dist-info/RECORD"))
-    for rec in infos:
-        info_dir = rec.partition("/")[0]
-        for path, hash_, _ in parse_installed_record((site / rec).read_bytes(), str(site)):
-            if path in files and not path.startswith("../"):
-                claimed.setdefault(path, (info_dir, hash_))
+    info_dirs = [rec.partition("/")[0] for rec in infos]
+    claimed = claims(site, info_dirs, set(files))
     upper = staging / "upper"
     upper.mkdir(parents=True)
     (staging / "work").mkdir()
     state = VenvState(venv=venv, site_packages=site, store=store.root,
                       python=str(venv_python(venv)), id=new_venv_id())
     result = AdoptResult(state)
-    private: set[str] = set()
-    rows: dict[str, list[FileEntry]] = {rec.partition("/")[0]: [] for rec in infos}
-    unknown: dict[str, list[str]] = {d: [] for d in rows}
-    edited: dict[str, list[str]] = {d: [] for d in rows}
-    index_cache: dict[str, dict[str, FileEntry]] = {}
-    pycs: list[str] = []
+    sorter = Sorter(store, site, state, info_dirs)
     for path, st in sorted(files.items()):
-        owner = claimed.get(path)
-        if _is_pyc(path):
-            pycs.append(path)  # decided below, once it is known which sources are shared
-            continue
-        if owner is None or not stat.S_ISREG(st.st_mode):
-            private.add(path)
-            continue
-        info_dir, hash_ = owner
-        mode = stat.S_IMODE(st.st_mode) & 0o777
-        if path.startswith(f"{info_dir}/") and path.rpartition("/")[2] in PER_VENV:
-            digest, size = store.put_file(site / path)
-            state.extra.append(FileEntry(path, digest, size, mode))
-            if path.endswith("/REQUESTED"):
-                state.requested.append(dist_identity(site / info_dir)[0])
-            continue
-        algo = hash_.partition("=")[0]
-        if hash_ and (algo not in hashlib.algorithms_available
-                      or _file_hash(site / path, algo) != hash_.rstrip("=")):
-            private.add(path)
-            key = str(canonicalize_name(dist_identity(site / info_dir)[0]))
-            if key not in index_cache:
-                index_cache[key] = _pristine_index(store, key)
-            fe = index_cache[key].get(hash_.rstrip("="))
-            if fe is not None and _verified(store, fe, hash_.rstrip("=")):
-                rows[info_dir].append(FileEntry(path, fe.digest, fe.size, mode))
-                edited[info_dir].append(path)
-            else:
-                unknown[info_dir].append(path)
-            continue
-        digest, size = store.put_file(site / path)
-        rows[info_dir].append(FileEntry(path, digest, size, mode))
-    shared = {fe.path for entries in rows.values() for fe in entries} - private
-    for path in pycs:
-        if _pyc_source(path) in shared:
-            # Compiled against the pre-adoption mtime of a source that now carries the
-            # manifest's fixed mtime: stale. The shared bytecode manifest replaces it.
-            result.dropped_pycs += 1
-        else:
-            private.add(path)
+        sorter.take(path, st, claimed.get(path))
+    result.dropped_pycs = len(sorter.stale_pycs())
+    private = sorter.private
     for path in sorted(private):
         _copy_private(site, upper, path)
         result.private += 1
     for d in empty_dirs:
         (upper / d).mkdir(parents=True, exist_ok=True)
     _copy_dir_stats(site, upper)
-    result.shared = len(shared)
-    for info_dir in sorted(rows):
-        m = _manifest(site, info_dir, rows[info_dir], unknown[info_dir], edited[info_dir])
+    result.shared = len(sorter.shared())
+    for m in sorter.manifests():
         write_manifest(store, m)
         state.dists.append(m.id)
-        result.dists.append(AdoptedDist(m, edited[info_dir], unknown[info_dir]))
-    state.bytecode = _bytecode(store, [d.manifest for d in result.dists], info, venv)
+        result.dists.append(AdoptedDist(m, sorter.edited[m.dist_info],
+                                        sorter.unknown[m.dist_info]))
+    state.bytecode = shared_bytecode(store, [d.manifest for d in result.dists], info,
+                                     venv_python(venv))
     (staging / MARKER).write_text(json.dumps({"site_packages": str(site)}))
     _fsync_tree(staging)
     # Store.put_file fsyncs each object but not its fan-out directory entry; the originals
@@ -277,19 +176,6 @@ def _build(venv: Path, site: Path, store: Store, staging: Path, info: Interprete
         fsync_dir(store.objects / fan)
     fsync_dir(store.dists)
     return state, result
-
-
-def _is_pyc(path: str) -> bool:
-    parent, _, name = path.rpartition("/")
-    return parent.rpartition("/")[2] == "__pycache__" and name.endswith(".pyc")
-
-
-def _pyc_source(path: str) -> str:
-    """pkg/__pycache__/mod.cpython-311.pyc -> pkg/mod.py"""
-    parent, _, name = path.rpartition("/")
-    pkg = parent.rpartition("/")[0]
-    src = name.split(".")[0] + ".py"
-    return f"{pkg}/{src}" if pkg else src
 
 
 def _copy_private(site: Path, upper: Path, rel: str) -> None:
@@ -323,46 +209,6 @@ def _copy_dir_stats(site: Path, upper: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, _ in os.walk(root):
         fsync_dir(Path(dirpath))
-
-
-def _manifest(site: Path, info_dir: str, rows: list[FileEntry], unknown: list[str],
-              edited: list[str]) -> Manifest:
-    name, version = dist_identity(site / info_dir)
-    key = str(canonicalize_name(name))
-    rows = sorted(rows, key=lambda e: e.path)
-    doc = json.dumps([[e.path, e.digest, e.size, e.mode] for e in rows] + [unknown])
-    installer = ""
-    with contextlib.suppress(OSError):
-        installer = (site / info_dir / "INSTALLER").read_text().strip()
-    return Manifest(
-        id=f"{key}-{version}-adopted-{xxhash.xxh3_64_hexdigest(doc.encode())}",
-        name=name, version=version, files=tuple(rows), mtime_ns=DEFAULT_MTIME_NS,
-        dist_info=info_dir, entry_points=_entry_points(site / info_dir),
-        extra={"adopted": True, "installer": installer, "unknown_pristine": sorted(unknown),
-               "edited_at_adoption": sorted(edited)})
-
-
-def _entry_points(info_dir: Path) -> dict[str, dict[str, str]]:
-    """So that `cowfs uninstall` removes the launchers the other installer wrote."""
-    from installer.wheel_archive import WheelError, parse_entry_points
-
-    try:
-        return parse_entry_points((info_dir / "entry_points.txt").read_bytes(), info_dir.name)
-    except (OSError, WheelError):
-        return {}
-
-
-def _bytecode(store: Store, manifests: list[Manifest], info: InterpreterInfo,
-              venv: Path) -> list[str]:
-    """Shared pycs for the adopted dists, as `cowfs install` makes them (optional)."""
-    from installer.bytecode import ensure_bytecode
-
-    out = []
-    for m in manifests:
-        with contextlib.suppress(Exception):  # an optimisation: never fail adopt over it
-            if (ident := ensure_bytecode(store, m, info, venv_python(venv))) is not None:
-                out.append(ident)
-    return out
 
 
 def _finish(state: VenvState, result: AdoptResult) -> AdoptResult:
