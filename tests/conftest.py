@@ -4,6 +4,7 @@ test modules (`from tests.conftest import cowfs, site, ...`)."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -167,6 +168,25 @@ def ensure_user(name: str) -> tuple[int, int]:
 def as_user(uid: int, gid: int, *cmd: str) -> list[str]:
     """cmd run as uid:gid, with no supplementary groups."""
     return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *cmd]
+
+
+@functools.cache
+def user_pythonpath(uid: int, gid: int, site: str) -> str:
+    """A PYTHONPATH holding cowfs, installer and site (the dev env's site-packages) that
+    uid:gid can import from: the checkout itself, else (a checkout under a 0700 directory,
+    such as mktemp -d) a copy in a world-readable temporary directory, for this session."""
+    here = f"{ROOT}:{site}"
+    reach = subprocess.run(as_user(uid, gid, "test", "-r", str(ROOT / "cowfs" / "__init__.py"),
+                                   "-a", "-x", site), capture_output=True)
+    if reach.returncode == 0:
+        return here
+    copy = Path(tempfile.mkdtemp(prefix="cowfs-src-", dir="/tmp"))
+    atexit.register(shutil.rmtree, copy, True)
+    copy.chmod(0o755)
+    for pkg in ("cowfs", "installer"):
+        shutil.copytree(ROOT / pkg, copy / "src" / pkg, symlinks=True)
+    shutil.copytree(site, copy / "site", symlinks=True)
+    return f"{copy / 'src'}:{copy / 'site'}"
 
 
 @functools.cache

@@ -24,7 +24,7 @@ import pyfuse3
 import pytest
 
 from cowfs import mount as mounting
-from tests.conftest import ROOT, ensure_user, force_unmount, one_line_error
+from tests.conftest import ensure_user, force_unmount, one_line_error, user_pythonpath
 
 USER = "cowfs-mnt"
 GROUP = "cowfs-fuse"
@@ -65,7 +65,8 @@ class Area:
             wrap = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
                     *(wrap or [])]
         cmd = [*(wrap or []), *cmd]
-        env = dict(os.environ, PYTHONPATH=f"{ROOT}:{SITE}", COWFS_HOME=str(self.base / "home"),
+        env = dict(os.environ, PYTHONPATH=user_pythonpath(self.uid, self.gid, SITE),
+                   COWFS_HOME=str(self.base / "home"),
                    COWFS_RUNTIME_DIR=str(self.base / "run"), COWFS_MOUNT_PREFLIGHT=preflight,
                    COWFS_CONTAINER=container, PATH="/usr/bin:/bin")
         if setup:
