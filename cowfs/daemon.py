@@ -34,6 +34,7 @@ from cowfs.super import Invalidation, build_lower, build_overlay, swap_lower
 from cowfs.teardown import VenvTeardown
 
 log = logging.getLogger("cowfs.daemon")
+ABSORB_QUIET_S = 1.0  # an installer writes RECORDs in a burst; absorb once it is done
 
 
 class Daemon:
@@ -43,6 +44,9 @@ class Daemon:
         self.ov = build_overlay(spec, lower)
         self.ops = CowfsOperations(self.ov)
         self.ops.teardown = VenvTeardown.for_spec(spec)  # before the mount hides the hook
+        self._dists_changed = trio.Event()
+        if spec.venv is not None:
+            self.ops.on_dist_change = self._dists_changed.set
 
     def last_used(self) -> None:
         """The retention clock of the venv's gc root runs from the end of its last mount."""
@@ -154,6 +158,8 @@ class Daemon:
             nursery.start_soon(self._signals)
             if self.ops.teardown is not None:
                 nursery.start_soon(self._watch_venv)
+            if self.spec.venv is not None:
+                nursery.start_soon(self._absorb_foreign)
             if ready_fd is not None:
                 os.write(ready_fd, b"ready\n")
                 os.close(ready_fd)
@@ -186,6 +192,27 @@ class Daemon:
         finally:
             if fd is not None:
                 os.close(fd)
+
+    async def _absorb_foreign(self) -> None:
+        """Once another installer (pip, uv) has finished or removed distributions and gone
+        quiet, `cowfs adopt VENV` makes them store-backed (installer.absorb); it calls back
+        here for reload and reset. Its failure is logged: the venv works unabsorbed."""
+        while True:
+            await self._dists_changed.wait()
+            while self._dists_changed.is_set():  # quiet: no new RECORD for ABSORB_QUIET_S
+                self._dists_changed = trio.Event()
+                self.ops.on_dist_change = self._dists_changed.set
+                with trio.move_on_after(ABSORB_QUIET_S):
+                    await self._dists_changed.wait()
+            if self.ops.teardown is not None and await self.ops.venv_deleted(get_out=False):
+                return
+            proc = await trio.run_process(
+                [sys.executable, "-m", "cowfs", "adopt", str(self.spec.venv)],
+                capture_stdout=True, capture_stderr=True, check=False,
+                env={**os.environ, "COWFS_NO_AUTOMOUNT": "1"})
+            out = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+            log.log(logging.INFO if proc.returncode == 0 else logging.WARNING,
+                    "absorb (exit %d): %s", proc.returncode, out.splitlines()[0] if out else "")
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

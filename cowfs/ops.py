@@ -91,6 +91,17 @@ class CowfsOperations(pyfuse3.Operations):
         self.served = {"listings": 0, "opens": 0, "reads": 0}
         self.teardown: VenvTeardown | None = None  # set by the daemon for a venv mount
         self._teardown_done: trio.Event | None = None
+        # Called when another installer finished or removed a distribution (a RECORD
+        # written, a top-level dist-info removed): the daemon absorbs it (installer.absorb).
+        self.on_dist_change: Callable[[], None] | None = None
+
+    def _noticed(self, parent: Node, name: str) -> None:
+        if self.on_dist_change is None:
+            return
+        if (name == "RECORD" and parent.parent is self.ov.root
+                and parent.name.endswith(".dist-info")) or (
+                parent is self.ov.root and name.endswith(".dist-info")):
+            self.on_dist_change()
 
     async def venv_deleted(self, get_out: bool = True) -> bool:
         """Whether the venv around this mount is being deleted (cowfs.teardown). With
@@ -371,14 +382,18 @@ class CowfsOperations(pyfuse3.Operations):
         if await self.venv_deleted():
             return
         await self.settle()
-        namespace.rmdir(self.ov, self.node(parent_inode), _name(name))
+        parent = self.node(parent_inode)
+        namespace.rmdir(self.ov, parent, _name(name))
+        self._noticed(parent, _name(name))
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         await self.settle()
+        new_parent = self.node(parent_inode_new)
         namespace.rename(self.ov, self.node(parent_inode_old), _name(name_old),
-                         self.node(parent_inode_new), _name(name_new), flags)
+                         new_parent, _name(name_new), flags)
+        self._noticed(new_parent, _name(name_new))
 
     # -- files --------------------------------------------------------------------------
 
@@ -406,6 +421,7 @@ class CowfsOperations(pyfuse3.Operations):
         await self.settle(parent)
         node, fh = namespace.create(self.ov, parent, _name(name), stat.S_IMODE(mode), flags,
                                     ctx.uid, ctx.gid)
+        self._noticed(parent, _name(name))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._looked_up(node)
 
     @fuse_errors

@@ -131,6 +131,15 @@ class VenvState:
     def path_for(cls, venv: Path) -> Path:
         return cls.state_dir(venv) / "state.json"
 
+    def may_hold_foreign_dists(self) -> bool:
+        """One listing: another installer (pip, uv) leaves a dist-info entry (a directory,
+        or the whiteout of one it removed) at the top of the upper layer; cowfs never does.
+        Then installer.absorb has work to do."""
+        try:
+            return any(".dist-info" in n for n in os.listdir(self.upper))
+        except FileNotFoundError:
+            return False
+
     @property
     def upper(self) -> Path:
         return self.state_dir(self.venv) / "upper"

@@ -107,6 +107,27 @@ def _same_file_content(a: Path, b: Path) -> bool:
                 return True
 
 
+def _copy_fd(src: int, dst: int, size: int) -> None:
+    """copy_file_range, else read/write: it refuses some pairs of filesystems (EXDEV from
+    a FUSE mount, such as a live venv being absorbed)."""
+    remaining = size
+    try:
+        while remaining > 0:
+            n = os.copy_file_range(src, dst, remaining)
+            if n == 0:
+                return
+            remaining -= n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    while remaining > 0 and (chunk := os.read(src, min(CHUNK, remaining))):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst, view):]
+        remaining -= len(chunk)
+
+
 class Store:
     """A store rooted at a directory; cheap to construct, creates its layout on demand."""
 
@@ -231,12 +252,7 @@ class Store:
             src.seek(0)
             fd, tmp = self.temp_file()
             try:
-                remaining = size
-                while remaining > 0:
-                    n = os.copy_file_range(src.fileno(), fd, remaining)
-                    if n == 0:
-                        break
-                    remaining -= n
+                _copy_fd(src.fileno(), fd, size)
                 os.fchmod(fd, OBJECT_MODE)
                 os.fsync(fd)
             finally:

@@ -382,10 +382,17 @@ def info_cmd(as_json: bool) -> None:
 @click.command("adopt")
 @click.argument("path", type=click.Path())
 def adopt_cmd(path: str) -> None:
-    """Turn an existing venv (pip, uv, ...) into a cowfs venv; edits stay private."""
-    from installer.adopt import adopt
+    """Turn an existing venv (pip, uv, ...) into a cowfs venv; edits stay private.
+
+    On a cowfs venv: absorb what pip, uv or another installer wrote into it now (the mount
+    daemon also does so by itself once the installer is done)."""
+    from installer.adopt import MARKER, adopt
 
     started = time.perf_counter()
+    state_dir = VenvState.state_dir(Path(path).absolute())
+    if (state_dir / "state.json").exists() and not (state_dir / MARKER).exists():
+        _absorb_live(Path(path).absolute(), started)
+        return
     result = adopt(Path(path), Store())
     state = result.state
     click.echo(f"adopted {state.venv}: {_plural(len(result.dists), 'distribution')}, "
@@ -399,6 +406,28 @@ def adopt_cmd(path: str) -> None:
             click.echo(f"  {m.name} {m.version}: {p} was edited; no pristine copy is known")
     if result.dropped_pycs:
         click.echo(f"  {_plural(result.dropped_pycs, 'stale bytecode file')} dropped")
+
+
+def _absorb_live(venv: Path, started: float) -> None:
+    """`cowfs adopt` of a live cowfs venv: absorb what other installers wrote into it."""
+    from installer import absorb, sync
+
+    state = VenvState.load(venv)
+    store = Store(state.store)
+    with sync.venv_lock(venv):
+        state = VenvState.load(venv)  # as the last holder of the lock left it
+        done = absorb.absorb(state, store, Path(state.python))
+    if done is None:
+        click.echo(f"{venv}: nothing to absorb (no distribution installed by another tool)")
+        return
+    click.echo(f"absorbed into {venv}: {_plural(len(done.manifests), 'distribution')}, "
+               f"{done.shared} files served from the store, {done.private} kept private "
+               f"({time.perf_counter() - started:.2f}s)")
+    for m in done.manifests:
+        for p in done.edited.get(m.dist_info, []):
+            click.echo(f"  {m.name} {m.version}: {p} differs from its RECORD; kept private")
+    for what in done.gone:
+        click.echo(f"  {what}: removed by another tool")
 
 
 COMMANDS: list[click.Command] = [status_cmd, diff_cmd, reset_cmd, store_group, adopt_cmd]

@@ -150,6 +150,7 @@ def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[
           compile_bytecode: bool = True) -> Summary:
     """Make the venv hold pins (plus what it had, unless exact) and reload the mount."""
     started = time.perf_counter()
+    absorb_foreign(state, store, compile_bytecode)
     # Shared store lock from the first new object until the venv state names it: a gc in
     # between would otherwise collect what no root references yet.
     with store.lock():
@@ -228,7 +229,18 @@ def _dedup(rows: list[FileEntry]) -> list[FileEntry]:
     return list({e.path: e for e in rows}.values())
 
 
+def absorb_foreign(state: VenvState, store: Store, compile_bytecode: bool = True) -> None:
+    """What pip or uv installed into the venv becomes store-backed first (installer.absorb),
+    so that installing over it or removing it replaces it cleanly."""
+    if state.may_hold_foreign_dists():
+        from installer.absorb import absorb  # rarely needed: not on the warm path
+
+        with venv_lock(state.venv):
+            absorb(state, store, Path(state.python) if compile_bytecode else None)
+
+
 def uninstall(state: VenvState, store: Store, names: Sequence[str]) -> Summary:
+    absorb_foreign(state, store)
     summary = Summary()
     wanted = {canonicalize_name(n) for n in names}
     keep: list[str] = []

@@ -75,20 +75,24 @@ def create_venv(path: Path, python: str | None, store: Store) -> tuple[VenvState
     return state, ensure_mounted(state)
 
 
+_VENV_TOP = {"bin", "include", "lib", "lib64", "share", ".cowfs"}
+
+
 def _remains_of_a_venv(venv: Path) -> bool:
-    """Only empty directories, the lib64 link and automount hook files (and cowfs mounts,
-    which the daemon detaches once its venv is gone): nothing anybody could want."""
-    seen = False
+    """A venv's layout (lib/ and the usual top-level names only) holding nothing but empty
+    directories, the lib64 link and automount hook files (and cowfs mounts, which the
+    daemon detaches once its venv is gone): nothing anybody could want."""
+    top = set(os.listdir(venv))
+    if "lib" not in top or not top <= _VENV_TOP:
+        return False
     for dirpath, dirnames, filenames in os.walk(venv):
         for name in filenames:
             path = Path(dirpath, name)
             if name not in (HOOK_PTH, HOOK_MODULE) and not (name == "lib64"
                                                             and path.is_symlink()):
                 return False
-            seen = True
-        seen = seen or bool(dirnames)
         dirnames[:] = [d for d in dirnames if not Path(dirpath, d).is_symlink()]
-    return seen
+    return True
 
 
 def _clear_remains(venv: Path) -> None:

@@ -81,7 +81,6 @@ BAD_VALUES = [
      "/etc/hostname is not inside"),
     ("adopt-missing", ["adopt", "/nonexistent"], "/nonexistent is not a venv"),
     ("adopt-not-venv", ["adopt", "nonempty"], "{cwd}/nonempty is not a venv"),
-    ("adopt-cowfs-venv", ["adopt", "{v}"], "{v} is already a cowfs venv"),
     ("store-verify-file", ["store", "verify"], "no store at", "afile"),
     ("store-verify-missing", ["store", "verify"], "no store at", "nostore"),
     # COWFS_HOME naming a file (or a path below one) is an error, not an empty store.

@@ -1,0 +1,144 @@
+"""Absorbing what pip, uv or any installer wrote into a mounted cowfs venv.
+
+Another installer writes a distribution into the venv's upper layer like into any
+site-packages. Once it is done (its RECORD, written last, is there), the files that match
+their RECORD hashes become a manifest in the store (the rules of `cowfs adopt`,
+installer.record_match), the venv's state lists it like one cowfs installed, the daemon
+swaps in the new lower layer and then drops the upper copies, which now equal the lower
+files: the venv shares them with every other venv, and its private layer keeps only what
+differs from RECORD (edits, unlisted files). A distribution cowfs installed and the other
+tool replaced or uninstalled leaves the state the same way. Running processes keep
+working: a reset path is seen pristine on its next open, open files keep their data.
+
+The daemon runs `cowfs adopt VENV` (this, for a live venv) once an installer has gone quiet;
+`cowfs install`, `sync`, `uninstall`, `status` and `reset` absorb first, so that they see
+what is really installed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cowfs import control, roots
+from cowfs import mount as mounting
+from cowfs.errors import CowfsError
+from cowfs.layer import ensure_layer, read_head
+from cowfs.manifest import Manifest, write_manifest
+from cowfs.spec import VenvState
+from cowfs.store import Store
+from installer.interpreters import query_interpreter
+from installer.record_match import Sorter, claims, shared_bytecode
+
+
+@dataclass
+class Absorbed:
+    manifests: list[Manifest] = field(default_factory=list)
+    edited: dict[str, list[str]] = field(default_factory=dict)  # dist-info -> private paths
+    shared: int = 0  # files now served from the store
+    private: int = 0  # files kept in the upper layer
+    gone: list[str] = field(default_factory=list)  # "name version" the other tool removed
+
+
+def foreign_dist_infos(state: VenvState) -> list[str]:
+    """Top-level dist-info directories with a RECORD in the upper layer: written by an
+    installer other than cowfs (cowfs's own are lower entries)."""
+    try:
+        names = os.listdir(state.upper)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.endswith(".dist-info")
+                  and os.path.isfile(state.upper / n / "RECORD")
+                  and not os.path.islink(state.upper / n / "RECORD"))
+
+
+def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorbed | None:
+    """Absorb into a live venv; None when there is nothing to do. The caller holds the
+    venv's installer lock; the state is updated in place (and saved). With python, shared
+    bytecode is compiled for what was absorbed."""
+    if not state.may_hold_foreign_dists():
+        return None
+    info_dirs = foreign_dist_infos(state)
+    site = state.site_packages
+    heads = {i: read_head(store, i) for i in state.dists}
+    gone = [i for i, h in heads.items()
+            if h.dist_info in info_dirs or not (site / h.dist_info).is_dir()]
+    if not info_dirs and not gone:
+        return None
+    if mounting.mount_state(str(site)) != "live":
+        raise CowfsError(f"{site} is not mounted: mount it (`cowfs mount {state.venv}`) so "
+                         "that what other tools installed can be absorbed")
+    result = Absorbed(gone=[f"{heads[i].name} {heads[i].version}" for i in gone
+                            if heads[i].dist_info not in info_dirs])
+    # The replaced or removed distributions' names that the view no longer shows (the
+    # other tool removed them: whiteouts now hiding nothing once the lower has them no
+    # more). Anything visible stays: it may be private.
+    old_hidden = {p for p in _paths_of(store, gone) if not os.path.lexists(site / p)}
+    with store.lock():  # from the first object until the root names the manifests
+        n_extra = len(state.extra)
+        sorter = Sorter(store, site, state, info_dirs)
+        for path, owner in sorted(claims(site, info_dirs).items()):
+            try:
+                st = os.lstat(site / path)
+            except FileNotFoundError:
+                continue  # listed but not installed (pip lists pycs it may not write)
+            sorter.take(path, st, owner)
+        stale = sorter.stale_pycs()
+        result.manifests = sorter.manifests()
+        for m in result.manifests:
+            write_manifest(store, m)
+            ensure_layer(store, m.id)
+        result.edited = {d: sorted(p) for d, p in sorter.edited.items() if p}
+        result.shared, result.private = len(sorter.shared()), len(sorter.private)
+        per_venv = {fe.path for fe in state.extra[n_extra:]}
+        kept = [i for i in state.dists if i not in gone]
+        state.dists = kept + [m.id for m in result.manifests]
+        state.extra = list({fe.path: fe for fe in state.extra}.values())
+        state.requested = sorted(set(state.requested))
+        bytecode = [b for b in state.bytecode if b.rpartition(".")[0] in kept]
+        if python is not None and result.manifests:
+            info = query_interpreter(python, store)
+            bytecode += shared_bytecode(store, result.manifests, info, python)
+        state.bytecode = bytecode
+        state.save()
+        roots.record(store, state)
+    socket = state.mount_spec().socket
+    control.request(socket, "reload")
+    drop = sorted(sorter.shared() | set(stale) | old_hidden | per_venv)
+    control.request(socket, "reset", paths=drop + _emptied_dirs(state.upper, drop))
+    return result
+
+
+def _paths_of(store: Store, ids: list[str]) -> set[str]:
+    """Files of these distributions and the directories above them."""
+    from cowfs.manifest import read_manifest
+
+    paths: set[str] = set()
+    for i in ids:
+        m = read_manifest(store, i)
+        for fe in m.files:
+            parts = fe.path.split("/")
+            paths.update("/".join(parts[:n]) for n in range(1, len(parts) + 1))
+    return paths
+
+
+def _emptied_dirs(upper: Path, dropped: list[str]) -> list[str]:
+    """Upper directories that will hold nothing once dropped is reset (deepest first), so
+    that no empty copy of a shared directory stays private."""
+    dropped_set = set(dropped)
+    dirs = sorted({p.rpartition("/")[0] for p in dropped if "/" in p},
+                  key=lambda d: -d.count("/"))
+    out: list[str] = []
+    for d in dirs:
+        while d:
+            try:
+                left = [n for n in os.listdir(upper / d) if f"{d}/{n}" not in dropped_set]
+            except OSError:
+                break
+            if left:
+                break
+            dropped_set.add(d)
+            out.append(d)
+            d = d.rpartition("/")[0]
+    return list(dict.fromkeys(out))

@@ -1,0 +1,135 @@
+"""uv and pip inside cowfs venvs: what they install ends up shared in the store.
+
+The two-projects scenario the uv way (`uv init`, `cowfs venv`, `uv add`), on the real
+pycowsay wheel and uv from PyPI, offline (`--no-index --find-links`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cowfs.spec import VenvState
+from cowfs.store import Store
+from tests.conftest import EDITED, PKG, UDDER, cow, cowfs, site, unmount_venv
+
+UV = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
+pytestmark = pytest.mark.skipif(not Path(UV).exists(), reason="uv is not installed")
+MAIN = "pycowsay/main.py"
+
+
+def _uv(project: Path, *args: str, wheels: Path | None = None) -> str:
+    offline = ["--no-index", "--find-links", str(wheels)] if wheels else []
+    env = {**os.environ, "UV_CACHE_DIR": str(project.parent / "uv-cache")}
+    proc = subprocess.run([UV, *args, *offline], cwd=project, capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def _upper_files(venv: Path) -> list[str]:
+    upper = VenvState.load(venv).upper
+    return sorted(str(p.relative_to(upper)) for p in upper.rglob("*") if not p.is_dir())
+
+
+def _absorbed(venv: Path, timeout: float = 20) -> list[str]:
+    """The daemon absorbs once uv has gone quiet (about a second)."""
+    deadline = time.monotonic() + timeout
+    while (files := _upper_files(venv)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return files
+
+
+@pytest.fixture
+def projects(tmp_path: Path):  # type: ignore[no-untyped-def]
+    made: list[Path] = []
+
+    def make(name: str, wheels: Path) -> Path:
+        project = tmp_path / name
+        project.mkdir()
+        _uv(project, "init", "-q", "--python", sys.executable, "--no-workspace")
+        cowfs("venv", str(project / ".venv"), "--python", sys.executable)
+        made.append(project / ".venv")
+        _uv(project, "add", "-q", PKG, wheels=wheels)
+        return project
+
+    try:
+        yield make
+    finally:
+        for venv in made:
+            unmount_venv(venv)
+
+
+def test_two_projects_the_uv_way(projects, wheels: Path) -> None:  # type: ignore[no-untyped-def]
+    a, b = projects("A", wheels), projects("B", wheels)
+    for p in (a, b):
+        assert _absorbed(p / ".venv") == []  # nothing of pycowsay stays private
+        state = VenvState.load(p / ".venv")
+        assert any(d.startswith("pycowsay-0.0.0.2-") for d in state.dists)
+    main_a = site(a / ".venv") / MAIN
+    main_a.write_text(main_a.read_text().replace(UDDER.strip("|"), EDITED.strip("|")))
+    assert EDITED in _uv(a, "run", "-q", "pycowsay", "moo", wheels=wheels)
+    assert UDDER in _uv(b, "run", "-q", "pycowsay", "moo", wheels=wheels)
+    c = projects("C", wheels)
+    assert UDDER in _uv(c, "run", "-q", "pycowsay", "moo", wheels=wheels)
+    assert _upper_files(a / ".venv") == [MAIN]  # the edit is A's alone
+    assert _absorbed(b / ".venv") == [] and _absorbed(c / ".venv") == []
+    # Neither the store nor uv's cache holds the edited file.
+    edited_line = EDITED.encode()
+    store = Store()
+    assert not any(edited_line in p.read_bytes() for _, p in store.iter_objects())
+    cache = a.parent / "uv-cache"
+    assert not any(edited_line in p.read_bytes() for p in cache.rglob("main.py"))
+    # uv finds everything it locked installed: nothing to install or remove.
+    out = _uv(b, "sync", "--locked", wheels=wheels)
+    assert "Installed" not in out and "Uninstalled" not in out
+    # cowfs knows uv's install: status, diff, reset, uninstall.
+    assert "pycowsay/main.py" in cowfs("diff", "--venv", str(a / ".venv")).stdout
+    cowfs("reset", "--venv", str(a / ".venv"), "pycowsay", "-y")
+    assert cow(a / ".venv") == UDDER and _upper_files(a / ".venv") == []
+    cowfs("uninstall", "--venv", str(b / ".venv"), "pycowsay")
+    assert not (site(b / ".venv") / MAIN).exists()
+
+
+def test_cowfs_install_over_what_uv_installed_replaces_it_cleanly(
+        tmp_path: Path, wheels: Path) -> None:
+    venv = tmp_path / "P" / ".venv"
+    cowfs("venv", str(venv))
+    try:
+        env = {**os.environ, "UV_CACHE_DIR": str(tmp_path / "uv-cache")}
+        subprocess.run([UV, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
+                        PKG, "--no-index", "--find-links", str(wheels)], check=True, env=env)
+        # At once, before the daemon's absorb: install absorbs first, then replaces.
+        cowfs("install", "--venv", str(venv), PKG, "--no-index", "--find-links", str(wheels))
+        assert _upper_files(venv) == []
+        state = VenvState.load(venv)
+        assert not any("-adopted-" in d for d in state.dists)
+        assert cow(venv) == UDDER
+        status = cowfs("status", "--venv", str(venv)).stdout
+        assert "no private changes" in status
+    finally:
+        unmount_venv(venv)
+
+
+def test_uv_recreating_the_venv_for_another_python(projects, wheels: Path) -> None:  # type: ignore[no-untyped-def]
+    other = shutil.which("python3.11", path="/usr/bin") or ""
+    if not other or os.path.realpath(other) == os.path.realpath(sys.executable):
+        pytest.skip("no second Python 3.11 interpreter here")
+    a = projects("A", wheels)
+    venv = a / ".venv"
+    assert _absorbed(venv) == []
+    _uv(a, "sync", "--python", other, wheels=wheels)  # uv deletes the venv and makes its own
+    assert not [ln for ln in Path("/proc/self/mounts").read_text().splitlines()
+                if str(venv) in ln]
+    assert not any(Store().roots.glob("*.json"))
+    fail = cowfs("status", "--venv", str(venv), check=False)
+    assert fail.returncode == 1 and f"cowfs adopt {venv}" in fail.stderr  # the one command
+    cowfs("adopt", str(venv))
+    assert _upper_files(venv) == []  # uv's copies are served from the store again
+    assert UDDER in _uv(a, "run", "-q", "pycowsay", "moo", wheels=wheels)
