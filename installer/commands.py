@@ -110,17 +110,36 @@ def uninstall_cmd(names: tuple[str, ...], venv_opt: str | None, as_json: bool) -
 def sync_cmd(lock: str, venv_opt: str | None, find_links: tuple[str, ...], no_index: bool,
              index_url: str | None, offline: bool, quiet: bool, as_json: bool,
              no_compile: bool) -> None:
-    """Make the venv hold exactly what LOCK pins (requirements with pins, or pylock.toml)."""
+    """Make the venv hold exactly what LOCK pins (pinned requirements, pylock.toml, or a uv
+    project's uv.lock: its dependencies and default groups for this venv's interpreter,
+    and the project itself editable, installed by uv, as `uv sync` would)."""
     if not Path(lock).is_file():
         raise CowfsError(f"lock file {lock} not found")
     state, store = _state(venv_opt)
     info = query_interpreter(state.python, store)
-    pins = read_lock(Path(lock), markers=info.markers, supported_tags=info.tags)
+    editables: dict[str, Path] = {}
+    if Path(lock).name == "uv.lock":
+        from installer import uv_lock
+
+        ul = uv_lock.read_uv_lock(Path(lock), info.markers, info.tags)
+        pins, editables = ul.pins, ul.editables
+    else:
+        pins = read_lock(Path(lock), markers=info.markers, supported_tags=info.tags)
     pins = locate(pins, Path(state.python), [str(store.wheels), *find_links],
                   no_index=no_index, supported_tags=info.tags, index_url=index_url,
                   offline=offline)
     summary = sync.apply(state, store, info, pins, exact=True, quiet=quiet or as_json,
-                         resolver="lock", compile_bytecode=not no_compile)
+                         resolver="lock", compile_bytecode=not no_compile,
+                         keep=list(editables))
+    for name, project in editables.items():
+        if not uv_lock.editable_installed(state.site_packages, name, project):
+            index_args = [*(a for f in find_links for a in ("--find-links", f)),
+                          *(["--no-index"] if no_index else []),
+                          *(["--index-url", index_url] if index_url else []),
+                          *(["--offline"] if offline else [])]
+            uv_lock.install_editable(Path(state.python), project, index_args)
+            sync.absorb_foreign(state, store, not no_compile)
+            summary.installed.append((name, "editable"))
     _report(summary, as_json, quiet, "Synced")
 
 

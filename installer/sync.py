@@ -147,14 +147,14 @@ def _bytecode(store: Store, manifests: Sequence[Dist], info: InterpreterInfo,
 
 def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[Pin], *,
           exact: bool, quiet: bool = False, resolver: str = "",
-          compile_bytecode: bool = True) -> Summary:
+          compile_bytecode: bool = True, keep: Sequence[str] = ()) -> Summary:
     """Make the venv hold pins (plus what it had, unless exact) and reload the mount."""
     started = time.perf_counter()
     absorb_foreign(state, store, compile_bytecode)
     # Shared store lock from the first new object until the venv state names it: a gc in
     # between would otherwise collect what no root references yet.
     with store.lock():
-        summary = _apply_locked(state, store, info, pins, exact=exact, quiet=quiet,
+        summary = _apply_locked(state, store, info, pins, exact=exact, keep=keep, quiet=quiet,
                                 resolver=resolver, compile_bytecode=compile_bytecode)
     reload(state)
     summary.seconds = time.perf_counter() - started
@@ -162,7 +162,7 @@ def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[
 
 
 def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[Pin],
-                  *, exact: bool, quiet: bool, resolver: str,
+                  *, exact: bool, keep: Sequence[str], quiet: bool, resolver: str,
                   compile_bytecode: bool) -> Summary:
     summary = Summary(resolver=resolver)
     # ensure() only for a new store: an existing read-only one serves what it holds already
@@ -179,7 +179,9 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
         new = _ingest_all(store, pins, paths, info)
     current = {canonicalize_name(m.name): m for m in (read_head(store, d)
                                                         for d in state.dists)}
-    wanted: dict[str, Dist] = {} if exact else dict(current)
+    # exact: only the pins stay, and those named in keep (a uv project's own editable).
+    wanted: dict[str, Dist] = {n: current[n] for n in keep if n in current} if exact \
+        else dict(current)
     for name, manifest in new.items():
         wanted[canonicalize_name(name)] = manifest
     requested = {canonicalize_name(n) for n in state.requested}

@@ -133,3 +133,20 @@ def test_uv_recreating_the_venv_for_another_python(projects, wheels: Path) -> No
     cowfs("adopt", str(venv))
     assert _upper_files(venv) == []  # uv's copies are served from the store again
     assert UDDER in _uv(a, "run", "-q", "pycowsay", "moo", wheels=wheels)
+
+
+def test_cowfs_sync_of_a_uv_lock_is_what_uv_sync_installs(projects, wheels: Path) -> None:  # type: ignore[no-untyped-def]
+    a = projects("A", wheels)
+    venv = a / ".venv"
+    unmount_venv(venv)
+    shutil.rmtree(venv)
+    cowfs("venv", str(venv))
+    args = ("--venv", str(venv), "--no-index", "--find-links", str(wheels))
+    out = cowfs("sync", str(a / "uv.lock"), *args).stdout
+    assert "+ pycowsay==0.0.0.2" in out and "+ a==editable" in out
+    assert _absorbed(venv) == []  # the editable project too: served from the store
+    checked = _uv(a, "sync", "--locked", wheels=wheels)
+    assert "Installed" not in checked and "Uninstalled" not in checked
+    assert UDDER in _uv(a, "run", "--locked", "-q", "pycowsay", "moo", wheels=wheels)
+    again = cowfs("sync", str(a / "uv.lock"), *args).stdout
+    assert "Synced 0 packages" in again
