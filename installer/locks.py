@@ -211,12 +211,22 @@ def _rank(tags: frozenset[Tag], rank: Mapping[str, int]) -> int | None:
     return min(ranks) if ranks else None
 
 
-def _read_pylock(path: Path, env: dict[str, Any],
-                 supported_tags: Sequence[str] | None) -> list[Pin]:
+def load_toml_lock(path: Path) -> dict[str, Any]:
+    """A TOML lock file's document (pylock.toml, uv.lock); any failure is one clear error."""
     if sys.version_info < (3, 11):
-        raise CowfsError(f"{path}: reading pylock.toml needs Python 3.11 or newer (tomllib)")
+        raise CowfsError(f"{path}: reading a TOML lock needs Python 3.11 or newer (tomllib)")
     import tomllib
 
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CowfsError(f"cannot read lock file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CowfsError(f"{path}: not valid TOML: {_line(exc)}") from None
+
+
+def _read_pylock(path: Path, env: dict[str, Any],
+                 supported_tags: Sequence[str] | None) -> list[Pin]:
     def bad(msg: str) -> CowfsError:
         return CowfsError(f"{path}: {msg}")
 
@@ -231,12 +241,7 @@ def _read_pylock(path: Path, env: dict[str, Any],
             raise bad(f"{where}'{key}' {what}")
         return value
 
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CowfsError(f"cannot read lock file {path}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise bad(f"not valid TOML: {_line(exc)}") from None
+    doc = load_toml_lock(path)
     lock_version = get(doc, "lock-version", str, "")
     if not isinstance(v := _version(lock_version), Version) or v.major != 1:
         raise bad(f"unsupported lock-version {lock_version!r} (cowfs reads 1.x)")

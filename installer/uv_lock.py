@@ -22,7 +22,7 @@ from packaging.markers import InvalidMarker, Marker
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from cowfs.errors import CowfsError
-from installer.locks import _evaluate, _rank, _tag_rank
+from installer.locks import _evaluate, _rank, _tag_rank, load_toml_lock
 from installer.resolve import Pin, _check_wheel_name, _filename_of
 
 DEFAULT_GROUPS = ("dev",)  # what `uv sync` installs unless told otherwise
@@ -36,16 +36,7 @@ class UvLock:
 
 def read_uv_lock(path: Path, markers: Mapping[str, Any],
                  supported_tags: Sequence[str] | None) -> UvLock:
-    if sys.version_info < (3, 11):
-        raise CowfsError(f"{path}: reading uv.lock needs Python 3.11 or newer (tomllib)")
-    import tomllib
-
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CowfsError(f"cannot read lock file {path}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CowfsError(f"{path}: not valid TOML: {exc}") from None
+    doc = load_toml_lock(path)
     if doc.get("version") != 1:
         raise CowfsError(f"{path}: unsupported uv.lock version {doc.get('version')!r} "
                          "(cowfs reads version 1)")
