@@ -54,6 +54,8 @@ _install_options = [
     click.option("--find-links", "-f", multiple=True, help="Directory or URL of wheels."),
     click.option("--no-index", is_flag=True, help="Ignore the package index."),
     click.option("--index-url", "-i", help="Base URL of the package index."),
+    click.option("--extra-index-url", "extra_index_urls", multiple=True,
+                 help="Extra index URL (also from pip.conf, PIP_/UV_ variables)."),
     click.option("--offline", is_flag=True, help="No network at all."),
     click.option("--quiet", "-q", is_flag=True, help="No progress or listing."),
     click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
@@ -75,8 +77,9 @@ def install_options(fn):  # type: ignore[no-untyped-def]
 @install_options
 def install_cmd(requirements: tuple[str, ...], req_files: tuple[str, ...], venv_opt: str | None,
                 find_links: tuple[str, ...], no_index: bool, index_url: str | None,
-                offline: bool, quiet: bool, as_json: bool, no_compile: bool) -> None:
-    """Install packages into a cowfs venv (resolution by pip, files by reference)."""
+                extra_index_urls: tuple[str, ...], offline: bool, quiet: bool, as_json: bool,
+                no_compile: bool) -> None:
+    """Install packages into a cowfs venv (resolution by uv or pip, files by reference)."""
     if not requirements and not req_files:
         raise CowfsError("nothing to install: give requirements or -r FILE")
     for f in req_files:
@@ -87,7 +90,8 @@ def install_cmd(requirements: tuple[str, ...], req_files: tuple[str, ...], venv_
     request = sync.Request(requirements=requirements,
                            requirement_files=[Path(f) for f in req_files],
                            find_links=find_links, no_index=no_index, offline=offline,
-                           index_url=index_url, quiet=quiet or as_json)
+                           index_url=index_url, extra_index_urls=extra_index_urls,
+                           quiet=quiet or as_json)
     pins, how = sync.plan(request, info, store, Path(state.python))
     summary = sync.apply(state, store, info, pins, exact=False, quiet=quiet or as_json,
                          resolver=how, compile_bytecode=not no_compile)
@@ -108,8 +112,8 @@ def uninstall_cmd(names: tuple[str, ...], venv_opt: str | None, as_json: bool) -
 @click.argument("lock", type=click.Path())
 @install_options
 def sync_cmd(lock: str, venv_opt: str | None, find_links: tuple[str, ...], no_index: bool,
-             index_url: str | None, offline: bool, quiet: bool, as_json: bool,
-             no_compile: bool) -> None:
+             index_url: str | None, extra_index_urls: tuple[str, ...], offline: bool,
+             quiet: bool, as_json: bool, no_compile: bool) -> None:
     """Make the venv hold exactly what LOCK pins (pinned requirements, pylock.toml, or a uv
     project's uv.lock: its dependencies and default groups for this venv's interpreter,
     and the project itself editable, installed by uv, as `uv sync` would)."""

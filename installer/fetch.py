@@ -25,6 +25,7 @@ from pathlib import Path
 from cowfs import __version__
 from cowfs.errors import CowfsError
 from cowfs.store import fsync_dir, sha256_file
+from installer.index_config import netrc_credentials, redact, split_credentials
 from installer.resolve import Pin, local_path
 
 CHUNK = 1 << 18
@@ -122,6 +123,22 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _authorized(url: str) -> tuple[str, dict[str, str]]:
+    """The URL without credentials and the headers to send: Basic auth from the URL's
+    user:password@, else from ~/.netrc for its host."""
+    import base64
+    from urllib.parse import urlsplit
+
+    bare, creds = split_credentials(url)
+    if creds is None and (host := urlsplit(url).hostname):
+        creds = netrc_credentials(host)
+    headers = {"User-Agent": f"cowfs/{__version__}"}
+    if creds is not None:
+        token = base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    return bare, headers
+
+
 def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: threading.Event,
                    meter: _Progress, timeout: float) -> None:
     # Imported here: a warm install downloads nothing and should not pay ~12 ms for them.
@@ -135,8 +152,8 @@ def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: thre
     try:
         with os.fdopen(fd, "wb") as out:
             h, size = hashlib.sha256(), 0
-            request = urllib.request.Request(pin.url,
-                                             headers={"User-Agent": f"cowfs/{__version__}"})
+            url, headers = _authorized(pin.url)
+            request = urllib.request.Request(url, headers=headers)
             try:
                 with urllib.request.urlopen(request, timeout=timeout) as resp:
                     length = int(resp.headers.get("Content-Length") or -1)
@@ -151,14 +168,14 @@ def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: thre
                 if exc.code in RETRY_STATUS:
                     raise _Transient(_reason(exc)) from None
                 raise CowfsError(f"{pin.filename}: download failed: {_reason(exc)} "
-                                 f"({pin.url})") from None
+                                 f"({redact(pin.url)})") from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 raise _Transient(_reason(exc)) from None
             if 0 <= length != size:
                 raise _Transient(f"connection closed after {size} of {length} bytes")
             digest = h.hexdigest()
             if expected and digest not in expected:
-                raise CowfsError(_mismatch(pin, expected, digest) + f" from {pin.url}; "
+                raise CowfsError(_mismatch(pin, expected, digest) + f" from {redact(pin.url)}; "
                                  "the download was discarded")
             out.flush()
             os.fchmod(out.fileno(), 0o644)
@@ -180,7 +197,8 @@ def _download(pin: Pin, target: Path, expected: frozenset[str], abort: threading
             return
         except _Transient as exc:
             if attempt == RETRIES:
-                raise CowfsError(f"{pin.filename}: download failed: {exc} ({pin.url})") from None
+                raise CowfsError(f"{pin.filename}: download failed: {exc} "
+                                 f"({redact(pin.url)})") from None
             if abort.wait(RETRY_DELAY * 2**attempt):
                 raise _Aborted from None
 
@@ -201,7 +219,7 @@ def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
                 raise CowfsError(_mismatch(pin, expected, digest) + f" for local file {path}")
             return path
         if not pin.url.startswith(("https://", "http://")):
-            raise CowfsError(f"{pin.filename}: cannot download from {pin.url!r}")
+            raise CowfsError(f"{pin.filename}: cannot download from {redact(pin.url)!r}")
         target = dest / pin.filename
         # Same filename, right hash: already fetched. Without a hash, the filename (unique per
         # version and build on an index) is all there is to go on.

@@ -34,6 +34,7 @@ from packaging.utils import (
 from packaging.version import InvalidVersion, Version
 
 from cowfs.errors import CowfsError
+from installer.index_config import IndexConfig, effective, with_credentials
 
 PIP_TIMEOUT = 900.0  # seconds for one pip run; a resolve against a slow index can take minutes
 
@@ -130,24 +131,8 @@ def _run_pip(requirements: Sequence[str], python: Path, options: Sequence[str], 
         cmd = [sys.executable, "-m", "pip", "--python", str(python), "install", "--dry-run",
                "--ignore-installed", "--only-binary", ":all:", "--report", str(report),
                "--quiet", *args, "--", *requirements]
-        env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1",
-                   PIP_REQUIRE_VIRTUALENV="0")
-        env.pop("_PIP_RUNNING_IN_SUBPROCESS", None)  # set, it would make pip ignore --python
-        # pip --python re-runs pip under the target: a session lets a timeout kill both.
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
-        try:
-            _, stderr = proc.communicate(timeout=timeout)
-        except BaseException as exc:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.communicate()
-            if isinstance(exc, subprocess.TimeoutExpired):
-                raise CowfsError(f"pip did not finish resolving within {timeout:g} s") from None
-            raise
+        proc = _run(cmd, _pip_env(), timeout, "pip")
+        stderr = proc.stderr
         if proc.returncode != 0:
             raise CowfsError(_pip_error(stderr, proc.returncode))
         if not quiet:
@@ -212,6 +197,166 @@ def _version(text: str) -> Version | str:
         return text
 
 
+def find_uv() -> str | None:
+    """uv next to this interpreter (installed in the same environment), else on PATH."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "uv"
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("uv")
+
+
+def choose_resolver(resolver: str | None) -> tuple[str, str | None]:
+    """("uv", path) or ("pip", None): COWFS_RESOLVER=uv|pip forces one, else uv if found."""
+    wanted = resolver or os.environ.get("COWFS_RESOLVER") or "auto"
+    if wanted not in ("auto", "uv", "pip"):
+        raise CowfsError(f"COWFS_RESOLVER must be uv, pip or auto, not {wanted!r}")
+    if wanted == "pip":
+        return "pip", None
+    uv = find_uv()
+    if uv is None and wanted == "uv":
+        raise CowfsError("COWFS_RESOLVER=uv but no uv was found (next to "
+                         f"{sys.executable} or on PATH)")
+    return ("uv", uv) if uv else ("pip", None)
+
+
+def _uv_error(stderr: str, returncode: int) -> str:
+    """uv's explanation as one line, worded like `_pip_error`'s for the common cases."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    parts: list[str] = []
+    for ln in lines:
+        if ln.startswith(("warning:", "hint:", "help:")):
+            break
+        text = ln.lstrip("\u00d7\u2570\u2500\u25b6\u2502 ")  # uv's tree of causes
+        text = text.removeprefix("error:").removeprefix("Caused by:").strip()
+        if text:
+            parts.append(text)
+    message = re.sub(r" in `[^`]*requirements\.in`", "", " ".join(parts).rstrip(":"))
+    why = message[message.find("Because "):] if "Because " in message else message
+    if m := re.search(r"Because (\S+?)(?:==\S+)? has no usable wheels", why):
+        return (f"no version of '{m[1]}' satisfies the requirements: only source "
+                "distributions, which cowfs does not build")
+    if m := re.fullmatch(r"Because (\S+) was not found in the (.+?) and you require \1, .*",
+                         why):
+        return f"no version of '{m[1]}' satisfies the requirements: not found in the {m[2]}"
+    if m := re.fullmatch(r"Because (?:only )?(\S+?)([<>=!~]\S*)? (?:is|are) available and "
+                         r"you require (\1\S*), .*", why):
+        return f"no version of '{m[1]}' satisfies '{m[3]}' (uv: {why.split(', ')[0]})"
+    if why.endswith("your requirements are unsatisfiable."):
+        return f"conflicting requirements: {why}"
+    if message.startswith("Couldn't parse requirement"):
+        return f"Invalid requirement: {message}"
+    return message or f"uv failed with exit status {returncode}"
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float | None, what: str) -> \
+        subprocess.CompletedProcess[str]:
+    """Run a resolver in its own session, so that a timeout kills it with its children."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException as exc:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise CowfsError(f"{what} did not finish resolving within {timeout:g} s") from None
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _absolute_paths(requirements: Sequence[str]) -> list[str]:
+    """Local wheel paths made absolute: uv reads them from a file in another directory."""
+    out = []
+    for req in requirements:
+        path = local_path(req) if "://" in req or req.endswith(".whl") else None
+        out.append(str(path.absolute()) if path is not None and path.exists() else req)
+    return out
+
+
+def _lock_command(kind: str, uv: str | None, python: Path, out: Path, tmp: Path,
+                  requirements: Sequence[str], files: Sequence[Path],
+                  constraints: Sequence[Path], config: IndexConfig,
+                  offline: bool) -> tuple[list[str], dict[str, str]]:
+    """The command that writes a pylock.toml of the resolution to `out`, and its env."""
+    if kind == "uv":
+        assert uv is not None
+        source = tmp / "requirements.in"
+        source.write_text("".join(f"{r}\n" for r in _absolute_paths(requirements)))
+        cmd = [uv, "pip", "compile", "--python", str(python), "--only-binary", ":all:",
+               "--format", "pylock.toml", "-o", str(out), "--quiet", "--no-header",
+               *config.uv_args(), *(["--offline"] if offline else [])]
+        for constraint in constraints:
+            cmd += ["-c", str(constraint)]
+        cmd += [str(source), *map(str, files)]
+        return cmd, config.uv_env(os.environ)
+    options = list(config.pip_extra_args)
+    if config.no_index:
+        options.append("--no-index")
+    elif config.index_url:
+        options += ["--index-url", config.index_url]
+    for link in config.find_links:
+        options += ["--find-links", link]
+    for path in files:
+        options += ["-r", str(path)]
+    for constraint in constraints:
+        options += ["-c", str(constraint)]
+    cmd = [sys.executable, "-m", "pip", "--python", str(python), "lock", "--only-binary",
+           ":all:", "-o", str(out), "--quiet", *options, "--", *requirements]
+    return cmd, _pip_env()
+
+
+def _pip_env() -> dict[str, str]:
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1",
+               PIP_REQUIRE_VIRTUALENV="0")
+    env.pop("_PIP_RUNNING_IN_SUBPROCESS", None)  # set, it would make pip ignore --python
+    return env
+
+
+_INLINE_ARCHIVE = re.compile(r'^archive = (\{.*\.whl".*\})$', re.M)  # uv's form
+_ARCHIVE_TABLE = re.compile(r'^\[packages\.archive(\.hashes)?\]$', re.M)  # pip's form
+
+
+def _archives_as_wheels(text: str) -> str:
+    """A direct wheel requirement is locked as an `archive` (PEP 751 allows a wheel there);
+    listed as the package's one wheel, read_lock picks and checks it like any other."""
+    text = _INLINE_ARCHIVE.sub(r"wheels = [\1]", text)
+    if ".whl" in text:
+        text = _ARCHIVE_TABLE.sub(lambda m: "[packages.wheels.hashes]" if m[1]
+                                  else "[[packages.wheels]]", text)
+    return text
+
+
+def _requested(requirements: Sequence[str], files: Sequence[Path]) -> dict[str, bool]:
+    """Canonical names the user asked for -> whether as a direct wheel URL or path."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    names: dict[str, bool] = {}
+    for req in requirements:
+        try:
+            parsed = Requirement(req)
+            names[canonicalize_name(parsed.name)] = parsed.url is not None
+        except InvalidRequirement:
+            try:  # a wheel path or URL on its own
+                names[parse_wheel_filename(_filename_of(req))[0]] = True
+            except (InvalidWheelFilename, CowfsError):
+                pass
+    if files:
+        from installer.locks import _env, _read_requirement_file
+
+        for path in files:
+            try:
+                for line in _read_requirement_file(path, _env(None)):
+                    names[canonicalize_name(line.req.name)] = line.req.url is not None
+            except CowfsError:
+                pass  # the resolver has read it: only the REQUESTED marks are at stake
+    return names
+
+
 def resolve(
     requirements: Sequence[str],
     *,
@@ -221,19 +366,26 @@ def resolve(
     no_index: bool = False,
     offline: bool = False,
     index_url: str | None = None,
+    extra_index_urls: Sequence[str] = (),
     constraints: Sequence[Path] = (),
     timeout: float | None = PIP_TIMEOUT,
     quiet: bool = False,
+    resolver: str | None = None,
+    supported_tags: Sequence[str] | None = None,
+    markers: Mapping[str, str] | None = None,
 ) -> list[Pin]:
-    """Every wheel an install of `requirements` into `python` needs, as pip resolves it.
+    """Every wheel an install of `requirements` into `python` needs.
 
-    offline: no network at all, so every wheel must come from a local find-links directory
-    (the caller passes the store's wheels/ cache there). constraints are `-c` files.
-    quiet: do not forward pip's warnings to stderr. Errors are one-line CowfsErrors.
+    uv resolves when it is installed (`uv pip compile`), else pip (`pip lock`); both write a
+    PEP 751 pylock.toml for the target interpreter, which `installer.locks.read_lock` turns
+    into pins (one parser for both). Indexes, find-links and credentials come from the
+    arguments and the environment (installer.index_config). offline: no network at all, so
+    every wheel must come from a local find-links directory. constraints are `-c` files.
+    quiet: do not forward the resolver's warnings. Errors are one-line CowfsErrors.
+    supported_tags/markers: the target's, to pick a wheel of the lock (default: queried).
     """
     if not requirements and not requirement_files:
         return []
-    options: list[str] = []
     if offline:
         if not find_links:
             raise CowfsError("--offline needs a local wheel directory: pass --find-links DIR")
@@ -244,18 +396,53 @@ def resolve(
             if not path.exists():
                 raise CowfsError(f"find-links location {path} does not exist")
         no_index = True
-    if no_index:
-        options.append("--no-index")
-    elif index_url:
-        options += ["--index-url", index_url]
-    for link in find_links:
-        options += ["--find-links", str(link)]
-    for req_file in requirement_files:
-        options += ["-r", str(req_file)]
-    for constraint in constraints:
-        options += ["-c", str(constraint)]
-    doc = _run_pip(requirements, Path(python), options, timeout=timeout, quiet=quiet)
-    return _pins_from_report(doc)
+    python = Path(python)
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise CowfsError(f"interpreter {python} does not exist or is not executable")
+    config = effective(index_url=index_url, extra_index_urls=extra_index_urls,
+                       find_links=[str(link) for link in find_links], no_index=no_index)
+    kind, uv = choose_resolver(resolver)
+    import tempfile  # the resolver runs only on the cold path
+
+    with tempfile.TemporaryDirectory(prefix="cowfs-resolve-") as tmp:
+        out = Path(tmp, "pylock.toml")
+        cmd, env = _lock_command(kind, uv, python, out, Path(tmp), requirements,
+                                 requirement_files, constraints, config, offline)
+        proc = _run(cmd, env, timeout, kind)
+        if proc.returncode != 0:
+            error = _uv_error if kind == "uv" else _pip_error
+            raise CowfsError(error(proc.stderr, proc.returncode))
+        if not quiet:
+            for line in proc.stderr.splitlines():
+                if line.startswith(("WARNING:", "warning:")) and "experimental" not in line:
+                    print(f"cowfs: {kind}: {line}", file=sys.stderr)
+        if supported_tags is None or markers is None:
+            from installer.interpreters import query_interpreter
+
+            info = query_interpreter(str(python))
+            supported_tags, markers = info.tags, info.markers
+        from installer.locks import read_lock
+
+        out.write_text(_archives_as_wheels(out.read_text(encoding="utf-8")), encoding="utf-8")
+        try:
+            pins = read_lock(out, markers=dict(markers), supported_tags=supported_tags)
+        except CowfsError as exc:
+            raise CowfsError(f"{kind}'s resolution: {exc}".replace(str(out), "lock")) from None
+    requested = _requested(requirements, requirement_files)
+    sources = config.urls()
+    return [_finish(p, requested, sources) for p in pins]
+
+
+def _finish(pin: Pin, requested: Mapping[str, bool], sources: Sequence[str]) -> Pin:
+    """A resolved pin with its REQUESTED mark, PEP 610 data and the index's credentials."""
+    from dataclasses import replace
+
+    direct = None
+    if requested.get(pin.name):
+        archive = {"hashes": {"sha256": pin.sha256}} if pin.sha256 else {}
+        direct = {"url": pin.url, "archive_info": archive}
+    return replace(pin, requested=pin.name in requested, direct_url=direct,
+                   url=with_credentials(pin.url, sources))
 
 
 # read_lock, locate and pins_from_local_wheels live in installer.locks, which builds on this

@@ -31,7 +31,7 @@ from installer.bytecode import bytecode_if_compiled, ensure_bytecode
 from installer.fetch import fetch
 from installer.interpreters import InterpreterInfo
 from installer.locks import pins_from_local_wheels
-from installer.resolve import Pin, local_path, resolve
+from installer.resolve import Pin, choose_resolver, local_path, resolve
 from installer.scripts import VenvFiles, install_venv_files, remove_venv_files
 from installer.venv import ensure_mounted
 from installer.wheel import ingest_wheel, ingested_manifest, venv_extra_files
@@ -46,6 +46,7 @@ class Request:
     offline: bool = False
     index_url: str | None = None
     quiet: bool = False
+    extra_index_urls: Sequence[str] = ()
 
 
 @dataclass
@@ -77,7 +78,7 @@ def venv_lock(venv: Path) -> Iterator[None]:
 
 def plan(request: Request, info: InterpreterInfo, store: Store, python: Path) -> tuple[
         list[Pin], str]:
-    """Pins for the request: the local pip-sync fast path when it applies, else pip."""
+    """Pins for the request: the local pip-sync fast path when it applies, else uv or pip."""
     local = (local_path(p) for p in request.find_links)
     wheel_dirs = [store.wheels] + [p for p in local if p is not None and p.is_dir()]
     key = (list(request.requirements), request.requirement_files, wheel_dirs, info.tags,
@@ -92,11 +93,13 @@ def plan(request: Request, info: InterpreterInfo, store: Store, python: Path) ->
     if pins is not None:
         plan_cache.record(store, *key, wheels=wheels, read=read, pins=pins)
         return pins, "local"
+    kind, _ = choose_resolver(None)
     return resolve(list(request.requirements), python=python,
                    requirement_files=request.requirement_files,
                    find_links=request.find_links, no_index=request.no_index,
                    offline=request.offline, index_url=request.index_url,
-                   quiet=request.quiet), "pip"
+                   extra_index_urls=request.extra_index_urls, quiet=request.quiet,
+                   resolver=kind, supported_tags=info.tags, markers=info.markers), kind
 
 
 def _ingest_all(store: Store, pins: Sequence[Pin], paths: dict[str, Path],
