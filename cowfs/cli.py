@@ -65,6 +65,7 @@ class CowfsGroup(click.Group):
              **extra: Any) -> Any:
         if args is not None or not standalone_mode:  # called from Python (CliRunner...)
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        args = mount_helper_args(sys.argv[1:])
         # The real command line: once the command is done, skip the interpreter's teardown
         # of ~300 modules (5-10 ms of a ~130 ms warm install). Nothing of cowfs runs at exit:
         # files, executors and temporary directories are all closed by then; the standard
@@ -99,6 +100,18 @@ class CowfsGroup(click.Group):
             where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
             click.echo(f"cowfs: error: {exc.strerror or exc}{where}", err=True)
             sys.exit(1)
+
+
+def mount_helper_args(argv: list[str]) -> list[str]:
+    """`mount -t fuse.cowfs SRC MNT -o lowerdir=...,upperdir=...,workdir=...` (and that line
+    in /etc/fstab): mount.fuse3 runs `cowfs SRC MNT -o OPTS`; that is `cowfs mount`."""
+    positional = [a for i, a in enumerate(argv)
+                  if not a.startswith("-") and (i == 0 or argv[i - 1] != "-o")]
+    options = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-o"]
+    if len(positional) == 2 and positional[0] not in COMMAND_INDEX and any(
+            "lowerdir=" in o for o in options):
+        return ["mount", *(x for o in options for x in ("-o", o)), *positional]
+    return argv
 
 
 @click.group(cls=CowfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
