@@ -135,10 +135,20 @@ def _dist_info_prefix(m: Dist) -> str:
 
 
 def _bytecode(store: Store, manifests: Sequence[Dist], info: InterpreterInfo,
-              python: Path) -> list[str]:
-    """Shared pyc manifests for these distributions; compiled once per interpreter."""
+              python: Path, venv: Path | None = None) -> list[str]:
+    """Shared pyc manifests for these distributions; compiled once per interpreter.
+
+    With venv, those not compiled yet are left to a background job (installer.bytecode_bg)
+    that publishes them into the venv after the install has returned, unless
+    COWFS_BYTECODE=inline."""
     known = {m.id: bytecode_if_compiled(store, m, info) for m in manifests}
     cold = [m for m in manifests if known[m.id] is None]
+    background = venv is not None and os.environ.get("COWFS_BYTECODE", "") != "inline"
+    if cold and background and store.writable():
+        from installer.bytecode_bg import schedule
+
+        if schedule(venv, store.root, python, [m.id for m in cold]):
+            cold = []
     if cold:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -153,15 +163,26 @@ def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[
           compile_bytecode: bool = True, keep: Sequence[str] = ()) -> Summary:
     """Make the venv hold pins (plus what it had, unless exact) and reload the mount."""
     started = time.perf_counter()
-    absorb_foreign(state, store, compile_bytecode)
-    # Shared store lock from the first new object until the venv state names it: a gc in
-    # between would otherwise collect what no root references yet.
-    with store.lock():
-        summary = _apply_locked(state, store, info, pins, exact=exact, keep=keep, quiet=quiet,
-                                resolver=resolver, compile_bytecode=compile_bytecode)
-    reload(state)
+    # One state writer at a time (the daemon's absorb is another): read it fresh under the
+    # lock, so that nothing another writer recorded meanwhile is written over.
+    with venv_lock(state.venv):
+        refresh_state(state)
+        absorb_foreign(state, store, compile_bytecode)
+        # Shared store lock from the first new object until the venv state names it: a gc
+        # in between would otherwise collect what no root references yet.
+        with store.lock():
+            summary = _apply_locked(state, store, info, pins, exact=exact, keep=keep,
+                                    quiet=quiet, resolver=resolver,
+                                    compile_bytecode=compile_bytecode)
+        reload(state)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def refresh_state(state: VenvState) -> None:
+    """The state as its last writer left it (in place: callers hold this object)."""
+    for f, value in vars(VenvState.load(state.venv)).items():
+        setattr(state, f, value)
 
 
 def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[Pin],
@@ -215,7 +236,8 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
             summary.installed.append((m.name, m.version))
         state.dists = [m.id for m in wanted.values()]
         if compile_bytecode:
-            state.bytecode = _bytecode(store, list(wanted.values()), info, python)
+            state.bytecode = _bytecode(store, list(wanted.values()), info, python,
+                                       state.venv)
         else:
             state.bytecode = [b for b in state.bytecode if b.rpartition(".")[0] in state.dists]
         state.extra = _dedup(extra)
@@ -237,15 +259,20 @@ def _dedup(rows: list[FileEntry]) -> list[FileEntry]:
 def absorb_foreign(state: VenvState, store: Store, compile_bytecode: bool = True) -> None:
     """What pip or uv installed into the venv becomes store-backed first (installer.absorb),
     so that installing over it or removing it replaces it cleanly."""
-    if state.may_hold_foreign_dists():
+    if state.may_hold_foreign_dists():  # the caller holds venv_lock
         from installer.absorb import absorb  # rarely needed: not on the warm path
 
-        with venv_lock(state.venv):
-            absorb(state, store, Path(state.python) if compile_bytecode else None)
+        absorb(state, store, Path(state.python) if compile_bytecode else None)
 
 
 def uninstall(state: VenvState, store: Store, names: Sequence[str]) -> Summary:
-    absorb_foreign(state, store)
+    with venv_lock(state.venv):
+        refresh_state(state)
+        absorb_foreign(state, store)
+        return _uninstall_locked(state, store, names)
+
+
+def _uninstall_locked(state: VenvState, store: Store, names: Sequence[str]) -> Summary:
     summary = Summary()
     wanted = {canonicalize_name(n) for n in names}
     keep: list[str] = []

@@ -17,6 +17,7 @@ from cowfs import control
 from cowfs import mount as mounting
 from cowfs.spec import VenvState
 from cowfs.store import Store, digest_bytes
+from installer import bytecode_bg
 from tests.conftest import EDITED, PKG, UDDER, cow, cowfs, object_hashes, site
 
 
@@ -133,6 +134,7 @@ def test_shared_bytecode_and_private_recompile(venvs: Callable[[str], Path],
     a, b = venvs("A"), venvs("B")
     for v in (a, b):
         cowfs("install", "--venv", str(v), PKG, "--no-index", "--find-links", str(wheels))
+        assert bytecode_bg.wait(v, 120)  # compiled after the install returned, then reloaded
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
     def imports(venv: Path) -> str:
