@@ -1,0 +1,168 @@
+"""install-cold: cowfs vs `uv pip install` into a new venv, every cache empty each repetition.
+
+Two rows: the reference workload from a local PEP 503 index (its wheels, served over HTTP
+on 127.0.0.1 by this process: no network noise), and the flask set from the machine's
+configured index (pip.conf / PIP_* as configured, PyPI otherwise). cowfs is timed until
+`cowfs install` returns (its defaults: shared bytecode compiled in the background) and,
+separately, until that bytecode is published; uv with its defaults and with
+--compile-bytecode. Ratios are printed, never asserted.
+
+    .dev-env/bin/python scripts/benchlib/coldinstall.py [--reps N] [--wheels DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import html
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+FLASK_SET = ["flask", "requests", "rich", "pydantic", "httpx"]
+ISOLATE = {"PIP_CONFIG_FILE": os.devnull}  # the local row sees only the local index
+
+
+def make_index(wheels: Path, out: Path) -> Path:
+    """out/simple/<project>/index.html linking to out/files/<wheel>#sha256=..."""
+    files = out / "files"
+    files.mkdir(parents=True)
+    projects: dict[str, list[str]] = {}
+    for wheel in sorted(wheels.glob("*.whl")):
+        shutil.copy2(wheel, files / wheel.name)
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        name = re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+        projects.setdefault(name, []).append(
+            f'<a href="../../files/{html.escape(wheel.name)}#sha256={digest}">'
+            f"{html.escape(wheel.name)}</a><br>")
+    for name, links in projects.items():
+        d = out / "simple" / name
+        d.mkdir(parents=True)
+        (d / "index.html").write_text("<!DOCTYPE html><html><body>\n"
+                                      + "\n".join(links) + "\n</body></html>\n")
+    root = "".join(f'<a href="{n}/">{n}</a><br>\n' for n in projects)
+    (out / "simple" / "index.html").write_text(f"<html><body>\n{root}</body></html>\n")
+    return out
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def serve(directory: Path) -> tuple[ThreadingHTTPServer, str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/simple"
+
+
+def _env(work: Path, extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UV_")}
+    env.update(COWFS_HOME=str(work / "home"), UV_CACHE_DIR=str(work / "uv-cache"),
+               PIP_CACHE_DIR=str(work / "pip-cache"), COWFS_RUNTIME_DIR=str(work / "rt"),
+               **extra)
+    return env
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... failed: {proc.stderr.strip()[-800:]}")
+    return elapsed
+
+
+def one(kind: str, python: str, uv: str, args: list[str], extra: dict[str, str],
+        parent: Path) -> tuple[float, float]:
+    """(seconds until the command returned, seconds until bytecode was published)."""
+    from installer.bytecode_bg import wait
+
+    work = Path(tempfile.mkdtemp(prefix="cold-", dir=parent))
+    env = _env(work, extra)
+    venv = work / "venv"
+    try:
+        if kind == "cowfs":
+            cowfs = [sys.executable, "-m", "cowfs"]
+            subprocess.run([*cowfs, "venv", str(venv), "--python", python], env=env,
+                           check=True, capture_output=True)
+            start = time.perf_counter()
+            returned = _timed([*cowfs, "install", "--venv", str(venv), "-q", *args], env)
+            wait(venv, 600)
+            done = time.perf_counter() - start
+            subprocess.run([*cowfs, "umount", str(venv)], env=env, capture_output=True)
+            return returned, done
+        subprocess.run([uv, "venv", "-q", "-p", python, str(venv)], env=env, check=True)
+        flags = ["--compile-bytecode"] if kind == "uv-compile" else []
+        t = _timed([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
+                    *flags, *args], env)
+        return t, t
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def row(label: str, python: str, uv: str, args: list[str], extra: dict[str, str],
+        reps: int, parent: Path) -> None:
+    results: dict[str, list[tuple[float, float]]] = {"uv": [], "uv-compile": [], "cowfs": []}
+    for _ in range(reps):  # interleaved: load changes hit every peer alike
+        for kind in results:
+            results[kind].append(one(kind, python, uv, args, extra, parent))
+    med = {k: (statistics.median(a for a, _ in v), statistics.median(b for _, b in v))
+           for k, v in results.items()}
+    uv_t, uvc_t = med["uv"][0], med["uv-compile"][0]
+    cow_ret, cow_done = med["cowfs"]
+    print(f"install-cold {label} (median of {reps}):")
+    print(f"  uv pip install                    {uv_t:6.2f} s")
+    print(f"  uv pip install --compile-bytecode {uvc_t:6.2f} s")
+    print(f"  cowfs install (returns)           {cow_ret:6.2f} s  {cow_ret / uv_t:.2f}x uv, "
+          f"{cow_ret / uvc_t:.2f}x uv --compile-bytecode")
+    print(f"  cowfs install + shared bytecode   {cow_done:6.2f} s  {cow_done / uvc_t:.2f}x "
+          "uv --compile-bytecode")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--wheels", type=Path, default=ROOT / ".cache" / "bench-wheels")
+    p.add_argument("--workload", type=Path,
+                   default=ROOT / "scripts" / "benchlib" / "workload-ds.txt")
+    p.add_argument("--python", default=os.path.realpath(
+        getattr(sys, "_base_executable", sys.executable)))
+    p.add_argument("--no-remote", action="store_true", help="only the local-index row")
+    args = p.parse_args()
+    uv = str(Path(sys.executable).parent / "uv") if (Path(sys.executable).parent
+                                                    / "uv").exists() else shutil.which("uv")
+    if not uv or not list(args.wheels.glob("*.whl")):
+        print("needs uv and the workload's wheels (scripts/bench fetches them)", file=sys.stderr)
+        return 1
+    parent = Path(tempfile.mkdtemp(prefix="cowfs-cold-"))
+    server = None
+    try:
+        server, url = serve(make_index(args.wheels, parent / "index"))
+        row(f"reference workload ({len(list(args.wheels.glob('*.whl')))} wheels, local index)",
+            args.python, uv, ["--index-url", url, "-r", str(args.workload)], ISOLATE,
+            args.reps, parent)
+        if not args.no_remote:
+            row(f"{' '.join(FLASK_SET)} (configured index)", args.python, uv, FLASK_SET, {},
+                args.reps, parent)
+    finally:
+        if server is not None:
+            server.shutdown()
+        shutil.rmtree(parent, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
