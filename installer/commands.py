@@ -142,7 +142,9 @@ def sync_cmd(lock: str, venv_opt: str | None, find_links: tuple[str, ...], no_in
                           *(["--index-url", index_url] if index_url else []),
                           *(["--offline"] if offline else [])]
             uv_lock.install_editable(Path(state.python), project, index_args)
-            sync.absorb_foreign(state, store, not no_compile)
+            with sync.venv_lock(state.venv):
+                sync.refresh_state(state)
+                sync.absorb_foreign(state, store, not no_compile)
             summary.installed.append((name, "editable"))
     _report(summary, as_json, quiet, "Synced")
 
