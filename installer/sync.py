@@ -66,9 +66,10 @@ class Summary:
 
 @contextlib.contextmanager
 def venv_lock(venv: Path) -> Iterator[None]:
-    """One installer at a time per venv (different venvs proceed in parallel)."""
-    path = VenvState.state_dir(venv) / "lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """One writer of the venv's state at a time (installs, absorb, reset, the bytecode job;
+    different venvs proceed in parallel). flock on the state directory itself: nothing is
+    created, so a refused command leaves the venv exactly as it was."""
+    fd = os.open(VenvState.state_dir(venv), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
