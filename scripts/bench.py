@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import figures as F
-from benchlib import report
+from benchlib import report, uvinto
 from benchlib.common import (
     DEFAULT_IMPORTS,
     ROOT,
@@ -45,6 +45,7 @@ from benchlib.peers import PEERS, make_peers
 
 SHARED_WORKLOAD = Path("/work/shared/bench/workload-ds.txt")
 BUNDLED_WORKLOAD = Path(__file__).resolve().parent / "benchlib" / "workload-ds.txt"
+ALL_FIGURES = (*F.FIGURES, *uvinto.FIGURES)
 WARM_FIGURES = {"import-warm", "walk", "read-all", "read-all-cold", "daemon-rss", "mount-time"}
 
 
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="3 repetitions, 2 fresh venvs, "
                    "no read-all-cold")
-    p.add_argument("--figures", help=f"comma list of: {','.join(F.FIGURES)}")
+    p.add_argument("--figures", help=f"comma list of: {','.join(ALL_FIGURES)}")
     p.add_argument("--peers", help=f"comma list of: {','.join(PEERS)}")
     p.add_argument("--reps", type=int, help="repetitions per figure (default 7; quick 3)")
     p.add_argument("--fresh", type=int, help="fresh venvs for import-first (default 3)")
@@ -81,13 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.figures:
         args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
-        bad = [f for f in args.figures if f not in F.FIGURES]
+        bad = [f for f in args.figures if f not in ALL_FIGURES]
         if bad:
-            p.error(f"unknown figure(s) {bad}; known: {', '.join(F.FIGURES)}")
+            p.error(f"unknown figure(s) {bad}; known: {', '.join(ALL_FIGURES)}")
     elif args.docker:
         args.figures = []
     else:
-        args.figures = list(F.QUICK_FIGURES if args.quick else F.FIGURES)
+        args.figures = list(F.QUICK_FIGURES if args.quick else ALL_FIGURES)
     if args.peers:
         args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]
         bad = [x for x in args.peers if x not in PEERS]
@@ -224,6 +225,8 @@ def measure(ctx: Ctx, args: argparse.Namespace, res: F.Results) -> dict[str, obj
         F.daemon_rss(ctx, res, envs)
     if "mount-time" in figs:
         F.mount_time(ctx, res, peers, envs)
+    if uvinto.FIGURE in figs:
+        uvinto.run_figure(ctx, res)
     if args.profile and "cowfs" in peers:
         from benchlib import fuseprof
 
@@ -269,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         res = F.Results()
         sections = measure(ctx, args, res)
         figs = report.build_figures(res, args.figures)
+        uvinto.finish(figs)
         rows = report.verdicts(figs, sections.get("scale"))  # type: ignore[arg-type]
+        rows += uvinto.verdicts(figs)
         doc = {"meta": meta(ctx, args, sections["skipped"]), "figures": figs,  # type: ignore[arg-type]
                "targets": rows, "trees": res.extra.get("tree"), "scale": sections.get("scale"),
                "profile": sections.get("profile"), "docker": sections.get("docker")}
@@ -277,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         shown = [p for p in args.peers if any(p in f["peers"] for f in figs.values())]
         if figs:
             print(report.table(figs, shown, rows, res.extra.get("tree")))
+            if uvinto.FIGURE in figs:
+                print(uvinto.render(figs))
         load = doc["meta"]["load_at_end"]  # type: ignore[index]
         print(f"machine load at the end: {load}")
         for section in ("scale", "profile"):
