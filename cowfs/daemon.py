@@ -35,6 +35,7 @@ from cowfs.teardown import VenvTeardown
 
 log = logging.getLogger("cowfs.daemon")
 ABSORB_QUIET_S = 1.0  # an installer writes RECORDs in a burst; absorb once it is done
+ABSORB_LATER, ABSORB_RETRIES = 75, 60  # `cowfs adopt`: some dist unfinished (EX_TEMPFAIL)
 
 
 class Daemon:
@@ -197,6 +198,7 @@ class Daemon:
         """Once another installer (pip, uv) has finished or removed distributions and gone
         quiet, `cowfs adopt VENV` makes them store-backed (installer.absorb); it calls back
         here for reload and reset. Its failure is logged: the venv works unabsorbed."""
+        retries = 0
         while True:
             await self._dists_changed.wait()
             while self._dists_changed.is_set():  # quiet: no new RECORD for ABSORB_QUIET_S
@@ -211,8 +213,13 @@ class Daemon:
                 capture_stdout=True, capture_stderr=True, check=False,
                 env={**os.environ, "COWFS_NO_AUTOMOUNT": "1"})
             out = (proc.stdout + proc.stderr).decode(errors="replace").strip()
-            log.log(logging.INFO if proc.returncode == 0 else logging.WARNING,
+            log.log(logging.WARNING if proc.returncode not in (0, ABSORB_LATER) else logging.INFO,
                     "absorb (exit %d): %s", proc.returncode, out.splitlines()[0] if out else "")
+            if proc.returncode == ABSORB_LATER and retries < ABSORB_RETRIES:
+                retries += 1  # some distribution is still being written: again when quiet
+                self._dists_changed.set()
+            else:
+                retries = 0
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -29,7 +29,7 @@ from cowfs.manifest import Manifest, write_manifest
 from cowfs.spec import VenvState
 from cowfs.store import Store
 from installer.interpreters import query_interpreter
-from installer.record_match import Sorter, claims, shared_bytecode
+from installer.record_match import Sorter, claims
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Absorbed:
     shared: int = 0  # files now served from the store
     private: int = 0  # files kept in the upper layer
     gone: list[str] = field(default_factory=list)  # "name version" the other tool removed
+    unfinished: list[str] = field(default_factory=list)  # dist-infos still being written
 
 
 def foreign_dist_infos(state: VenvState) -> list[str]:
@@ -59,17 +60,23 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
     bytecode is compiled for what was absorbed."""
     if not state.may_hold_foreign_dists():
         return None
-    info_dirs = foreign_dist_infos(state)
     site = state.site_packages
+    # uv copies a whole dist-info (RECORD included) before or while the package's files
+    # arrive: a distribution whose RECORD names files not there yet is still being
+    # written, and is left for the next run (the daemon retries; installer finished first).
+    info_dirs, unfinished = [], []
+    for d in foreign_dist_infos(state):
+        (unfinished if _missing(site, d) else info_dirs).append(d)
     heads = {i: read_head(store, i) for i in state.dists}
     gone = [i for i, h in heads.items()
             if h.dist_info in info_dirs or not (site / h.dist_info).is_dir()]
     if not info_dirs and not gone:
-        return None
+        return Absorbed(unfinished=unfinished) if unfinished else None
     if mounting.mount_state(str(site)) != "live":
         raise CowfsError(f"{site} is not mounted: mount it (`cowfs mount {state.venv}`) so "
                          "that what other tools installed can be absorbed")
-    result = Absorbed(gone=[f"{heads[i].name} {heads[i].version}" for i in gone
+    result = Absorbed(unfinished=unfinished,
+                      gone=[f"{heads[i].name} {heads[i].version}" for i in gone
                             if heads[i].dist_info not in info_dirs])
     # The replaced or removed distributions' names that the view no longer shows (the
     # other tool removed them: whiteouts now hiding nothing once the lower has them no
@@ -98,8 +105,11 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
         state.requested = sorted(set(state.requested))
         bytecode = [b for b in state.bytecode if b.rpartition(".")[0] in kept]
         if python is not None and result.manifests:
+            from installer.sync import shared_bytecode_for  # compiled after, like installs
+
             info = query_interpreter(python, store)
-            bytecode += shared_bytecode(store, result.manifests, info, python)
+            bytecode += shared_bytecode_for(store, result.manifests, info, python,
+                                            state.venv)
         state.bytecode = bytecode
         state.save()
         roots.record(store, state)
@@ -108,6 +118,18 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
     drop = sorted(sorter.shared() | set(stale) | old_hidden | per_venv)
     control.request(socket, "reset", paths=drop + _emptied_dirs(state.upper, drop))
     return result
+
+
+def _missing(site: Path, info_dir: str) -> bool:
+    """A file its RECORD names (bytecode aside: pip lists pycs it may not write) is absent."""
+    from installer.changes import parse_installed_record
+
+    try:
+        rows = parse_installed_record((site / info_dir / "RECORD").read_bytes(), str(site))
+    except OSError:
+        return True
+    return any(not path.startswith("../") and not path.endswith(".pyc")
+               and not os.path.lexists(site / path) for path, _, _ in rows)
 
 
 def _paths_of(store: Store, ids: list[str]) -> set[str]:

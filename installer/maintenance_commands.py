@@ -420,6 +420,10 @@ def _absorb_live(venv: Path, started: float) -> None:
     if done is None:
         click.echo(f"{venv}: nothing to absorb (no distribution installed by another tool)")
         return
+    if done.unfinished:  # the daemon tries again shortly (EX_TEMPFAIL)
+        click.echo(f"{venv}: still being written, absorbed later: {', '.join(done.unfinished)}")
+        if not done.manifests and not done.gone:
+            sys.exit(75)
     click.echo(f"absorbed into {venv}: {_plural(len(done.manifests), 'distribution')}, "
                f"{done.shared} files served from the store, {done.private} kept private "
                f"({time.perf_counter() - started:.2f}s)")
@@ -428,6 +432,8 @@ def _absorb_live(venv: Path, started: float) -> None:
             click.echo(f"  {m.name} {m.version}: {p} differs from its RECORD; kept private")
     for what in done.gone:
         click.echo(f"  {what}: removed by another tool")
+    if done.unfinished:
+        sys.exit(75)
 
 
 COMMANDS: list[click.Command] = [status_cmd, diff_cmd, reset_cmd, store_group, adopt_cmd]

@@ -135,7 +135,7 @@ def _dist_info_prefix(m: Dist) -> str:
     return f"{m.dist_info}/"
 
 
-def _bytecode(store: Store, manifests: Sequence[Dist], info: InterpreterInfo,
+def shared_bytecode_for(store: Store, manifests: Sequence[Dist], info: InterpreterInfo,
               python: Path, venv: Path | None = None) -> list[str]:
     """Shared pyc manifests for these distributions; compiled once per interpreter.
 
@@ -237,7 +237,7 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
             summary.installed.append((m.name, m.version))
         state.dists = [m.id for m in wanted.values()]
         if compile_bytecode:
-            state.bytecode = _bytecode(store, list(wanted.values()), info, python,
+            state.bytecode = shared_bytecode_for(store, list(wanted.values()), info, python,
                                        state.venv)
         else:
             state.bytecode = [b for b in state.bytecode if b.rpartition(".")[0] in state.dists]
