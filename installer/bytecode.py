@@ -13,6 +13,7 @@ in the lower layer after the distribution it belongs to.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -82,8 +83,11 @@ def ensure_bytecode(store: Store, dist: Dist, info: InterpreterInfo,
         return None  # a read-only store: bytecode is an optimisation, never fail over it
     try:
         job = {"mtime": manifest.mtime_ns // 10**9, "out": str(out), "files": sources}
+        # COWFS_NO_AUTOMOUNT: compiling must not mount the venv whose python this is (its
+        # automount hook would, when a test or the user has just unmounted it).
         proc = subprocess.run([str(python), "-I", "-c", _COMPILER], input=json.dumps(job),
-                              capture_output=True, text=True)
+                              capture_output=True, text=True,
+                              env={**os.environ, "COWFS_NO_AUTOMOUNT": "1"})
         if proc.returncode != 0:
             return None  # bytecode is an optimisation: never fail an install over it
         answer = json.loads(proc.stdout)

@@ -324,6 +324,7 @@ def _run_query(executable: str, timeout: float) -> Any:
         raise CowfsError(f"{fail}: is a directory")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.pop("__PYVENV_LAUNCHER__", None)
+    env["COWFS_NO_AUTOMOUNT"] = "1"  # a query must not mount the venv it asks about
     host_packaging = os.path.dirname(os.path.abspath(packaging.__file__))
     import tempfile  # cold path only
 
