@@ -46,9 +46,13 @@ UDDER, EDITED = "||----w |", "||----ww|"  # its cow's udder line, and an edit of
 
 @pytest.fixture(autouse=True)
 def isolated_cowfs(tmp_path_factory: pytest.TempPathFactory,
-                   monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own store and runtime dir (sockets, mount registry)."""
+                   monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Path:
+    """Every test gets its own store and runtime dir (sockets, mount registry). Shared
+    bytecode is compiled inline, so the store a test inspects after `cowfs install` is
+    settled; tests marked background_bytecode get the default detached job."""
     base = tmp_path_factory.mktemp("cowfs-home")
+    if request.node.get_closest_marker("background_bytecode") is None:
+        monkeypatch.setenv("COWFS_BYTECODE", "inline")
     monkeypatch.setenv("COWFS_HOME", str(base / "store"))
     run = Path("/tmp") / f"cowfs-rt-{os.getpid()}-{base.name}"  # short: sun_path limit
     run.mkdir(exist_ok=True)

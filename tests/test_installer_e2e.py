@@ -15,6 +15,7 @@ import pytest
 
 from cowfs import control
 from cowfs import mount as mounting
+from cowfs.manifest import read_manifest
 from cowfs.spec import VenvState
 from cowfs.store import Store, digest_bytes
 from installer import bytecode_bg
@@ -129,6 +130,7 @@ def test_bad_input_gives_one_line(tmp_path: Path, wheels: Path) -> None:
     assert usage.returncode == 1 and "unknown mount option" in usage.stderr
 
 
+@pytest.mark.background_bytecode
 def test_shared_bytecode_and_private_recompile(venvs: Callable[[str], Path],
                                                wheels: Path) -> None:
     a, b = venvs("A"), venvs("B")
@@ -153,3 +155,25 @@ def test_shared_bytecode_and_private_recompile(venvs: Callable[[str], Path],
     assert (upper / pyc).exists(), "the edited module is recompiled privately"
     assert f"{pyc} matches" in imports(b)  # B still uses the shared pyc
     assert not list((b / ".cowfs" / "upper").rglob("*"))
+
+
+@pytest.mark.background_bytecode
+def test_store_commands_while_the_bytecode_job_runs(venvs: Callable[[str], Path],
+                                                    wheels: Path) -> None:
+    """verify and gc right after `cowfs install` returns, while its detached bytecode job
+    compiles: verify finds nothing wrong, gc takes nothing the job publishes, and the venv
+    ends up with its shared bytecode."""
+    a = venvs("A")
+    cowfs("install", "--venv", str(a), PKG, "--no-index", "--find-links", str(wheels))
+    verify = cowfs("store", "verify", check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    cowfs("store", "gc")
+    assert bytecode_bg.wait(a, 120)
+    (bytecode,) = VenvState.load(a).bytecode
+    store = Store()
+    assert all(store.has(f.digest) for f in read_manifest(store, bytecode).files)
+    verify = cowfs("store", "verify", check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    pyc = f"pycowsay/__pycache__/main.cpython-{sys.version_info[0]}{sys.version_info[1]}.pyc"
+    assert (site(a) / pyc).exists()
+    assert cow(a) == UDDER
