@@ -203,6 +203,7 @@ def _attempt(store: Store, rep: VerifyReport, digests: list[str], action: Callab
     skip = False
     try:
         action()
+        store.sync_objects()  # durable before the copies set aside are deleted
         failure = ""
     except _NotApplicable:
         skip, failure = True, "not applicable"

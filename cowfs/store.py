@@ -10,21 +10,31 @@ Layout under the store root (see README):
     tmp/                 staging for atomic renames, on the same filesystem
     lock                 flock: shared by writers, exclusive for gc
 
-Every write is tmp + fsync + rename (or link), so a crash leaves at most garbage in tmp/.
+Documents are tmp + fsync + rename. An object is written nameless (O_TMPFILE in its fan-out
+directory; a tmp/ file where the filesystem has none) and linked under its name once
+complete, so no name ever shows a partial object. Objects are not fsynced one by one (one
+fsync of a new file costs as much as writing it here): `sync_objects()`, which everything that
+references objects calls first (manifests, venv states), makes all new objects of the store
+durable with one syncfs(2), as OSTree does per transaction. A crash before it may leave a
+name whose data never reached the disk; the next write of that content finds the object
+does not hash to its name and replaces it.
 xxhash is not collision resistant: an existing object with the same name is compared byte
-for byte before it is trusted, and a mismatch is an error, never a silent dedup.
+for byte before it is trusted, and a mismatch with an intact object is an error, never a
+silent dedup.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,6 +45,13 @@ from cowfs.errors import CollisionError, StoreError
 CHUNK = 1 << 20
 OBJECT_MODE = 0o444
 DIGEST_LEN = 32  # xxh3-128 hex
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+_libc = ctypes.CDLL(None, use_errno=True)
+# Store roots with objects written but not yet synced (process-wide: any Store instance of a
+# root must sync what another instance wrote before a document references it).
+_unsynced: set[Path] = set()
+_sync_lock = threading.Lock()
 
 
 def default_root() -> Path:
@@ -81,6 +98,36 @@ def fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def syncfs(path: Path | str) -> None:
+    """Flush everything of the filesystem holding path (data, inodes, directory entries)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+def _link_fd(fd: int, target: Path) -> None:
+    """Give an O_TMPFILE file its name (linkat through /proc, which needs no capability)."""
+    if _libc.linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD,
+                    os.fsencode(target), _AT_SYMLINK_FOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(target))
+
+
+def _digest_of(path: Path) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return digest_fd(fd)[0]
     finally:
         os.close(fd)
 
@@ -140,7 +187,7 @@ class Store:
         self.roots = self.root / "roots"
         self.tmp = self.root / "tmp"
         self._made_fanout: set[str] = set()
-        self._dirty_fanouts: set[Path] = set()
+        self._tmpfile = True  # O_TMPFILE works here, until the filesystem says otherwise
 
     # -- layout -------------------------------------------------------------------------
 
@@ -210,7 +257,11 @@ class Store:
     def _fanout(self, digest: str) -> Path:
         d = self.objects / digest[:2]
         if digest[:2] not in self._made_fanout:
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # every new object starts here
+                raise StoreError(f"store {self.root} is not writable: {exc.strerror}") \
+                    from None
             self._made_fanout.add(digest[:2])
         return d
 
@@ -224,20 +275,16 @@ class Store:
             raise CollisionError(f"data does not hash to the digest it was given ({digest!r})")
         digest = actual
         final = self.object_path(digest)
-        if final.exists():
-            if not _same_content(final, data):
-                raise CollisionError(f"digest collision or corrupt object {digest}")
+        if final.exists() and self._existing_is_same(final, digest,
+                                                      lambda: _same_content(final, data)):
             return digest
-        fd, tmp = self.temp_file()
-        try:
+
+        def fill(fd: int) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fchmod(fd, OBJECT_MODE)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._publish(tmp, final, digest)
+
+        self._add_object(digest, fill)
         return digest
 
     def put_file(self, path: Path | str) -> tuple[str, int]:
@@ -245,38 +292,87 @@ class Store:
         with open(path, "rb") as src:
             digest, size = digest_fd(src.fileno())
             final = self.object_path(digest)
-            if final.exists():
-                if not _same_file_content(final, Path(path)):
-                    raise CollisionError(f"digest collision or corrupt object {digest}")
+            if final.exists() and self._existing_is_same(
+                    final, digest, lambda: _same_file_content(final, Path(path))):
                 return digest, size
-            src.seek(0)
-            fd, tmp = self.temp_file()
-            try:
+
+            def fill(fd: int) -> None:
+                src.seek(0)
                 _copy_fd(src.fileno(), fd, size)
-                os.fchmod(fd, OBJECT_MODE)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self._publish(tmp, final, digest)
+
+            self._add_object(digest, fill)
         return digest, size
 
-    def _publish(self, tmp: Path, final: Path, digest: str) -> None:
-        """Atomically move tmp to final; a concurrent writer of the same digest is fine."""
+    def _existing_is_same(self, final: Path, digest: str, same: Callable[[], bool]) -> bool:
+        """An object of that name exists: True if it holds these bytes; False if it is a
+        crash leftover (it does not hash to its name), to be replaced; else a collision."""
+        if same():
+            return True
+        if _digest_of(final) == digest:
+            raise CollisionError(f"digest collision or corrupt object {digest}")
+        return False
+
+    def _add_object(self, digest: str, fill: Callable[[int], None]) -> None:
+        """Write a new object nameless, then link it under its name (never replacing an
+        intact one); its durability is left to sync_objects()."""
         fanout = self._fanout(digest)
+        final = fanout / digest[2:]
+        fd, tmp = self._new_file(fanout)
         try:
-            os.link(tmp, final)  # fails if it exists: never replace a published object
-        except FileExistsError:
-            if not _same_file_content(final, tmp):
-                raise CollisionError(f"digest collision or corrupt object {digest}") from None
-        else:
-            self._dirty_fanouts.add(fanout)
+            fill(fd)
+            os.fchmod(fd, OBJECT_MODE)
+            with _sync_lock:
+                _unsynced.add(self.root)
+            source = tmp if tmp is not None else Path(f"/proc/self/fd/{fd}")
+            try:
+                if tmp is not None:
+                    os.link(tmp, final)  # fails if it exists: never replace a published object
+                else:
+                    _link_fd(fd, final)
+            except FileExistsError:
+                if not self._existing_is_same(final, digest,
+                                              lambda: _same_file_content(final, source)):
+                    self._replace_leftover(fd, tmp, final)
+            except OSError as exc:
+                if tmp is not None or exc.errno not in (errno.ENOENT, errno.EXDEV, errno.EPERM):
+                    raise
+                self._tmpfile = False  # no /proc here: name the object the classic way
+                self._add_object(digest, fill)
         finally:
-            tmp.unlink(missing_ok=True)
+            os.close(fd)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+    def _replace_leftover(self, fd: int, tmp: Path | None, final: Path) -> None:
+        """Swap a complete copy in for a crash leftover under the same name."""
+        side = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}")
+        side.unlink(missing_ok=True)
+        if tmp is not None:
+            os.link(tmp, side)
+        else:
+            _link_fd(fd, side)
+        os.replace(side, final)
+
+    def _new_file(self, fanout: Path) -> tuple[int, Path | None]:
+        """An anonymous file in the fan-out directory, else a named one in tmp/."""
+        if self._tmpfile:
+            try:
+                return os.open(fanout, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600), None
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL,
+                                     errno.ENOSYS):
+                    raise StoreError(f"store {self.root} is not writable: {exc.strerror}") \
+                        from None
+                self._tmpfile = False
+        return self.temp_file()
 
     def sync_objects(self) -> None:
-        """Make new object names durable; called before anything that references them."""
-        while self._dirty_fanouts:
-            fsync_dir(self._dirty_fanouts.pop())
+        """Make every object written so far durable (data and names: one syncfs of the
+        store's filesystem); called before anything that references them is written."""
+        with _sync_lock:  # held throughout: a caller returns only once its objects are safe
+            if self.root in _unsynced:
+                syncfs(self.objects)
+                _unsynced.discard(self.root)
 
     def open_object(self, digest: str) -> IO[bytes]:
         return open(self.object_path(digest), "rb")

@@ -111,6 +111,7 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
             bytecode += shared_bytecode_for(store, result.manifests, info, python,
                                             state.venv)
         state.bytecode = bytecode
+        store.sync_objects()  # the state names venv-local objects
         state.save()
         roots.record(store, state)
     socket = state.mount_spec().socket

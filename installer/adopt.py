@@ -168,12 +168,8 @@ def _build(venv: Path, site: Path, store: Store, staging: Path, info: Interprete
                                      venv_python(venv))
     (staging / MARKER).write_text(json.dumps({"site_packages": str(site)}))
     _fsync_tree(staging)
-    # Store.put_file fsyncs each object but not its fan-out directory entry; the originals
-    # are deleted after the swap, so make the new names durable first.
-    digests = {fe.digest for fe in state.extra}
-    digests.update(fe.digest for d in result.dists for fe in d.manifest.files)
-    for fan in sorted({d[:2] for d in digests}):
-        fsync_dir(store.objects / fan)
+    # The originals are deleted after the swap: the objects must be durable first.
+    store.sync_objects()
     fsync_dir(store.dists)
     return state, result
 

@@ -21,7 +21,7 @@ from packaging.utils import canonicalize_name
 
 from cowfs import control, roots
 from cowfs import mount as mounting
-from cowfs.errors import CowfsError, StoreError
+from cowfs.errors import CowfsError
 from cowfs.layer import ensure_layer, read_head
 from cowfs.manifest import Dist, FileEntry
 from cowfs.spec import VenvState
@@ -29,12 +29,13 @@ from cowfs.store import Store
 from installer import plan_cache
 from installer.bytecode import bytecode_if_compiled, ensure_bytecode
 from installer.fetch import fetch
+from installer.ingest import Ingestor
 from installer.interpreters import InterpreterInfo
 from installer.locks import pins_from_local_wheels
 from installer.resolve import Pin, choose_resolver, local_path, resolve
 from installer.scripts import VenvFiles, install_venv_files, remove_venv_files
 from installer.venv import ensure_mounted
-from installer.wheel import ingest_wheel, ingested_manifest, venv_extra_files
+from installer.wheel import venv_extra_files
 
 
 @dataclass
@@ -101,34 +102,6 @@ def plan(request: Request, info: InterpreterInfo, store: Store, python: Path) ->
                    offline=request.offline, index_url=request.index_url,
                    extra_index_urls=request.extra_index_urls, quiet=request.quiet,
                    resolver=kind, supported_tags=info.tags, markers=info.markers), kind
-
-
-def _ingest_all(store: Store, pins: Sequence[Pin], paths: dict[str, Path],
-                info: InterpreterInfo) -> dict[str, Dist]:
-    """Warm wheels are a lookup each; the rest are ingested in parallel (unzip and hashing
-    release the GIL). No thread pool when all are warm: threads only add overhead then."""
-    known = {p.name: ingested_manifest(store, paths[p.name], supported_tags=info.tags)
-             for p in pins}
-    cold = [p for p in pins if known[p.name] is None]
-    if cold:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-            futures = {p: pool.submit(ingest_wheel, store, paths[p.name],
-                                      supported_tags=info.tags) for p in cold}
-            lacking = []
-            for pin, future in futures.items():
-                try:
-                    known[pin.name] = future.result()
-                except StoreError:
-                    if store.writable():
-                        raise
-                    lacking.append(f"{pin.name}=={pin.version}")
-        if lacking:
-            raise CowfsError(f"the store {store.root} is read-only and does not hold "
-                             f"{', '.join(lacking)}: install that where the store is "
-                             "writable (a read-only store serves only what it holds)")
-    return {name: m for name, m in known.items() if m is not None}
 
 
 def _dist_info_prefix(m: Dist) -> str:
@@ -200,8 +173,10 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
             dest = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cowfs-")))
         else:
             dest = (store if store.exists() else store.ensure()).wheels
-        paths = fetch(pins, dest, progress=not quiet)
-        new = _ingest_all(store, pins, paths, info)
+        ingest = Ingestor(store, info)
+        stack.callback(ingest.close)
+        fetch(pins, dest, progress=not quiet, on_ready=ingest.submit)
+        new = ingest.results(pins)
     current = {canonicalize_name(m.name): m for m in (read_head(store, d)
                                                         for d in state.dists)}
     # exact: only the pins stay, and those named in keep (a uv project's own editable).
@@ -245,6 +220,7 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
         state.requested = sorted(requested)
         for ident in [*state.bytecode, *state.dists]:
             ensure_layer(store, ident)  # what the daemon loads (else it reads the manifest)
+        store.sync_objects()  # the state names venv-local objects (RECORD, INSTALLER...)
         files.write(VenvState.path_for(state.venv), [state.encode()], 0o644)
         files.commit()
         roots.record(store, state)  # still under the store lock: gc sees what it names

@@ -11,6 +11,7 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -196,15 +197,22 @@ def test_a_digest_cannot_substitute_content(tmp_path: Path) -> None:
         with pytest.raises(StoreError):
             store.put_bytes(b"x", digest=bad or "not-a-digest")
     assert not (tmp_path / "escape").exists()
-    # An object corrupted on disk is never trusted as the copy of good content.
+    # An object corrupted on disk (or a crash leftover: a name whose data never reached the
+    # disk) is never trusted as the copy of good content: the next write of that content
+    # replaces it, as a new inode (whoever holds the old one open keeps it).
+    for corrupt in (b"print('evil')\n", b""):
+        old_ino = path.stat().st_ino
+        os.chmod(path, 0o644)
+        path.write_bytes(corrupt)
+        assert store.put_bytes(good) == digest
+        assert path.read_bytes() == good and stat.S_IMODE(path.stat().st_mode) == 0o444
+        assert path.stat().st_ino != old_ino
     os.chmod(path, 0o644)
-    path.write_bytes(b"print('evil')\n")
-    with pytest.raises(CollisionError):
-        store.put_bytes(good)
+    path.write_bytes(b"")
     src = tmp_path / "good.py"
     src.write_bytes(good)
-    with pytest.raises(CollisionError):
-        store.put_file(src)
+    assert store.put_file(src) == (digest, len(good)) and path.read_bytes() == good
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no side files left
     assert not list(store.tmp.iterdir())
 
 
