@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cowfs import __version__
@@ -62,11 +62,12 @@ def _size(n: float) -> str:
 
 
 class _Progress:
-    """A redrawn one-line bar on a terminal, else one line per finished download."""
+    """A redrawn one-line bar on a terminal; nothing where stderr is not one (CI logs and
+    scripts get errors only, as with uv)."""
 
     def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled = enabled and total > 0
         self.tty = sys.stderr.isatty()
+        self.enabled = enabled and total > 0 and self.tty
         self.total = total
         self.done = 0
         self.bytes = 0
@@ -86,7 +87,7 @@ class _Progress:
         with self.lock:
             self.bytes += n
             now = time.monotonic()
-            if self.tty and now - self.last_draw > 0.1:
+            if now - self.last_draw > 0.1:
                 self.last_draw = now
                 self._draw()
 
@@ -95,13 +96,10 @@ class _Progress:
             return
         with self.lock:
             self.done += 1
-            if self.tty:
-                self._draw()
-            else:
-                print(f"cowfs: downloaded {filename} ({_size(size)})", file=sys.stderr)
+            self._draw()
 
     def close(self) -> None:
-        if self.enabled and self.tty and self.done:
+        if self.enabled and self.done:
             self._draw()
             sys.stderr.write("\n")
             sys.stderr.flush()
@@ -232,8 +230,20 @@ def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
         raise CowfsError(f"{pin.filename}: {exc.strerror or exc}{where}") from None
 
 
+OnReady = Callable[[Pin, Path], None]
+
+
+def _obtain_and_hand_over(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
+                          timeout: float, on_ready: OnReady | None) -> Path:
+    path = _obtain(pin, dest, abort, meter, timeout)
+    if on_ready is not None and not abort.is_set():
+        on_ready(pin, path)
+    return path
+
+
 async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
-                      progress: bool = True, timeout: float = TIMEOUT) -> dict[str, Path]:
+                      progress: bool = True, timeout: float = TIMEOUT,
+                      on_ready: OnReady | None = None) -> dict[str, Path]:
     """`fetch` for callers already inside trio."""
     import trio
 
@@ -253,7 +263,8 @@ async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
     async def one(pin: Pin) -> None:
         try:
             result[pin.name] = await trio.to_thread.run_sync(
-                _obtain, pin, dest, abort, meter, timeout, limiter=limiter)
+                _obtain_and_hand_over, pin, dest, abort, meter, timeout, on_ready,
+                limiter=limiter)
         except CowfsError as exc:
             errors.append(exc)
             abort.set()
@@ -274,22 +285,24 @@ async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
 
 
 def fetch(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8, progress: bool = True,
-          timeout: float = TIMEOUT) -> dict[str, Path]:
+          timeout: float = TIMEOUT, on_ready: OnReady | None = None) -> dict[str, Path]:
     """Local wheel paths by pin name: remote wheels downloaded into dest, local ones in place.
 
     Downloads run max_parallel at a time; sha256 is checked whenever the pin has one (from
     `sha256` or a lock's `hashes`). Progress goes to stderr unless progress=False. Any
     failure (HTTP error, refused connection, hash mismatch) is one CowfsError naming the
-    wheel, and leaves no partial file behind.
+    wheel, and leaves no partial file behind. on_ready(pin, path) is called (in a worker
+    thread) as soon as each wheel is there and checked, so it can be ingested meanwhile.
     """
     if all(local_path(p.url) is not None and not _expected(p) for p in pins):
         # Nothing to download or hash (the warm path): no event loop, no threads.
-        return {p.name: _obtain(p, Path(dest), threading.Event(), _Progress(False, 0),
-                                timeout) for p in pins}
+        return {p.name: _obtain_and_hand_over(p, Path(dest), threading.Event(),
+                                              _Progress(False, 0), timeout, on_ready)
+                for p in pins}
     import trio  # only when there is real work: importing it costs ~50 ms
 
     return trio.run(functools.partial(fetch_async, pins, dest, max_parallel=max_parallel,
-                                      progress=progress, timeout=timeout))
+                                      progress=progress, timeout=timeout, on_ready=on_ready))
 
 
 __all__ = ["fetch", "fetch_async"]

@@ -165,8 +165,31 @@ def test_parallel_downloads_are_bounded_and_atomic(server: Server, tmp_path: Pat
         assert got[p.name].stat().st_mode & 0o777 == 0o644
     assert 2 <= server.max_active <= 3
     assert leftovers(dest) == []
-    err = capsys.readouterr().err  # not a tty: one line per downloaded wheel
-    assert err.count("cowfs: downloaded ") == 8 and "w7-1.0-py3-none-any.whl" in err
+    assert capsys.readouterr().err == ""  # not a terminal: quiet
+
+
+def test_each_wheel_is_handed_over_as_soon_as_it_is_there(server: Server,
+                                                           tmp_path: Path) -> None:
+    """on_ready runs per wheel when it is complete and checked, while others still download
+    (the installer ingests meanwhile); never for a wheel that failed."""
+    slow = server.add("slow", b"s" * 200_000)
+    server.trickle.add(slow.filename)  # ~2 s
+    quick = [server.add(f"q{i}", bytes([i]) * 1000) for i in range(3)]
+    bad = pin("bad", f"{server.url}/{wheel_name('bad')}")
+    ready: dict[str, float] = {}
+    start = time.monotonic()
+
+    def on_ready(p: Pin, path: Path) -> None:
+        assert sha(path.read_bytes()) == p.sha256
+        ready[p.name] = time.monotonic() - start
+
+    got = fetch([slow, *quick], tmp_path / "w", on_ready=on_ready)
+    assert set(ready) == set(got) == {"slow", "q0", "q1", "q2"}
+    assert max(ready[q.name] for q in quick) < ready["slow"]
+    ready.clear()
+    with pytest.raises(CowfsError, match=r"bad-1\.0"):
+        fetch([bad, *quick], tmp_path / "w2", on_ready=on_ready)
+    assert "bad" not in ready
 
 
 def test_progress_bar_on_a_terminal(server: Server, tmp_path: Path,

@@ -1,0 +1,74 @@
+"""Ingest wheels into the store while the others are still downloading.
+
+`fetch` hands each wheel over the moment it is complete and hash-checked; a wheel the store
+knows already is a lookup, any other is unzipped, hashed and written by a worker thread
+(zlib, hashing and file creation release the GIL), so the network and the disk work at
+the same time. No threads at all when every wheel is warm: they would only add overhead.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from cowfs.errors import CowfsError, StoreError
+from cowfs.manifest import Dist
+from cowfs.store import Store
+from installer.interpreters import InterpreterInfo
+from installer.resolve import Pin
+from installer.wheel import ingest_wheel, ingested_manifest
+
+
+class Ingestor:
+    """Collects one manifest per pin; `submit` is safe to call from fetch's threads."""
+
+    def __init__(self, store: Store, info: InterpreterInfo) -> None:
+        self.store, self.tags = store, info.tags
+        self._known: dict[str, Dist] = {}
+        self._futures: dict[str, Future[Dist]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, pin: Pin, path: Path) -> None:
+        manifest = ingested_manifest(self.store, path, supported_tags=self.tags)
+        with self._lock:
+            if manifest is not None:
+                self._known[pin.name] = manifest
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                                thread_name_prefix="cowfs-ingest")
+            self._futures[pin.name] = self._pool.submit(ingest_wheel, self.store, path,
+                                                        supported_tags=self.tags)
+
+    def results(self, pins: Sequence[Pin]) -> dict[str, Dist]:
+        """Every pin's manifest, once all are ingested. A read-only store that lacks some
+        is one error naming them all."""
+        lacking = []
+        for pin in pins:
+            future = self._futures.get(pin.name)
+            if future is None:
+                continue
+            try:
+                self._known[pin.name] = future.result()
+            except StoreError:
+                if self.store.writable():
+                    raise
+                lacking.append(f"{pin.name}=={pin.version}")
+        if lacking:
+            raise CowfsError(f"the store {self.store.root} is read-only and does not hold "
+                             f"{', '.join(lacking)}: install that where the store is "
+                             "writable (a read-only store serves only what it holds)")
+        return {p.name: self._known[p.name] for p in pins if p.name in self._known}
+
+    def close(self) -> None:
+        """Wait for running ingests (a wheel is ingested whole or not at all) and drop
+        those not started: after a failed download nothing more is written."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+__all__ = ["Ingestor"]
