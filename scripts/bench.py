@@ -12,6 +12,7 @@ overlay peer and for dropping caches (read-all-cold).
     scripts/bench --scale [--torch]    # + 100k-file mount time / daemon RSS
     scripts/bench --profile            # + FUSE requests per operation (instrumented daemon)
     scripts/bench --docker [--quick]   # a ready venv in a new container, cowfs vs uv (Docker)
+    scripts/bench --figures install-cold  # empty caches, cowfs vs uv pip install (in full runs)
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from benchlib.peers import PEERS, make_peers
 
 SHARED_WORKLOAD = Path("/work/shared/bench/workload-ds.txt")
 BUNDLED_WORKLOAD = Path(__file__).resolve().parent / "benchlib" / "workload-ds.txt"
-ALL_FIGURES = (*F.FIGURES, *uvinto.FIGURES)
+COLD = "install-cold"  # a section of its own: peers are uv's modes, not native
+ALL_FIGURES = (*F.FIGURES, *uvinto.FIGURES, COLD)
 WARM_FIGURES = {"import-warm", "walk", "read-all", "read-all-cold", "daemon-rss", "mount-time"}
 
 
@@ -227,6 +229,12 @@ def measure(ctx: Ctx, args: argparse.Namespace, res: F.Results) -> dict[str, obj
         F.mount_time(ctx, res, peers, envs)
     if uvinto.FIGURE in figs:
         uvinto.run_figure(ctx, res)
+    if COLD in figs:
+        from benchlib import coldinstall
+
+        log("install-cold: empty caches each repetition, cowfs vs uv")
+        sections["install_cold"] = coldinstall.run(ctx.wheels, ctx.workload, ctx.python,
+                                                   ctx.uv, min(ctx.reps, 3))
     if args.profile and "cowfs" in peers:
         from benchlib import fuseprof
 
@@ -271,13 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         log(f"scratch {work}; {len(pins(ctx.workload))} pins; reps {ctx.reps}")
         res = F.Results()
         sections = measure(ctx, args, res)
-        figs = report.build_figures(res, args.figures)
+        figs = report.build_figures(res, [f for f in args.figures if f != COLD])
         uvinto.finish(figs)
         rows = report.verdicts(figs, sections.get("scale"))  # type: ignore[arg-type]
         rows += uvinto.verdicts(figs)
         doc = {"meta": meta(ctx, args, sections["skipped"]), "figures": figs,  # type: ignore[arg-type]
                "targets": rows, "trees": res.extra.get("tree"), "scale": sections.get("scale"),
-               "profile": sections.get("profile"), "docker": sections.get("docker")}
+               "profile": sections.get("profile"), "docker": sections.get("docker"),
+               "install_cold": sections.get("install_cold")}
         report.write_json(out_json, doc)
         shown = [p for p in args.peers if any(p in f["peers"] for f in figs.values())]
         if figs:
@@ -291,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
                 from benchlib import summary
 
                 print(summary.render(section, sections[section]))
+        if sections.get("install_cold"):
+            from benchlib import coldinstall
+
+            print(coldinstall.render(sections["install_cold"]))  # type: ignore[arg-type]
         if sections.get("docker"):
             from benchlib import dockerbench
 

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,7 +36,8 @@ ISOLATE = {"PIP_CONFIG_FILE": os.devnull}  # the local row sees only the local i
 
 
 def make_index(wheels: Path, out: Path) -> Path:
-    """out/simple/<project>/index.html linking to out/files/<wheel>#sha256=..."""
+    """out/simple/<project>/index.html linking to out/files/<wheel>#sha256=... (PEP 503),
+    with each wheel's METADATA as out/files/<wheel>.metadata (PEP 658)."""
     files = out / "files"
     files.mkdir(parents=True)
     projects: dict[str, list[str]] = {}
@@ -43,8 +45,17 @@ def make_index(wheels: Path, out: Path) -> Path:
         shutil.copy2(wheel, files / wheel.name)
         digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
         name = re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+        # PEP 658: the wheel's METADATA beside it, as PyPI serves it, so resolvers read
+        # metadata without fetching whole wheels (this server has no range requests).
+        with zipfile.ZipFile(wheel) as zf:
+            meta = next(n for n in zf.namelist()
+                        if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
+            metadata = zf.read(meta)
+        (files / f"{wheel.name}.metadata").write_bytes(metadata)
+        core = hashlib.sha256(metadata).hexdigest()
         projects.setdefault(name, []).append(
-            f'<a href="../../files/{html.escape(wheel.name)}#sha256={digest}">'
+            f'<a href="../../files/{html.escape(wheel.name)}#sha256={digest}" '
+            f'data-core-metadata="sha256={core}" data-dist-info-metadata="sha256={core}">'
             f"{html.escape(wheel.name)}</a><br>")
     for name, links in projects.items():
         d = out / "simple" / name
@@ -113,22 +124,56 @@ def one(kind: str, python: str, uv: str, args: list[str], extra: dict[str, str],
 
 
 def row(label: str, python: str, uv: str, args: list[str], extra: dict[str, str],
-        reps: int, parent: Path) -> None:
+        reps: int, parent: Path) -> dict[str, object]:
+    """Medians of each peer, interleaved (load changes hit every peer alike), and ratios."""
     results: dict[str, list[tuple[float, float]]] = {"uv": [], "uv-compile": [], "cowfs": []}
-    for _ in range(reps):  # interleaved: load changes hit every peer alike
+    for _ in range(reps):
         for kind in results:
             results[kind].append(one(kind, python, uv, args, extra, parent))
     med = {k: (statistics.median(a for a, _ in v), statistics.median(b for _, b in v))
            for k, v in results.items()}
     uv_t, uvc_t = med["uv"][0], med["uv-compile"][0]
     cow_ret, cow_done = med["cowfs"]
-    print(f"install-cold {label} (median of {reps}):")
-    print(f"  uv pip install                    {uv_t:6.2f} s")
-    print(f"  uv pip install --compile-bytecode {uvc_t:6.2f} s")
-    print(f"  cowfs install (returns)           {cow_ret:6.2f} s  {cow_ret / uv_t:.2f}x uv, "
-          f"{cow_ret / uvc_t:.2f}x uv --compile-bytecode")
-    print(f"  cowfs install + shared bytecode   {cow_done:6.2f} s  {cow_done / uvc_t:.2f}x "
-          "uv --compile-bytecode")
+    return {"label": label, "reps": reps, "uv_s": uv_t, "uv_compile_s": uvc_t,
+            "cowfs_s": cow_ret, "cowfs_bytecode_s": cow_done,
+            "ratio_vs_uv": cow_ret / uv_t, "ratio_vs_uv_compile": cow_ret / uvc_t,
+            "bytecode_ratio_vs_uv_compile": cow_done / uvc_t,
+            "runs": {k: [[round(a, 3), round(b, 3)] for a, b in v] for k, v in results.items()}}
+
+
+def render(rows: list[dict[str, object]]) -> str:
+    out = []
+    for r in rows:
+        out += [f"install-cold {r['label']} (median of {r['reps']}):",
+                f"  uv pip install                    {r['uv_s']:6.2f} s",
+                f"  uv pip install --compile-bytecode {r['uv_compile_s']:6.2f} s",
+                f"  cowfs install (returns)           {r['cowfs_s']:6.2f} s  "
+                f"{r['ratio_vs_uv']:.2f}x uv, {r['ratio_vs_uv_compile']:.2f}x uv "
+                "--compile-bytecode  (target <= 1.0x uv)",
+                f"  cowfs install + shared bytecode   {r['cowfs_bytecode_s']:6.2f} s  "
+                f"{r['bytecode_ratio_vs_uv_compile']:.2f}x uv --compile-bytecode"]
+    return "\n".join(out)
+
+
+def run(wheels: Path, workload: Path, python: str, uv: str, reps: int,
+        remote: bool = True) -> list[dict[str, object]]:
+    """The local-index row, and (remote) the flask set from the configured index."""
+    parent = Path(tempfile.mkdtemp(prefix="cowfs-cold-"))
+    server = None
+    rows = []
+    try:
+        server, url = serve(make_index(wheels, parent / "index"))
+        rows.append(row(f"reference workload ({len(list(wheels.glob('*.whl')))} wheels, "
+                        "local index)", python, uv, ["--index-url", url, "-r", str(workload)],
+                        ISOLATE, reps, parent))
+        if remote:
+            rows.append(row(f"{' '.join(FLASK_SET)} (configured index)", python, uv,
+                            FLASK_SET, {}, reps, parent))
+    finally:
+        if server is not None:
+            server.shutdown()
+        shutil.rmtree(parent, ignore_errors=True)
+    return rows
 
 
 def main() -> int:
@@ -147,20 +192,8 @@ def main() -> int:
     if not uv or not list(args.wheels.glob("*.whl")):
         print("needs uv and the workload's wheels (scripts/bench fetches them)", file=sys.stderr)
         return 1
-    parent = Path(tempfile.mkdtemp(prefix="cowfs-cold-"))
-    server = None
-    try:
-        server, url = serve(make_index(args.wheels, parent / "index"))
-        row(f"reference workload ({len(list(args.wheels.glob('*.whl')))} wheels, local index)",
-            args.python, uv, ["--index-url", url, "-r", str(args.workload)], ISOLATE,
-            args.reps, parent)
-        if not args.no_remote:
-            row(f"{' '.join(FLASK_SET)} (configured index)", args.python, uv, FLASK_SET, {},
-                args.reps, parent)
-    finally:
-        if server is not None:
-            server.shutdown()
-        shutil.rmtree(parent, ignore_errors=True)
+    print(render(run(args.wheels, args.workload, args.python, uv, args.reps,
+                     remote=not args.no_remote)))
     return 0
 
 
