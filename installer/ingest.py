@@ -9,9 +9,10 @@ the same time. No threads at all when every wheel is warm: they would only add o
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from cowfs.errors import CowfsError, StoreError
@@ -44,9 +45,11 @@ class Ingestor:
             self._futures[pin.name] = self._pool.submit(ingest_wheel, self.store, path,
                                                         supported_tags=self.tags)
 
-    def results(self, pins: Sequence[Pin]) -> dict[str, Dist]:
-        """Every pin's manifest, once all are ingested. A read-only store that lacks some
-        is one error naming them all."""
+    def results(self, pins: Sequence[Pin], progress: bool = True) -> dict[str, Dist]:
+        """Every pin's manifest, once all are ingested (a bar on a terminal while it waits).
+        A read-only store that lacks some is one error naming them all."""
+        if progress and sys.stderr.isatty():
+            self._show_progress()
         lacking = []
         for pin in pins:
             future = self._futures.get(pin.name)
@@ -63,6 +66,17 @@ class Ingestor:
                              f"{', '.join(lacking)}: install that where the store is "
                              "writable (a read-only store serves only what it holds)")
         return {p.name: self._known[p.name] for p in pins if p.name in self._known}
+
+    def _show_progress(self) -> None:
+        pending = [f for f in self._futures.values() if not f.done()]
+        total, done = len(self._futures), len(self._futures) - len(pending)
+        if not pending:
+            return
+        for _ in as_completed(pending):
+            done += 1
+            sys.stderr.write(f"\r\x1b[Kcowfs: ingesting {done}/{total} wheels into the store")
+            sys.stderr.flush()
+        sys.stderr.write("\n")
 
     def close(self) -> None:
         """Wait for running ingests (a wheel is ingested whole or not at all) and drop

@@ -176,7 +176,7 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
         ingest = Ingestor(store, info)
         stack.callback(ingest.close)
         fetch(pins, dest, progress=not quiet, on_ready=ingest.submit)
-        new = ingest.results(pins)
+        new = ingest.results(pins, progress=not quiet)
     current = {canonicalize_name(m.name): m for m in (read_head(store, d)
                                                         for d in state.dists)}
     # exact: only the pins stay, and those named in keep (a uv project's own editable).
