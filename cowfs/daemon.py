@@ -28,6 +28,7 @@ import trio
 from cowfs import roots, teardown
 from cowfs.errors import CowfsError
 from cowfs.ops import CowfsOperations
+from cowfs.selfexec import python_module
 from cowfs.spec import MountSpec, VenvState
 from cowfs.store import Store
 from cowfs.super import Invalidation, build_lower, build_overlay, swap_lower
@@ -209,12 +210,15 @@ class Daemon:
             if self.ops.teardown is not None and await self.ops.venv_deleted(get_out=False):
                 return
             proc = await trio.run_process(
-                [sys.executable, "-m", "cowfs", "adopt", str(self.spec.venv)],
+                python_module("cowfs", "adopt", str(self.spec.venv)),
                 capture_stdout=True, capture_stderr=True, check=False,
                 env={**os.environ, "COWFS_NO_AUTOMOUNT": "1"})
             out = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+            lines = out.splitlines() or [""]
+            # A traceback's cause is its last line; a report's gist is its first.
+            said = lines[0] if lines[-1] == lines[0] else f"{lines[0]} ... {lines[-1]}"
             log.log(logging.WARNING if proc.returncode not in (0, ABSORB_LATER) else logging.INFO,
-                    "absorb (exit %d): %s", proc.returncode, out.splitlines()[0] if out else "")
+                    "absorb (exit %d): %s", proc.returncode, said)
             if proc.returncode == ABSORB_LATER and retries < ABSORB_RETRIES:
                 retries += 1  # some distribution is still being written: again when quiet
                 self._dists_changed.set()

@@ -12,13 +12,13 @@ import os
 import select
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cowfs import control, mount_errors
 from cowfs.errors import CowfsError
+from cowfs.selfexec import python_module
 from cowfs.spec import MountSpec
 
 FSTYPE = "fuse.cowfs"
@@ -152,11 +152,10 @@ def mount(spec: MountSpec, foreground: bool = False) -> str:
     Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
     # An isolated caller (the automount hook runs `python -I -m cowfs`) gets an isolated
     # daemon: PYTHONPATH must not choose the code that serves the mount.
-    isolated = ["-I"] if sys.flags.isolated else []
     with open(spec.log, "ab") as logf:
         log_start = logf.tell()  # the log is appended to: read only this attempt's lines
         proc = subprocess.Popen(
-            [sys.executable, *isolated, "-m", "cowfs.daemon", str(spec_file), str(write_fd)],
+            python_module("cowfs.daemon", str(spec_file), str(write_fd)),
             pass_fds=[write_fd], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
             start_new_session=True, cwd="/")
     os.close(write_fd)

@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cowfs.selfexec import python_module
 from cowfs.spec import VenvState
 
 LOCK_NAME = "bytecode.lock"
@@ -57,7 +58,7 @@ def schedule(venv: Path, store_root: Path, python: Path, dist_ids: Sequence[str]
             root = str(Path(__file__).resolve().parents[1])
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 [root, *filter(None, [os.environ.get("PYTHONPATH")])]))
-            subprocess.Popen([sys.executable, "-m", "installer.bytecode_bg", job],
+            subprocess.Popen(python_module("installer.bytecode_bg", job),
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                              start_new_session=True, env=env, pass_fds=(fd,), cwd="/")
         finally:
