@@ -12,7 +12,7 @@ overlay peer and for dropping caches (read-all-cold).
     scripts/bench --scale [--torch]    # + 100k-file mount time / daemon RSS
     scripts/bench --profile            # + FUSE requests per operation (instrumented daemon)
     scripts/bench --docker [--quick]   # a ready venv in a new container, cowfs vs uv (Docker)
-    scripts/bench --figures install-cold  # empty caches, cowfs vs uv pip install (in full runs)
+    scripts/bench --figures install-cold [--cold-remote]  # empty caches, vs uv pip install
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="scale run: also a venv with the PyTorch CPU wheel (path or auto)")
     p.add_argument("--profile", action="store_true",
                    help="also count FUSE requests per operation with an instrumented daemon")
+    p.add_argument("--cold-remote", action="store_true",
+                   help="install-cold also installs the flask set from the configured index "
+                   "(network)")
     p.add_argument("--docker", action="store_true",
                    help="the container figure: a ready venv of the workload in a new container, "
                    "store / uv cache warm on volumes (alone unless --figures names others)")
@@ -234,7 +237,8 @@ def measure(ctx: Ctx, args: argparse.Namespace, res: F.Results) -> dict[str, obj
 
         log("install-cold: empty caches each repetition, cowfs vs uv")
         sections["install_cold"] = coldinstall.run(ctx.wheels, ctx.workload, ctx.python,
-                                                   ctx.uv, min(ctx.reps, 3))
+                                                   ctx.uv, min(ctx.reps, 3),
+                                                   remote=args.cold_remote)
     if args.profile and "cowfs" in peers:
         from benchlib import fuseprof
 

@@ -78,6 +78,9 @@ def test_bench_produces_every_figure_with_positive_ratios(tmp_path: Path) -> Non
     assert figures["install-warm"]["ratio_vs_uv_copy"]["cowfs"] > 0
     assert figures["import-first"]["ratio_vs_native_warm"]["cowfs"] > 0
     assert {r["figure"] for r in doc["targets"]} >= {"install-warm", "import-warm", "walk"}
+    (cold,) = doc["install_cold"]  # the local-index row only: no network without --cold-remote
+    assert "local index" in cold["label"] and "install-cold" in proc.stdout
+    assert all(cold[k] > 0 for k in ("uv_s", "uv_compile_s", "cowfs_s", "ratio_vs_uv"))
     # Everything it mounted is gone, and so is its scratch directory.
     assert not _mounts_under(work)
     assert not any(work.iterdir())
