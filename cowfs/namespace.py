@@ -179,7 +179,7 @@ def _remove(ov: Overlay, parent: Node, name: str, want_dir: bool) -> None:
     elif node.upper:
         if is_dir:
             ov.upper.clear_markers(path)  # nothing below to hide: only leftovers
-        (os.rmdir if is_dir else os.unlink)(ov.upper.path(path))
+        ov.upper.remove(path, is_dir)
     elif needs_whiteout:
         ov.copy_up(parent)
         ov.upper.make_whiteout(path)
