@@ -94,11 +94,15 @@ def test_copy_up_whiteout_and_dir_rename_deeper_than_path_max(deep_lower: Path,
         assert os.getxattr(f"/proc/self/fd/{fd}/f.txt", "user.origin") == b"lower"
         os.unlink("gone.txt", dir_fd=fd)  # whiteout
         os.rename("moveme", "moved", src_dir_fd=fd, dst_dir_fd=fd)  # dir with lower content
+        os.mkdir("moveme", dir_fd=fd)  # the old name again: a new, empty directory
+        write(fd, "moveme/z", b"z\n")
+        assert names(fd, "moveme") == ["z"]
+        assert names(fd, "moved") == ["a.txt", "sub"]
         os.unlink("moved/sub/b.txt", dir_fd=fd)
         os.rmdir("moved/sub", dir_fd=fd)  # a merged-empty dir replaced by a whiteout
         os.mkdir("new", dir_fd=fd)
         write(fd, "new/n.txt", b"n\n")
-        assert sorted(os.listdir(fd)) == ["f.txt", "link", "moved", "new"]
+        assert sorted(os.listdir(fd)) == ["f.txt", "link", "moved", "moveme", "new"]
         assert names(fd, "moved") == ["a.txt"]
     # Up to the mount's root and back: handles kept for the old place must not be used.
     with down(m.mnt) as fd, down(m.mnt, 0) as top:
@@ -114,7 +118,7 @@ def test_copy_up_whiteout_and_dir_rename_deeper_than_path_max(deep_lower: Path,
     force_unmount(str(m.mnt))
     assert mounting.mount(m.spec) == "mounted"  # what is on disk shows the same view
     with down(m.mnt) as fd:
-        assert sorted(os.listdir(fd)) == ["f.txt", "link", "moved", "new"]
+        assert sorted(os.listdir(fd)) == ["f.txt", "link", "moved", "moveme", "new"]
         assert read(fd, "f.txt") == b"lower data\nmore\n"
         assert read(fd, "moved/a.txt") == b"a\n"
         assert read(fd, "new/n.txt") == b"n\n"
