@@ -6,6 +6,7 @@ longer than a component), so any ENAMETOOLONG would be the daemon's.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import force_unmount
+from conftest import cowfs, force_unmount, install, site
 from posix_deep import snapshot
 
 from cowfs import dirfd
@@ -148,3 +149,24 @@ def test_dirfd_keeps_few_handles_and_forgets_moved_dirs(tmp_path: Path) -> None:
     with open(dirfd.short(f"{deep}/d2/g"), "rb") as f:
         assert f.read() == b"g"
     dirfd.clear()
+
+
+def test_status_diff_reset_of_a_tree_deeper_than_path_max(venvs: Any, wheels: Path) -> None:
+    a = venvs("A")
+    install(a, wheels)
+    with down(site(a), create=True) as fd:
+        write(fd, "f.txt", b"deep\n")
+        write(fd, "g.txt", b"g\n")
+    deep = "/".join([SEG] * DEPTH)
+    got = {c["path"]: c["kind"] for g in json.loads(cowfs(
+        "status", "--venv", str(a), "--json").stdout)["groups"] for c in g["changes"]}
+    assert got == {f"{deep}/f.txt": "added", f"{deep}/g.txt": "added"}
+    diff = cowfs("diff", "--venv", str(a)).stdout.splitlines()
+    assert f"+++ b/{deep}/f.txt" in diff and "+deep" in diff
+    assert "reset 1 change" in cowfs("reset", "--venv", str(a), f"{deep}/g.txt", "-y").stdout
+    with down(site(a)) as fd:
+        assert sorted(os.listdir(fd)) == ["f.txt"]
+    out = cowfs("reset", "--venv", str(a), SEG, "-y").stdout
+    assert "reset 1 change" in out
+    assert not os.path.lexists(site(a) / SEG)
+    assert "no private changes" in cowfs("status", "--venv", str(a)).stdout
