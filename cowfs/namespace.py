@@ -147,10 +147,12 @@ def link(ov: Overlay, node: Node, parent: Node, name: str) -> Node:
     if node.children is not None:
         raise oserror(errno.EPERM)
     ov.copy_up(node)
-    source = ov.upper.path(ov.path(node))
 
-    _place(ov, parent, name, lambda target, _: os.link(source, target))
-    st = os.lstat(source)
+    def source() -> str:  # named when used: copying up parent may walk many directories
+        return ov.upper.path(ov.path(node))
+
+    _place(ov, parent, name, lambda target, _: os.link(source(), target))
+    st = os.lstat(source())
     ov.table.by_upper_id[(st.st_dev, st.st_ino)] = node
     ov.table.add_link(node, parent, name)
     return node
