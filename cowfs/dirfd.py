@@ -79,19 +79,27 @@ def _retire(fd: int) -> None:
         os.close(_retired.popleft())
 
 
+def _alive(fd: int) -> bool:
+    """Is the directory still linked? (A FUSE upper may answer a removed one with an error.)"""
+    try:
+        return os.fstat(fd).st_nlink > 0
+    except OSError:
+        return False
+
+
 def _dir_fd(path: bytes) -> int:
     """An O_PATH handle of the directory at the absolute path (cached); under _lock."""
     fd = _cache.get(path)
     if fd is not None:
-        if os.fstat(fd).st_nlink:
+        if _alive(fd):
             _cache.move_to_end(path)
             return fd
         _retire(_cache.pop(path))  # removed behind our back: walk again
     # The nearest ancestor that is cached or short enough to open by name.
-    base, base_fd, owned = path, None, False
+    base, base_fd, owned = path, -1, False
     while True:
         fd = _cache.get(base)
-        if fd is not None and os.fstat(fd).st_nlink:
+        if fd is not None and _alive(fd):
             base_fd = fd
             break
         if len(base) < LONG or base == b"/":
