@@ -46,13 +46,15 @@ def is_long(path: str) -> bool:
 
 
 def short(path: str) -> str:
-    """A name of the absolute path the kernel accepts (see the module docstring)."""
+    """A name of the absolute path the kernel accepts (see the module docstring). It never
+    fails itself: where the walk stops (a missing or non-directory component), the name
+    leads the caller's own syscall to fail there, with the errno the full path would give."""
     if not is_long(path):
         return path
     parent, _, name = os.fsencode(path).rpartition(b"/")
     with _lock:
-        fd = _dir_fd(parent or b"/")
-    return f"/proc/self/fd/{fd}/{os.fsdecode(name)}"
+        prefix = _parent(parent or b"/")
+    return os.fsdecode(b"%s/%s" % (prefix, name))
 
 
 def forget(path: str) -> None:
@@ -75,6 +77,10 @@ def clear() -> None:
 
 def _retire(fd: int) -> None:
     _retired.append(fd)
+    _retire_overflow()
+
+
+def _retire_overflow() -> None:
     while len(_retired) > RETIRED_MAX:
         os.close(_retired.popleft())
 
@@ -87,42 +93,56 @@ def _alive(fd: int) -> bool:
         return False
 
 
-def _dir_fd(path: bytes) -> int:
-    """An O_PATH handle of the directory at the absolute path (cached); under _lock."""
+def _cached(path: bytes) -> int | None:
     fd = _cache.get(path)
-    if fd is not None:
-        if _alive(fd):
-            _cache.move_to_end(path)
-            return fd
-        _retire(_cache.pop(path))  # removed behind our back: walk again
-    # The nearest ancestor that is cached or short enough to open by name.
-    base, base_fd, owned = path, -1, False
-    while True:
-        fd = _cache.get(base)
-        if fd is not None and _alive(fd):
-            base_fd = fd
-            break
-        if len(base) < LONG or base == b"/":
-            base_fd, owned = os.open(base, _DIR), True
-            break
-        base = base.rpartition(b"/")[0] or b"/"
-    try:
-        rest = path[len(base):].lstrip(b"/")
-        while rest:
-            chunk = rest[:CHUNK]
-            if len(rest) > CHUNK:
-                chunk = chunk.rpartition(b"/")[0] or rest.partition(b"/")[0]
-            nxt = os.open(chunk, _DIR, dir_fd=base_fd)
-            if owned:
-                os.close(base_fd)
-            base_fd, owned = nxt, True
-            rest = rest[len(chunk):].lstrip(b"/")
-    except BaseException:
-        if owned:
-            os.close(base_fd)
-        raise
-    assert owned  # (path itself is not in the cache)
-    _cache[path] = base_fd
+    if fd is None:
+        return None
+    if _alive(fd):
+        _cache.move_to_end(path)
+        return fd
+    _retire(_cache.pop(path))  # removed behind our back: walk again
+    return None
+
+
+def _keep(path: bytes, fd: int) -> None:
+    _cache[path] = fd
     while len(_cache) > CACHE_MAX:
         _retire(_cache.popitem(last=False)[1])
-    return base_fd
+
+
+def _parent(path: bytes) -> bytes:
+    """/proc/self/fd/N for the directory at the absolute path, N a cached O_PATH handle;
+    where the walk fails, /proc/self/fd/N/REST with N the deepest directory reached and
+    REST the part that failed to open. Under _lock."""
+    fd = _cached(path)
+    if fd is not None:
+        return b"/proc/self/fd/%d" % fd
+    # The nearest ancestor that is cached or short enough to open by name.
+    base = path
+    while (fd := _cached(base)) is None:
+        if len(base) < LONG or base == b"/":
+            try:
+                fd = os.open(base, _DIR)
+            except OSError:
+                return base  # short: the caller's syscall fails here, as with the full path
+            _keep(base, fd)
+            break
+        base = base.rpartition(b"/")[0] or b"/"
+    rest = path[len(base):].lstrip(b"/")
+    while rest:
+        chunk = rest[:CHUNK]
+        if len(rest) > CHUNK:
+            chunk = chunk.rpartition(b"/")[0] or rest.partition(b"/")[0]
+        try:
+            nxt = os.open(chunk, _DIR, dir_fd=fd)
+        except OSError:
+            return b"/proc/self/fd/%d/%s" % (fd, chunk)
+        base = base.rstrip(b"/") + b"/" + chunk
+        rest = rest[len(chunk):].lstrip(b"/")
+        if rest:  # an intermediate step: closed once walked past (retired, like any)
+            _retired.append(nxt)
+            _retire_overflow()
+        else:
+            _keep(base, nxt)
+        fd = nxt
+    return b"/proc/self/fd/%d" % fd

@@ -170,3 +170,21 @@ def test_status_diff_reset_of_a_tree_deeper_than_path_max(venvs: Any, wheels: Pa
     assert "reset 1 change" in out
     assert not os.path.lexists(site(a) / SEG)
     assert "no private changes" in cowfs("status", "--venv", str(a)).stdout
+
+
+def test_dirfd_fails_where_the_full_path_would(tmp_path: Path) -> None:
+    """short() itself never raises: the caller's syscall gets the full path's errno."""
+    with down(tmp_path, create=True) as fd:
+        write(fd, "file", b"f")
+    deep = os.path.join(str(tmp_path), *[SEG] * DEPTH)
+    for rel, error in [("missing/x", FileNotFoundError), ("file/x", NotADirectoryError),
+                       (f"missing/{'/'.join([SEG] * 14)}/x", FileNotFoundError),
+                       (f"file/{'/'.join([SEG] * 14)}/x", NotADirectoryError)]:
+        name = dirfd.short(f"{deep}/{rel}")
+        with pytest.raises(error):
+            os.lstat(name)
+        with pytest.raises(error):
+            os.mkdir(name)
+    with pytest.raises(FileNotFoundError):
+        os.lstat(dirfd.short(f"{tmp_path}/nowhere/{'/'.join([SEG] * DEPTH)}/x"))
+    dirfd.clear()
