@@ -69,7 +69,7 @@ def forget(path: str) -> None:
 
 
 def clear() -> None:
-    """Drop every cached handle (the layers changed under the daemon: a reset, a reload)."""
+    """Drop every cached handle (for whoever replaced a whole tree, and for tests)."""
     with _lock:
         while _cache:
             _retire(_cache.popitem()[1])
