@@ -34,22 +34,19 @@ CHUNK = 3072  # bytes of path opened per openat while walking down
 CACHE_MAX = 128
 RETIRED_MAX = 128
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_SURELY_SHORT = LONG // 4
 
 _lock = threading.Lock()
 _cache: OrderedDict[bytes, int] = OrderedDict()
 _retired: deque[int] = deque()
 
 
-def is_long(path: str) -> bool:
-    # A character is at most 4 bytes in UTF-8 (a surrogateescape'd byte is 1).
-    return len(path) * 4 >= LONG and len(os.fsencode(path)) >= LONG
-
-
 def short(path: str) -> str:
     """A name of the absolute path the kernel accepts (see the module docstring). It never
     fails itself: where the walk stops (a missing or non-directory component), the name
     leads the caller's own syscall to fail there, with the errno the full path would give."""
-    if not is_long(path):
+    # (Hot: every layer path comes here. A character is at most 4 bytes in UTF-8.)
+    if len(path) < _SURELY_SHORT or len(os.fsencode(path)) < LONG:
         return path
     parent, _, name = os.fsencode(path).rpartition(b"/")
     with _lock:
