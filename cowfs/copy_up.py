@@ -16,6 +16,7 @@ import fcntl
 import os
 import stat
 
+from cowfs import dirfd
 from cowfs.lower import LowerEntry
 from cowfs.upper import IS_ROOT, Upper, is_private_xattr, owner_writable
 
@@ -94,16 +95,17 @@ def apply_owner_times(path: str, meta: LowerEntry, fd: int | None = None,
 def prepare_file(upper: Upper, meta: LowerEntry, *, with_data: bool) -> str:
     """Build a complete copy of a lower regular file in the work dir; returns its temp path."""
     assert meta.source is not None
+    source = dirfd.short(meta.source)
     tmp = upper.temp_path()
     out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         if with_data and meta.size:
-            src = os.open(meta.source, os.O_RDONLY | os.O_CLOEXEC)
+            src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 copy_fd_data(src, out, meta.size)
             finally:
                 os.close(src)
-        copy_xattrs(meta.source, tmp, upper)
+        copy_xattrs(source, tmp, upper)
         apply_owner_times(tmp, meta, out, upper)
         os.fsync(out)
     except BaseException:
@@ -130,7 +132,7 @@ def prepare_other(upper: Upper, meta: LowerEntry, symlink_target: str | None) ->
         if kind != stat.S_IFDIR:
             upper.meta.clear_side(tmp)
         if meta.source is not None:
-            copy_xattrs(meta.source, tmp, upper)
+            copy_xattrs(dirfd.short(meta.source), tmp, upper)
         apply_owner_times(tmp, meta, upper=upper)
     except BaseException:
         with contextlib.suppress(OSError):

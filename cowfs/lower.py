@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from cowfs.dirfd import short
 from cowfs.layer import Layer, layer_of_entries
 from cowfs.manifest import FileEntry, Manifest
 from cowfs.store import DIGEST_LEN
@@ -212,11 +213,12 @@ class DirLower:
         contributing: list[int] = []
         for i in self._dir_layers[parent]:
             real = f"{self.layers[i]}/{path}"
+            name = short(real)  # (a deep tree: see cowfs.dirfd)
             try:
-                st = os.lstat(real)
+                st = os.lstat(name)
             except OSError:
                 continue
-            if is_whiteout_stat(real, st):
+            if is_whiteout_stat(name, st):
                 break
             if found is None:
                 found = _entry_from_stat(st, real)
@@ -225,7 +227,7 @@ class DirLower:
             elif not stat.S_ISDIR(st.st_mode):
                 break  # a non-dir below a dir is hidden, and so is everything under it
             contributing.append(i)
-            if is_opaque_dir(real):
+            if is_opaque_dir(name):
                 break
         if found is not None and found.is_dir:
             self._dir_layers[path] = contributing
@@ -240,7 +242,8 @@ class DirLower:
         if entry is not None and entry.is_dir:
             for i in self._dir_layers[path]:
                 try:
-                    with os.scandir(f"{self.layers[i]}/{path}" if path else self.layers[i]) as it:
+                    real = f"{self.layers[i]}/{path}" if path else self.layers[i]
+                    with os.scandir(short(real)) as it:
                         for de in it:
                             names[de.name] = None
                 except OSError:
@@ -253,7 +256,7 @@ class DirLower:
         entry = self.lookup(path)
         if entry is None or entry.source is None:
             raise FileNotFoundError(path)
-        return os.readlink(entry.source)
+        return os.readlink(short(entry.source))
 
     def subdir_count(self, path: str) -> int:
         return sum(1 for n in self.listdir(path)

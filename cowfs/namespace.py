@@ -147,10 +147,12 @@ def link(ov: Overlay, node: Node, parent: Node, name: str) -> Node:
     if node.children is not None:
         raise oserror(errno.EPERM)
     ov.copy_up(node)
-    source = ov.upper.path(ov.path(node))
 
-    _place(ov, parent, name, lambda target, _: os.link(source, target))
-    st = os.lstat(source)
+    def source() -> str:  # named when used: copying up parent may walk many directories
+        return ov.upper.path(ov.path(node))
+
+    _place(ov, parent, name, lambda target, _: os.link(source(), target))
+    st = os.lstat(source())
     ov.table.by_upper_id[(st.st_dev, st.st_ino)] = node
     ov.table.add_link(node, parent, name)
     return node
@@ -179,7 +181,7 @@ def _remove(ov: Overlay, parent: Node, name: str, want_dir: bool) -> None:
     elif node.upper:
         if is_dir:
             ov.upper.clear_markers(path)  # nothing below to hide: only leftovers
-        (os.rmdir if is_dir else os.unlink)(ov.upper.path(path))
+        ov.upper.remove(path, is_dir)
     elif needs_whiteout:
         ov.copy_up(parent)
         ov.upper.make_whiteout(path)

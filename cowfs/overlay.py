@@ -17,7 +17,7 @@ import stat
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from cowfs import copy_up
+from cowfs import copy_up, dirfd
 from cowfs.inode import Node, NodeTable
 from cowfs.lower import Lower, LowerEntry, join
 from cowfs.meta import ACL_ACCESS, mode_from_acl
@@ -204,12 +204,12 @@ class Overlay:
         if self.upper.fuse_hidden and node.handles and node.children is None:
             # (Upper.clear_markers may park hidden names in the work dir.)
             self._hidden_in.setdefault(node.ino, {self.upper.work}).add(
-                self.upper.path(parent_path))
+                f"{self.upper.root}/{parent_path}" if parent_path else self.upper.root)
 
     def _hidden_links(self, node: Node, st: os.stat_result) -> int:
         count = 0
         for parent in self._hidden_in.get(node.ino, ()):
-            with contextlib.suppress(OSError), os.scandir(parent) as it:
+            with contextlib.suppress(OSError), os.scandir(dirfd.short(parent)) as it:
                 count += sum(1 for de in it if de.name.startswith(".fuse_hidden")
                              and de.inode() == st.st_ino)
         return count
@@ -368,7 +368,7 @@ class Overlay:
                          (flags & ~STRIP_OPEN) | os.O_CLOEXEC)
             return self.add_handle(node, fd, writable, on_lower=False)
         assert node.lower is not None and node.lower.source is not None
-        fd = os.open(node.lower.source, os.O_RDONLY | os.O_CLOEXEC)  # never writable
+        fd = os.open(dirfd.short(node.lower.source), os.O_RDONLY | os.O_CLOEXEC)  # never writable
         return self.add_handle(node, fd, False, on_lower=True)
 
     def implicit_handle(self, node: Node, writable: bool) -> int:
@@ -495,7 +495,8 @@ class Overlay:
     def _xattr_target(self, node: Node) -> str | None:
         if node.upper:
             return self.upper.path(self.path(node))
-        return node.lower.source if node.lower is not None else None
+        source = node.lower.source if node.lower is not None else None
+        return None if source is None else dirfd.short(source)
 
     def getxattr(self, node: Node, name: str) -> bytes:
         target = self._xattr_target(node)

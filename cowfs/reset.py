@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 
+from cowfs import dirfd
 from cowfs.inode import Node
 from cowfs.lower import join
 from cowfs.manifest import check_relpath
@@ -30,6 +31,7 @@ def reset_paths(ov: Overlay, paths: list[str]) -> tuple[Invalidation, list[str]]
         if st is not None:
             if stat.S_ISDIR(st.st_mode):
                 shutil.rmtree(upath)
+                ov.upper.moved(path)
             else:
                 os.unlink(upath)
         removed.append(path)
@@ -71,7 +73,7 @@ def _revalidate(ov: Overlay, parent: Node, name: str, node: Node, path: str,
     for h in (ov.handles[fh] for fh in node.handles or ()):
         if not h.writable and entry.source is not None:
             # Readers see the pristine file on their next read, as on their next open.
-            new = os.open(entry.source, os.O_RDONLY | os.O_CLOEXEC)
+            new = os.open(dirfd.short(entry.source), os.O_RDONLY | os.O_CLOEXEC)
             os.dup2(new, h.fd)
             os.close(new)
             h.on_lower = True

@@ -32,6 +32,7 @@ import stat
 import uuid
 from collections.abc import Iterator
 
+from cowfs import dirfd
 from cowfs import meta as metadata
 from cowfs.errors import CowfsError
 
@@ -158,11 +159,24 @@ class Upper:
                         os.unlink(de.path)
 
     def path(self, rel: str) -> str:
-        return f"{self.root}/{rel}" if rel else self.root
+        """A name of the upper entry rel for the daemon's syscalls: short enough for the
+        kernel however deep rel is (cowfs.dirfd); use it at once, do not keep it."""
+        return dirfd.short(f"{self.root}/{rel}") if rel else self.root
+
+    def moved(self, *rels: str) -> None:
+        """Directories at rels were renamed or removed: drop handles kept below them."""
+        for rel in rels:
+            dirfd.forget(f"{self.root}/{rel}" if rel else self.root)
 
     def rename(self, src: str, dst: str) -> None:
         """rename(2) of upper-relative paths."""
         self._rename(self.path(src), self.path(dst))
+        self.moved(src, dst)
+
+    def remove(self, rel: str, is_dir: bool) -> None:
+        (os.rmdir if is_dir else os.unlink)(self.path(rel))
+        if is_dir:
+            self.moved(rel)
 
     @staticmethod
     def _rename(src: str, dst: str) -> None:
@@ -220,6 +234,7 @@ class Upper:
         if self.exchange_ok:
             before = {b: os.lstat(self.path(a)), a: os.lstat(self.path(b))}  # by new name
             renameat2(self.path(a), self.path(b), RENAME_EXCHANGE)
+            self.moved(a, b)
             if a.rpartition("/")[0] != b.rpartition("/")[0]:
                 # xfs stamps a directory whose ".." an exchange rewrites with a new mtime;
                 # ext4 and a plain rename do not: the view keeps the entry's own times.
@@ -236,6 +251,7 @@ class Upper:
         self._rename(self.path(a), tmp)
         self.rename(b, a)
         self._rename(tmp, self.path(b))
+        self.moved(a, b)
         self._intent_done(intent, a.rpartition("/")[0], b.rpartition("/")[0])
 
     def lstat(self, rel: str) -> os.stat_result | None:
@@ -283,6 +299,7 @@ class Upper:
         if self.xattrs and self._rename_whiteout:
             try:
                 renameat2(self.path(src), self.path(dst), RENAME_WHITEOUT)
+                self.moved(src, dst)
                 self._mark_parent(src.rpartition("/")[0])
                 return
             except OSError as exc:
@@ -301,17 +318,19 @@ class Upper:
             self.make_whiteout(rel)
             if is_dir:
                 self.clear_markers(rel)
-            (os.rmdir if is_dir else os.unlink)(self.path(rel))
+            self.remove(rel, is_dir)
             return
         tmp = self._whiteout_temp()
         if is_dir and self.exchange_ok:
             # The directory may still hold whiteouts of its lower content: they go with it.
             renameat2(tmp, self.path(rel), RENAME_EXCHANGE)
+            self.moved(rel)
             shutil.rmtree(tmp, ignore_errors=True)  # the old, merged-empty directory
         elif is_dir:
             intent = self._intent("whiteout", rel)
             moved = self.temp_path()
             os.rename(self.path(rel), moved)
+            self.moved(rel)
             os.rename(tmp, self.path(rel))
             self._mark_parent(parent)
             self._intent_done(intent, parent)

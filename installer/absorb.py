@@ -23,6 +23,7 @@ from pathlib import Path
 
 from cowfs import control, roots
 from cowfs import mount as mounting
+from cowfs.dirfd import short
 from cowfs.errors import CowfsError
 from cowfs.layer import ensure_layer, read_head
 from cowfs.manifest import Manifest, write_manifest
@@ -156,7 +157,8 @@ def _emptied_dirs(upper: Path, dropped: list[str]) -> list[str]:
     for d in dirs:
         while d:
             try:
-                left = [n for n in os.listdir(upper / d) if f"{d}/{n}" not in dropped_set]
+                names = os.listdir(short(f"{upper}/{d}"))  # (any depth: cowfs.dirfd)
+                left = [n for n in names if f"{d}/{n}" not in dropped_set]
             except OSError:
                 break
             if left:

@@ -30,6 +30,7 @@ from packaging.utils import canonicalize_name
 
 from cowfs import control
 from cowfs import mount as mounting
+from cowfs.dirfd import short
 from cowfs.errors import CowfsError
 from cowfs.manifest import FileEntry, read_manifest
 from cowfs.spec import VenvState
@@ -289,7 +290,7 @@ class _Scanner:
 
     def _walk(self, rel: str, hidden: str | None) -> int:
         """Classify the upper directory rel; returns how many visible entries it holds."""
-        path = f"{self.root}/{rel}" if rel else self.root
+        path = short(f"{self.root}/{rel}") if rel else self.root  # (any depth: cowfs.dirfd)
         if rel and hidden is None and rel in self.p.dirs and is_opaque_dir(path):
             self.hide_roots.append(rel)
             hidden = rel
@@ -480,9 +481,9 @@ def _remove_upper(root: str, rel: str) -> bool:
     """Offline twin of cowfs.reset: the entry itself, or its `.wh.` fallback marker."""
     import shutil
 
-    path = f"{root}/{rel}"
+    path = short(f"{root}/{rel}")
     parent, _, name = rel.rpartition("/")
-    marker = f"{root}/{parent}/{WH_PREFIX}{name}" if parent else f"{root}/{WH_PREFIX}{name}"
+    marker = short(f"{root}/{parent}/{WH_PREFIX}{name}" if parent else f"{root}/{WH_PREFIX}{name}")
     done = False
     with contextlib.suppress(FileNotFoundError):
         if os.path.isdir(path) and not os.path.islink(path):
@@ -508,7 +509,7 @@ def _empty_added_dirs(state: VenvState, pristine: Pristine, paths: list[str]) ->
 
     def empty(rel: str) -> bool:
         try:
-            names = os.listdir(f"{root}/{rel}")
+            names = os.listdir(short(f"{root}/{rel}"))
         except OSError:
             return False
         return all(f"{rel}/{n}" in candidates and empty(f"{rel}/{n}") for n in names)
@@ -548,7 +549,9 @@ def diff_lines(report: Report, changes: Sequence[Change], store: Store | None = 
     """A unified diff of text changes against the pristine store objects; one line for
     binary files, mode changes, type changes and anything too large to diff."""
     store = store or Store(report.state.store)
-    upper = report.state.upper
+    def upper(rel: str) -> Path:
+        return Path(short(f"{report.state.upper}/{rel}"))
+
     for c in changes:
         a, b = f"a/{c.path}", f"b/{c.path}"
         if c.mode_change:
@@ -558,7 +561,7 @@ def diff_lines(report: Report, changes: Sequence[Change], store: Store | None = 
                 yield f"metadata only (same content and mode): {c.path}"
             continue
         if c.kind == "type":
-            yield f"type change: {c.path} is now a {_what(upper / c.path)}"
+            yield f"type change: {c.path} is now a {_what(upper(c.path))}"
             continue
         if c.is_dir:
             yield f"new empty directory: {c.path}/"
@@ -567,9 +570,9 @@ def diff_lines(report: Report, changes: Sequence[Change], store: Store | None = 
             yield f"pristine unknown (edited before adoption): {c.path}"
             continue
         old = _read(store.object_path(c.pristine.digest)) if c.pristine else b""
-        new = b"" if c.kind == "deleted" else _read(upper / c.path)
-        if os.path.islink(upper / c.path) and c.kind == "added":
-            yield f"new symlink: {c.path} -> {os.readlink(upper / c.path)}"
+        new = b"" if c.kind == "deleted" else _read(upper(c.path))
+        if os.path.islink(upper(c.path)) and c.kind == "added":
+            yield f"new symlink: {c.path} -> {os.readlink(upper(c.path))}"
             continue
         old_lines = _text(old) if old is not None else None
         new_lines = _text(new) if new is not None else None

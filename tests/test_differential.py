@@ -514,6 +514,16 @@ def test_overlay_behaves_like_a_plain_directory(tmp_path: Path, overlay_mount: A
     run_machine(tmp_path, overlay_mount, layers, settings.get_profile(PROFILE).max_examples)
 
 
+def test_deep_path_profile_daemon_through_dir_handles(tmp_path: Path, overlay_mount: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon reaches every entry through directory handles, as it does for paths
+    longer than PATH_MAX (cowfs.dirfd; COWFS_DIRFD_FROM=0): its renames, whiteouts,
+    exchanges and copy-ups must keep its handle cache right for every step to match."""
+    monkeypatch.setenv("COWFS_DIRFD_FROM", "0")  # inherited by the mount daemons
+    layers = [bottom_layer(tmp_path / "lower")]
+    run_machine(tmp_path, overlay_mount, layers, settings.get_profile(PROFILE).max_examples)
+
+
 def test_two_lower_layers_behave_like_their_merge(tmp_path: Path, device_dir: Path,
                                                   overlay_mount: Any) -> None:
     """Whiteouts (both formats), an opaque dir, a dir over a file and a file over a dir in
