@@ -27,7 +27,9 @@ from cowfs.store import CHUNK, Store
 from installer.changes import dist_identity, parse_installed_record
 from installer.interpreters import InterpreterInfo
 
-PER_VENV = ("REQUESTED", "direct_url.json")  # never shared: they differ per venv (as install)
+# Never shared: they differ per venv, as they do for `cowfs install` (RECORD too: it hashes
+# the console scripts, whose shebang names the venv, so a shared one made a manifest per venv).
+PER_VENV = ("REQUESTED", "direct_url.json", "RECORD")
 
 
 class Sorter:
