@@ -376,6 +376,7 @@ class CowfsOperations(pyfuse3.Operations):
         parent = self.node(parent_inode)
         await self.settle(parent, (parent.children or {}).get(_name(name)))
         namespace.unlink(self.ov, parent, _name(name))
+        self._noticed(parent, _name(name))  # a RECORD deleted: another tool uninstalled
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -18,6 +18,7 @@ what is really installed.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from cowfs.layer import ensure_layer, read_head
 from cowfs.manifest import Manifest, write_manifest
 from cowfs.spec import VenvState
 from cowfs.store import Store
+from cowfs.upper import is_whiteout_stat
 from installer.interpreters import query_interpreter
 from installer.record_match import Sorter, claims
 
@@ -50,9 +52,17 @@ def foreign_dist_infos(state: VenvState) -> list[str]:
         names = os.listdir(state.upper)
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if n.endswith(".dist-info")
-                  and os.path.isfile(state.upper / n / "RECORD")
-                  and not os.path.islink(state.upper / n / "RECORD"))
+    return sorted(n for n in names if n.endswith(".dist-info") and _is_record(state.upper / n))
+
+
+def _is_record(info_dir: Path) -> bool:
+    """A real RECORD, not the whiteout of one another tool deleted (an uninstall)."""
+    path = str(info_dir / "RECORD")
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and not is_whiteout_stat(path, st)
 
 
 def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorbed | None:
@@ -69,8 +79,10 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
     for d in foreign_dist_infos(state):
         (unfinished if _missing(site, d) else info_dirs).append(d)
     heads = {i: read_head(store, i) for i in state.dists}
+    # Replaced, or uninstalled: pip and uv delete what RECORD lists, RECORD included (the
+    # dist-info directory may stay, holding per-venv files such as REQUESTED).
     gone = [i for i, h in heads.items()
-            if h.dist_info in info_dirs or not (site / h.dist_info).is_dir()]
+            if h.dist_info in info_dirs or not (site / h.dist_info / "RECORD").is_file()]
     if not info_dirs and not gone:
         return Absorbed(unfinished=unfinished) if unfinished else None
     if mounting.mount_state(str(site)) != "live":
@@ -82,8 +94,14 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
     # The replaced or removed distributions' names that the view no longer shows (the
     # other tool removed them: whiteouts now hiding nothing once the lower has them no
     # more). Anything visible stays: it may be private.
-    old_hidden = {p for p in _paths_of(store, gone) if not os.path.lexists(site / p)}
+    gone_infos = {f"{heads[i].dist_info}/" for i in gone}
+    gone_extra = {fe.path for fe in state.extra if fe.path.startswith(tuple(gone_infos))}
+    old_hidden = {p for p in _paths_of(store, gone) | gone_extra
+                  if not os.path.lexists(site / p)}
     with store.lock():  # from the first object until the root names the manifests
+        # The gone ones' per-venv files (REQUESTED, RECORD...) go with them; a replacement's
+        # own arrive below.
+        state.extra = [fe for fe in state.extra if fe.path not in gone_extra]
         n_extra = len(state.extra)
         sorter = Sorter(store, site, state, info_dirs)
         for path, owner in sorted(claims(site, info_dirs).items()):
@@ -117,7 +135,10 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
         roots.record(store, state)
     socket = state.mount_spec().socket
     control.request(socket, "reload")
-    drop = sorted(sorter.shared() | set(stale) | old_hidden | per_venv)
+    # What the view still shows of a gone distribution's per-venv files is the other
+    # tool's leftover (uv keeps REQUESTED when it removes): it goes too.
+    drop = sorted(sorter.shared() | set(stale) | old_hidden | per_venv
+                  | (gone_extra - per_venv))
     control.request(socket, "reset", paths=drop + _emptied_dirs(state.upper, drop))
     return result
 

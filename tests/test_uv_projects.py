@@ -122,6 +122,31 @@ def test_cowfs_install_over_what_uv_installed_replaces_it_cleanly(
         unmount_venv(venv)
 
 
+@pytest.mark.parametrize("tool", ["uv", "pip"])
+def test_an_uninstall_by_another_tool_leaves_nothing_behind(tmp_path: Path, wheels: Path,
+                                                              tool: str) -> None:
+    """pip or uv uninstalls what cowfs installed: the distribution leaves the state, no
+    whiteout or leftover stays private, and cowfs installs it again (it said "unchanged"
+    and the package stayed hidden)."""
+    venv = tmp_path / "P" / ".venv"
+    cowfs("venv", str(venv))
+    try:
+        cowfs("install", "--venv", str(venv), PKG, "--no-index", "--find-links", str(wheels))
+        python = str(venv / "bin" / "python")
+        cmd = [UV, "pip", "uninstall", "--python", python, "pycowsay"] if tool == "uv" else \
+            [sys.executable, "-m", "pip", "--python", python, "uninstall", "-y", "pycowsay"]
+        subprocess.run(cmd, check=True, capture_output=True,
+                       env={**os.environ, "UV_CACHE_DIR": str(tmp_path / "uv-cache")})
+        assert _absorbed(venv) == []
+        assert not any(d.startswith("pycowsay") for d in VenvState.load(venv).dists)
+        assert not [n for n in os.listdir(site(venv)) if n.startswith("pycowsay")]
+        assert "no private changes" in cowfs("status", "--venv", str(venv)).stdout
+        cowfs("install", "--venv", str(venv), PKG, "--no-index", "--find-links", str(wheels))
+        assert cow(venv) == UDDER and _upper_files(venv) == []
+    finally:
+        unmount_venv(venv)
+
+
 def test_uv_recreating_the_venv_for_another_python(projects, wheels: Path) -> None:  # type: ignore[no-untyped-def]
     other = shutil.which("python3.11", path="/usr/bin") or ""
     if not other or os.path.realpath(other) == os.path.realpath(sys.executable):
