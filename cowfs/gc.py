@@ -132,11 +132,11 @@ def verify(store: Store) -> VerifyReport:
             continue
         for fe in manifest_rows(m):
             users.setdefault(fe.digest, []).append(ident)
-            _check_row(rep, fe, sizes, ident)
+            _check_row(rep, fe, sizes, ident, store)
     venv_dists = {str(r.venv): set(r.dist_ids) for r in rep.roots if r.status == "live"}
     for r in rep.roots:
         for fe in r.state.extra if r.state and r.status == "live" else ():
-            _check_row(rep, fe, sizes, f"venv-local file {fe.path} of {r.venv}")
+            _check_row(rep, fe, sizes, f"venv-local file {fe.path} of {r.venv}", store)
             if fe.digest in rep.problems:
                 rep.problems[fe.digest].venvs.append(str(r.venv))
     for digest, p in rep.problems.items():
@@ -146,9 +146,20 @@ def verify(store: Store) -> VerifyReport:
     return rep
 
 
-def _check_row(rep: VerifyReport, fe: FileEntry, sizes: dict[str, int], who: str) -> None:
+def _check_row(rep: VerifyReport, fe: FileEntry, sizes: dict[str, int], who: str,
+               store: Store) -> None:
     if fe.digest not in sizes:
-        rep.problems.setdefault(fe.digest, Problem(fe.digest, "missing", f"needed by {who}"))
+        # Written after the listing (an install, or shared bytecode being published, while
+        # verify runs: it takes no lock): checked now, else it is missing indeed.
+        path = store.object_path(fe.digest)
+        try:
+            sizes[fe.digest] = path.stat().st_size
+        except OSError:
+            rep.problems.setdefault(fe.digest, Problem(fe.digest, "missing", f"needed by {who}"))
+            return
+        rep.objects += 1
+        if (bad := _check_object(path, fe.digest)) is not None:
+            rep.problems[fe.digest] = Problem(fe.digest, *bad)
     elif sizes[fe.digest] != fe.size and fe.digest not in rep.problems:
         rep.problems[fe.digest] = Problem(
             fe.digest, "size", f"{who} says {fe.size} bytes, the object has {sizes[fe.digest]}")

@@ -88,6 +88,10 @@ def _pip_error(stderr: str, returncode: int) -> str:
     text = "\n".join(lines)
     if "no such option: --python" in text:
         return f"the pip in {sys.executable} is too old: pip >= 22.3 is needed for --python"
+    if re.search(r"unknown command .lock.", text):
+        return (f"the pip in {sys.executable} is too old to resolve (`pip lock` needs pip >= "
+                f"25.1): install uv, which cowfs prefers ({sys.executable} -m pip install uv), "
+                f"or upgrade pip ({sys.executable} -m pip install -U pip)")
     if re.search(r"No module named pip\b", text):
         return (f"pip is not installed in cowfs's environment ({sys.executable}); "
                 f"run: {sys.executable} -m ensurepip")

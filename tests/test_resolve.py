@@ -179,6 +179,8 @@ def test_pip_error_line_extraction() -> None:
     assert _pip_error("This version of pip does not support python 3.6 (requires >=3.7).\n",
                       1).startswith("This version of pip does not support")
     assert "ensurepip" in _pip_error("/x/python: No module named pip\n", 1)
+    old_pip = _pip_error('ERROR: unknown command "lock"\n', 1)  # pip < 25.1 (Debian's 23)
+    assert "pip >= 25.1" in old_pip and "pip install uv" in old_pip and "\n" not in old_pip
     assert _pip_error("", 2) == "pip failed with exit status 2"
 
 

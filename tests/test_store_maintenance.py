@@ -9,7 +9,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cowfs.manifest import read_manifest
+import pytest
+
+from cowfs import gc
+from cowfs.manifest import FileEntry, Manifest, read_manifest, write_manifest
 from cowfs.spec import VenvState
 from cowfs.store import Store, digest_bytes
 from tests.conftest import UDDER, cow, cowfs, force_unmount, install, one_line_error, site
@@ -142,3 +145,23 @@ def test_gc_refuses_when_a_live_venv_state_is_unreadable(tmp_path: Path) -> None
     (venv / ".cowfs" / "state.json").unlink()  # no cowfs state any more: a dead root
     done = json.loads(cowfs("store", "gc", "--json").stdout)
     assert done["dead_roots"] == [str(venv)] and not store.has(orphan)
+
+
+def test_verify_checks_objects_written_after_its_listing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify takes no lock: an install or the bytecode job may add objects and a manifest
+    naming them between its object listing and its manifest scan. Those are checked then,
+    not reported missing (it said 'missing object' and exited 1 while pycs were published)."""
+    store = Store(tmp_path / "store").ensure()
+    early = store.put_bytes(b"listed\n")
+    listed = list(store.iter_objects())
+    late = store.put_bytes(b"written after the listing\n")
+    write_manifest(store, Manifest(
+        id="late-1.0-x", name="late", version="1.0", dist_info="late-1.0.dist-info",
+        files=(FileEntry("late/a.py", early, 7, 0o644), FileEntry("late/b.py", late, 26, 0o644))))
+    with monkeypatch.context() as mp:
+        mp.setattr(Store, "iter_objects", lambda self: iter(listed))
+        rep = gc.verify(store)
+    assert rep.problems == {} and rep.objects == 2
+    store.object_path(late).unlink()
+    assert gc.verify(store).problems[late].kind == "missing"
