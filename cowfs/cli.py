@@ -100,6 +100,19 @@ class CowfsGroup(click.Group):
             where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
             click.echo(f"cowfs: error: {exc.strerror or exc}{where}", err=True)
             sys.exit(1)
+        except BaseException as exc:
+            # Ctrl-C inside trio (downloads) arrives wrapped in an exception group: make it
+            # the plain interrupt click answers with "Aborted!", not a 48-line traceback.
+            if _only_interrupts(exc):
+                raise KeyboardInterrupt from None
+            raise
+
+
+def _only_interrupts(exc: BaseException) -> bool:
+    subs = getattr(exc, "exceptions", None)
+    if isinstance(subs, tuple) and subs:
+        return all(_only_interrupts(e) for e in subs)
+    return isinstance(exc, KeyboardInterrupt)
 
 
 def mount_helper_args(argv: list[str]) -> list[str]:

@@ -223,3 +223,15 @@ def test_venv_path_with_spaces_and_non_ascii(tmp_path: Path, wheels: Path) -> No
         assert UDDER in main_py.read_text()
     finally:
         unmount_venv(venv)
+
+
+def test_an_interrupt_inside_trio_is_a_plain_interrupt() -> None:
+    """Ctrl-C during downloads reaches the CLI wrapped in trio's exception group: it is
+    answered like any Ctrl-C ("Aborted!"), anything else in the group is not hidden."""
+    from cowfs.cli import _only_interrupts
+
+    group = BaseExceptionGroup("nursery", [KeyboardInterrupt(),
+                                           BaseExceptionGroup("inner", [KeyboardInterrupt()])])
+    assert _only_interrupts(group) and _only_interrupts(KeyboardInterrupt())
+    assert not _only_interrupts(BaseExceptionGroup("mixed", [KeyboardInterrupt(), ValueError()]))
+    assert not _only_interrupts(ValueError())
