@@ -50,6 +50,14 @@ def create_venv(path: Path, python: str | None, store: Store) -> tuple[VenvState
     venv = path.absolute()
     if VenvState.path_for(venv).exists():
         state = VenvState.load(venv)
+        if python is not None:
+            wanted = query_interpreter(python, store)
+            have = query_interpreter(venv_python(venv), store)
+            if (wanted.base_prefix, wanted.version) != (have.base_prefix, have.version):
+                raise CowfsError(
+                    f"{venv} is a cowfs venv of Python {have.version} ({have.base_prefix}), "
+                    f"not of {python} ({wanted.version}, {wanted.base_prefix}): remove it "
+                    f"first (rm -rf {venv}) or choose another directory")
         return state, ensure_mounted(state)
     if (venv / "pyvenv.cfg").exists():
         raise CowfsError(f"{venv} is already a venv (not made by cowfs); `cowfs adopt` it "

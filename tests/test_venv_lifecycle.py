@@ -8,6 +8,7 @@ deleters meet the state directory before or after site-packages.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from cowfs import mount as mounting
 from cowfs.spec import VenvState
 from cowfs.store import Store
-from tests.conftest import UDDER, cow, cowfs, install, unmount_venv
+from tests.conftest import UDDER, cow, cowfs, install, one_line_error, unmount_venv
 
 UV = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
 
@@ -135,3 +136,18 @@ def test_a_venv_dir_with_anything_else_is_not_taken_for_remains(tmp_path: Path) 
     fail = cowfs("venv", str(venv), check=False)
     assert fail.returncode == 1 and "not an empty directory" in fail.stderr
     assert (venv / "notes.txt").read_text() == "mine"
+
+
+def test_cowfs_venv_with_another_python_on_an_existing_venv_refuses(
+        venvs: Callable[[str | Path], Path]) -> None:
+    """It said "already mounted" and kept the old interpreter; now one line says so."""
+    other = shutil.which("python3", path="/usr/bin") or ""
+    here = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    if not other or os.path.realpath(other) == here:
+        pytest.skip("no second Python interpreter here")
+    venv = venvs("V")  # made with this test's interpreter
+    before = VenvState.path_for(venv).read_bytes()
+    proc = cowfs("venv", str(venv), "--python", other, check=False)
+    one_line_error(proc, "is a cowfs venv of Python")
+    assert VenvState.path_for(venv).read_bytes() == before
+    cowfs("venv", str(venv), "--python", here)  # the same interpreter: fine, as before
