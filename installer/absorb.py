@@ -139,7 +139,7 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
     # tool's leftover (uv keeps REQUESTED when it removes): it goes too.
     drop = sorted(sorter.shared() | set(stale) | old_hidden | per_venv
                   | (gone_extra - per_venv))
-    control.request(socket, "reset", paths=drop + _emptied_dirs(state.upper, drop))
+    control.request(socket, "reset", paths=drop + emptied_dirs(state.upper, drop))
     return result
 
 
@@ -168,7 +168,7 @@ def _paths_of(store: Store, ids: list[str]) -> set[str]:
     return paths
 
 
-def _emptied_dirs(upper: Path, dropped: list[str]) -> list[str]:
+def emptied_dirs(upper: Path, dropped: list[str]) -> list[str]:
     """Upper directories that will hold nothing once dropped is reset (deepest first), so
     that no empty copy of a shared directory stays private."""
     dropped_set = set(dropped)

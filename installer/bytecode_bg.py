@@ -24,9 +24,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cowfs.selfexec import python_module
 from cowfs.spec import VenvState
+
+if TYPE_CHECKING:
+    from cowfs.store import Store
 
 LOCK_NAME = "bytecode.lock"
 LOG_NAME = "bytecode.log"
@@ -158,6 +162,29 @@ def run_job(job: dict[str, object]) -> None:
     spec = state.mount_spec()
     if mounting.mount_state(spec.mountpoint) == "live":  # unmounted: the next mount reads it
         control.request(spec.socket, "reload")
+        if drop := _private_pycs_now_shared(state, store, new):
+            from installer.absorb import emptied_dirs
+
+            control.request(spec.socket, "reset",
+                            paths=drop + emptied_dirs(state.upper, drop))
+
+
+def _private_pycs_now_shared(state: VenvState, store: Store, bytecode: list[str]) -> list[str]:
+    """Pycs Python wrote into the venv's private layer while the shared ones were being
+    compiled (a program run right after the install), for sources still pristine: the
+    shared pyc now serves them, and they would show as private changes for good."""
+    from cowfs.dirfd import short
+    from cowfs.manifest import read_manifest
+
+    drop = []
+    for ident in bytecode:
+        for fe in read_manifest(store, ident).files:
+            folder, _, name = fe.path.rpartition("/__pycache__/")
+            source = f"{folder}/{name.partition('.')[0]}.py" if folder else ""
+            if (source and os.path.isfile(short(f"{state.upper}/{fe.path}"))
+                    and not os.path.lexists(short(f"{state.upper}/{source}"))):
+                drop.append(fe.path)
+    return drop
 
 
 def main(argv: Sequence[str]) -> int:

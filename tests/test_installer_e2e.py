@@ -158,6 +158,36 @@ def test_shared_bytecode_and_private_recompile(venvs: Callable[[str], Path],
 
 
 @pytest.mark.background_bytecode
+def test_pycs_written_before_the_shared_ones_are_published_do_not_stay_private(
+        venvs: Callable[[str], Path], wheels: Path) -> None:
+    """A program run right after `cowfs install` writes its own pycs into the private layer
+    (the shared ones are still compiling); once they are published those go, so an untouched
+    venv is pristine again (status said "N modified" for good)."""
+    import fcntl
+
+    venv = venvs("A")
+    lock = os.open(bytecode_bg._lock_path(venv), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the job queues behind this
+        cowfs("install", "--venv", str(venv), PKG, "--no-index", "--find-links", str(wheels))
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        subprocess.run([str(venv / "bin" / "python"), "-c", "import pycowsay.main"], env=env,
+                       check=True)
+        upper = venv / ".cowfs" / "upper"
+        assert [p for p in upper.rglob("*.pyc")], "the program wrote private pycs"
+    finally:
+        os.close(lock)
+    deadline = time.monotonic() + 120  # the job may not hold its lock yet: see it publish
+    while not VenvState.load(venv).bytecode and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert bytecode_bg.wait(venv, 120)
+    assert not [p for p in upper.rglob("*") if not p.is_dir()]
+    assert "no private changes" in cowfs("status", "--venv", str(venv)).stdout
+    pyc = f"pycowsay/__pycache__/main.cpython-{sys.version_info[0]}{sys.version_info[1]}.pyc"
+    assert (site(venv) / pyc).exists() and cow(venv) == UDDER
+
+
+@pytest.mark.background_bytecode
 def test_store_commands_while_the_bytecode_job_runs(venvs: Callable[[str], Path],
                                                     wheels: Path) -> None:
     """verify and gc right after `cowfs install` returns, while its detached bytecode job
