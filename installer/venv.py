@@ -80,7 +80,14 @@ def create_venv(path: Path, python: str | None, store: Store) -> tuple[VenvState
     write_hook(site, venv)
     state.save()
     roots.record(store, state)
-    return state, ensure_mounted(state)
+    try:
+        return state, ensure_mounted(state)
+    except CowfsError:
+        # The venv stays (`cowfs mount` once the cause is fixed; its hook says why until
+        # then), but no gc root for a venv that never ran: a container without /dev/fuse
+        # left one in the shared store each time, kept for the whole retention period.
+        roots.remove(store, state)
+        raise
 
 
 _VENV_TOP = {"bin", "include", "lib", "lib64", "share", ".cowfs"}

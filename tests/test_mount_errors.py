@@ -146,6 +146,8 @@ def test_device_not_accessible_to_the_user(area: Area, preflight: str) -> None:
             "(crw------- root:root); as root: chmod 0666 /dev/fuse (its usual mode, which a "
             "udev rule keeps), or mount as root")
     one_line_error(proc, want)
+    # The venv stays for a later `cowfs mount`; no gc root stays for a venv that never ran.
+    assert not list((area.base / "home" / "roots").glob("*.json"))
     one_line_error(area.run(["mount", str(venv)], setup=setup, preflight=preflight), want)
     # The .pth hook: a plain `python` start in the unmounted venv says it in one line.
     hook = area.run(["-c", "print('started')"], setup=setup, preflight=preflight,
