@@ -306,7 +306,8 @@ class GcReport:
     dry_run: bool
     live_roots: int = 0
     dead_roots: list[str] = field(default_factory=list)
-    dead_reasons: dict[str, str] = field(default_factory=dict)
+    # One per dead root, in the same order: containers' roots often name the same path.
+    dead_reasons: list[str] = field(default_factory=list)
     unseen_roots: list[dict[str, Any]] = field(default_factory=list)  # kept: not visible here
     manifests_kept: int = 0
     manifests_deleted: list[str] = field(default_factory=list)
@@ -355,7 +356,7 @@ def collect(store: Store, dry_run: bool = False, now: float | None = None, *,
                                          "kept_until": r.last_used + retention})
             else:
                 rep.dead_roots.append(str(r.venv))
-                rep.dead_reasons[str(r.venv)] = r.reason
+                rep.dead_reasons.append(r.reason)
         for ident in iter_manifests(store):
             if ident not in keep_dists and in_use(manifest_path(store, ident)):
                 rep.manifests_in_use.append(ident)

@@ -290,8 +290,7 @@ def gc_cmd(dry_run: bool, retention: float, drop_unseen: bool, as_json: bool) ->
         click.echo(json.dumps({"store": str(store.root), **rep.to_json()}, indent=1))
         return
     verb = "would delete" if dry_run else "deleted"
-    for venv in rep.dead_roots:
-        why = rep.dead_reasons.get(venv)
+    for venv, why in zip(rep.dead_roots, rep.dead_reasons, strict=True):
         click.echo(f"dead root: {venv} ({why + ', ' if why else ''}"
                    f"{'would be ' if dry_run else ''}removed)")
     for u in rep.unseen_roots:
