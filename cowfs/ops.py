@@ -29,6 +29,7 @@ import trio
 from cowfs import fuse_shim, namespace
 from cowfs.inode import Node
 from cowfs.overlay import Attr, Overlay
+from cowfs.store import syncfs
 
 if TYPE_CHECKING:
     from cowfs.teardown import VenvTeardown
@@ -336,7 +337,10 @@ class CowfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None  # every namespace change is fsynced when it is made
+        # Namespace changes that involve lower content are fsynced when made; the others
+        # (cowfs.namespace._durable) by this. The kernel opens directories itself (no handle
+        # names the directory), so the whole upper filesystem is synced, in a worker.
+        await trio.to_thread.run_sync(syncfs, self.ov.upper.work)
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
