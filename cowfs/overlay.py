@@ -178,7 +178,11 @@ class Overlay:
             attr = self._upper_attr(upath, st)
             if node.ino in self._hidden_in:
                 attr.nlink -= self._hidden_links(node, st)
-            if node.children is not None:
+            if node.children is not None and (node.lower is not None or st.st_nlink < 2):
+                # Merged: count the subdirectories of both layers. An upper-only directory's
+                # own count is right where the filesystem keeps one (btrfs says 1): counting
+                # meant listing and stat'ing the directory at every getattr, and the kernel
+                # asks one after each file created in it (O(n^2) for an installer).
                 attr.nlink = 2 + self._subdir_count(node)
             return attr
         assert node.lower is not None
