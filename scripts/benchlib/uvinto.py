@@ -173,12 +173,17 @@ class Runner:
             self.cow.close(env)
 
     def settle(self, venv: Path) -> tuple[float, list[str]]:
-        """Wait (bounded) for the upper layer to empty, then a barrier adopt."""
+        """Wait (bounded) for the upper layer to empty, then a barrier adopt and its bytecode."""
         start = time.perf_counter()
         deadline = time.monotonic() + ABSORB_WAIT_S
         while (left := upper_files(venv)) and time.monotonic() < deadline:
             time.sleep(0.2)
         run(self.ctx, [*self.ctx.cowfs, "adopt", venv])
+        # The shared bytecode of what was absorbed is compiled after adopt returns: what it
+        # adds to the store belongs to this venv, not to the next one measured.
+        from installer.bytecode_bg import wait
+
+        wait(venv, 600)
         return time.perf_counter() - start, upper_files(venv) if left else []
 
     def check_installed(self, env: Env) -> None:
