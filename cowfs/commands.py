@@ -83,8 +83,17 @@ def mount_cmd(args: tuple[str, ...], options: tuple[str, ...], foreground: bool,
 def umount_cmd(target: str, lazy: bool) -> None:
     """Unmount a cowfs mount point (or a venv's site-packages)."""
     path = Path(target).absolute()
+    venv: Path | None = None
     if (VenvState.path_for(path)).exists():
-        path = VenvState.load(path).site_packages
+        venv, path = path, VenvState.load(path).site_packages
+    elif (spec := MountSpec.for_mountpoint(str(path))) is not None and spec.venv:
+        venv = Path(spec.venv)
+    if venv is not None and not lazy:
+        # The shared bytecode of an install that just returned is still being compiled
+        # through the mount: `cowfs install X && cowfs umount .venv` found it busy.
+        from installer.bytecode_bg import wait
+
+        wait(venv, 300)
     mounting.umount(str(path), lazy=lazy)
     click.echo(f"unmounted: {path}")
 

@@ -188,6 +188,28 @@ def test_pycs_written_before_the_shared_ones_are_published_do_not_stay_private(
 
 
 @pytest.mark.background_bytecode
+@pytest.mark.parametrize("by", ["venv", "mountpoint"])
+def test_umount_right_after_install_waits_for_the_bytecode_job(
+        venvs: Callable[[str], Path], tmp_path: Path, by: str) -> None:
+    """`cowfs install X && cowfs umount .venv`, as a container script does: the shared
+    bytecode was still compiling through the mount, and umount said "busy"."""
+    links = tmp_path / "links"
+    links.mkdir()
+    # Enough modules that the job still compiles when umount comes (~1 s).
+    from tests.wheelbuild import build
+
+    build(links, {f"many/m{i}.py": f"X = {i}\n".encode() * 50 for i in range(1500)},
+          name="many", meta_extra="")
+    venv = venvs("A")
+    cowfs("install", "--venv", str(venv), "many==1.0", "--no-index", "--find-links", str(links))
+    cowfs("umount", str(venv) if by == "venv" else str(site(venv)))
+    assert mounting.find_mount(str(site(venv))) is None
+    assert VenvState.load(venv).bytecode, "the job finished and published before"
+    cowfs("mount", str(venv))
+    assert (site(venv) / "many" / "__pycache__").is_dir()
+
+
+@pytest.mark.background_bytecode
 def test_store_commands_while_the_bytecode_job_runs(venvs: Callable[[str], Path],
                                                     wheels: Path) -> None:
     """verify and gc right after `cowfs install` returns, while its detached bytecode job
