@@ -485,3 +485,17 @@ def kill_during_synced_writes(target: Path, kill: Callable[[], None], synced_min
     t.join(10)
     assert not t.is_alive() and len(synced) >= synced_min
     return b"".join(f"record {i:08d}\n".encode() for i in range(synced[-1] + 1))
+
+
+@contextlib.contextmanager
+def serving(httpd: Any) -> Iterator[None]:
+    """A test's HTTP server (on 127.0.0.1) answering in a thread until the block ends."""
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)

@@ -40,15 +40,7 @@ def _mounts_under(path: Path) -> list[str]:
 
 @pytest.mark.skipif(_uv() is None, reason="uv is not installed")
 def test_bench_produces_every_figure_with_positive_ratios(tmp_path: Path) -> None:
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    for i, name in enumerate(("benchdemo_a", "benchdemo_b", "benchdemo_c")):
-        files = {f"{name}/__init__.py": f"from {name} import util\nVALUE = {i}\n".encode(),
-                 f"{name}/util.py": b"def f(x):\n    return x * 2\n" * 20,
-                 f"{name}/data/blob.bin": bytes(range(256)) * 16}
-        wheelbuild.build(wheels, files, name=name, version="1.0", meta_extra="")
-    workload = tmp_path / "workload.txt"
-    workload.write_text("# synthetic\nbenchdemo-a==1.0\nbenchdemo_b==1.0\nbenchdemo-c==1.0\n")
+    wheels, workload = wheelbuild.bench_workload(tmp_path, "benchdemo", imports_util=True)
     out = tmp_path / "results"
     work = tmp_path / "scratch"
     work.mkdir()

@@ -19,15 +19,7 @@ from tests.test_bench_smoke import ROOT, _mounts_under, _uv, pytestmark  # noqa:
 
 @pytest.mark.skipif(_uv() is None, reason="uv is not installed")
 def test_uv_into_cowfs_figure(tmp_path: Path) -> None:
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    for i, name in enumerate(("uvdemo_a", "uvdemo_b", "uvdemo_c")):
-        files = {f"{name}/__init__.py": f"VALUE = {i}\n".encode(),
-                 f"{name}/util.py": b"def f(x):\n    return x * 2\n" * 20,
-                 f"{name}/data/blob.bin": bytes(range(256)) * 16}
-        wheelbuild.build(wheels, files, name=name, version="1.0", meta_extra="")
-    workload = tmp_path / "workload.txt"
-    workload.write_text("uvdemo-a==1.0\nuvdemo_b==1.0\nuvdemo-c==1.0\n")
+    wheels, workload = wheelbuild.bench_workload(tmp_path, "uvdemo")
     out, work = tmp_path / "results", tmp_path / "scratch"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("COWFS_HOME", "COWFS_RUNTIME_DIR")}

@@ -123,14 +123,7 @@ def test_bench_docker_figure_plumbing(image: str, tmp_path: Path) -> None:
     """`scripts/bench --docker` on three tiny synthetic wheels: the docker section has both
     peers' times and sizes and the cowfs/uv ratios, and no container or volume is left.
     No timing is asserted."""
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    for i, name in enumerate(("dockdemo_a", "dockdemo_b", "dockdemo_c")):
-        wheelbuild.build(wheels, {f"{name}/__init__.py": f"VALUE = {i}\n".encode(),
-                                  f"{name}/data.bin": bytes(range(256)) * 16},
-                         name=name, version="1.0", meta_extra="")
-    workload = tmp_path / "workload.txt"
-    workload.write_text("dockdemo-a==1.0\ndockdemo_b==1.0\ndockdemo-c==1.0\n")
+    wheels, workload = wheelbuild.bench_workload(tmp_path, "dockdemo")
     out, work = tmp_path / "results", tmp_path / "scratch"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("COWFS_HOME", "COWFS_RUNTIME_DIR")}

@@ -18,6 +18,7 @@ from cowfs.errors import CowfsError
 from installer import fetch as fetch_mod
 from installer.fetch import fetch, fetch_async
 from installer.resolve import Pin
+from tests.conftest import serving
 
 
 def sha(data: bytes) -> str:
@@ -97,13 +98,8 @@ class Server:
 @pytest.fixture
 def server() -> Iterator[Server]:
     srv = Server()
-    thread = threading.Thread(target=srv.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
-    thread.join(5)
+    with serving(srv.httpd):
+        yield srv
 
 
 @pytest.fixture(autouse=True)

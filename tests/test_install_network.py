@@ -7,17 +7,16 @@ import hashlib
 import http.server
 import os
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import cowfs, one_line_error
-from wheelbuild import build
 
 from cowfs.manifest import read_manifest
 from cowfs.spec import VenvState
 from cowfs.store import Store
+from tests.conftest import cowfs, one_line_error, serving
+from tests.wheelbuild import build
 
 
 class Index:
@@ -86,13 +85,8 @@ def index(tmp_path: Path) -> Iterator[Index]:
                     name="alpha", meta_extra="Requires-Dist: beta\n"),
               build(links, {"beta/__init__.py": b"B = 41\n"}, name="beta", meta_extra="")]
     srv = Index(wheels)
-    thread = threading.Thread(target=srv.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
-    thread.join(5)
+    with serving(srv.httpd):
+        yield srv
 
 
 @pytest.fixture

@@ -77,3 +77,19 @@ def build(
 ) -> Path:
     content = members(files, name=name, version=version, **kw)  # type: ignore[arg-type]
     return write(tmp / f"{name}-{version}-{tag}.whl", content)
+
+
+def bench_workload(tmp: Path, prefix: str, imports_util: bool = False) -> tuple[Path, Path]:
+    """Three small wheels PREFIX_a/_b/_c in tmp/wheels and tmp/workload.txt pinning them
+    (names spelled three ways, as people write them): a workload for scripts/bench runs."""
+    wheels = tmp / "wheels"
+    wheels.mkdir()
+    for i, name in enumerate(f"{prefix}_{c}" for c in "abc"):
+        head = f"from {name} import util\n" if imports_util else ""
+        build(wheels, {f"{name}/__init__.py": f"{head}VALUE = {i}\n".encode(),
+                       f"{name}/util.py": b"def f(x):\n    return x * 2\n" * 20,
+                       f"{name}/data/blob.bin": bytes(range(256)) * 16},
+              name=name, version="1.0", meta_extra="")
+    workload = tmp / "workload.txt"
+    workload.write_text(f"# synthetic\n{prefix}-a==1.0\n{prefix}_b==1.0\n{prefix}-c==1.0\n")
+    return wheels, workload
