@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -165,3 +167,37 @@ def test_verify_checks_objects_written_after_its_listing(
     assert rep.problems == {} and rep.objects == 2
     store.object_path(late).unlink()
     assert gc.verify(store).problems[late].kind == "missing"
+
+
+@pytest.mark.parametrize("lacking", ["O_TMPFILE", "/proc"])
+def test_objects_are_written_whole_without_o_tmpfile_or_proc(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lacking: str) -> None:
+    """A filesystem without O_TMPFILE (ntfs-3g), or no /proc to name an anonymous file by
+    (a bare chroot): objects go through a named file in tmp/ instead, whole, and tmp/ is
+    left empty."""
+    from cowfs import store as store_mod
+
+    real_open = os.open
+
+    def no_tmpfile(path: object, flags: int, *args: object, **kw: object) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    def no_proc(fd: int, target: Path) -> None:
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), f"/proc/self/fd/{fd}")
+
+    if lacking == "O_TMPFILE":
+        monkeypatch.setattr(store_mod.os, "open", no_tmpfile)
+    else:
+        monkeypatch.setattr(store_mod, "_link_fd", no_proc)
+    store = Store(tmp_path / "store").ensure()
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    digests = [store.put_bytes(b"small\n"), store.put_file(src)[0], store.put_bytes(b"small\n")]
+    assert store.object_path(digests[0]).read_bytes() == b"small\n"
+    assert store.object_path(digests[1]).read_bytes() == src.read_bytes()
+    assert all(stat.S_IMODE(store.object_path(d).stat().st_mode) == 0o444 for d in digests)
+    assert not store._tmpfile and not list(store.tmp.iterdir())
+    store.sync_objects()
+    assert gc.verify(store).problems == {}
