@@ -134,7 +134,8 @@ def _check_filesystem(venv: Path) -> None:
     try:
         why = meta.refusal(meta.caps_for(str(probe_dir)), str(venv))
     except OSError as exc:
-        why = f"cannot probe the filesystem at {probe_dir}: {exc.strerror}"
+        why = (f"cannot create {venv}: its filesystem ({probe_dir}) takes no new files: "
+               f"{exc.strerror}")
     if why is not None:
         raise CowfsError(why)
 

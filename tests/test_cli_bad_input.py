@@ -41,6 +41,8 @@ BAD_VALUES = [
     ("venv-python-not-python", ["venv", "n2", "--python", "/etc/hostname"],
      "cannot query python interpreter /etc/hostname"),
     ("venv-python-dir", ["venv", "n3", "-p", "/tmp"], "cannot query python interpreter /tmp"),
+    ("venv-in-proc", ["venv", "/proc/cowfs-test-venv"],
+     "cannot create /proc/cowfs-test-venv: its filesystem (/proc) takes no new files"),
     ("install-nothing", ["install", "--venv", "{v}"], "nothing to install"),
     ("install-missing-reqfile", ["install", "--venv", "{v}", "-r", "missing.txt"],
      "requirements file missing.txt not found"),
