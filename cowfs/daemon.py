@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,11 +203,12 @@ class Daemon:
         retries = 0
         while True:
             await self._dists_changed.wait()
-            while self._dists_changed.is_set():  # quiet: no new RECORD for ABSORB_QUIET_S
-                self._dists_changed = trio.Event()
-                self.ops.on_dist_change = self._dists_changed.set
-                with trio.move_on_after(ABSORB_QUIET_S):
-                    await self._dists_changed.wait()
+            self._dists_changed = trio.Event()  # what changes from now on: another round
+            self.ops.on_dist_change = self._dists_changed.set
+            # Quiet: nothing written through the mount for ABSORB_QUIET_S (an uninstall
+            # deletes RECORD first, then thousands of files; a reinstall writes them again).
+            while (idle := time.monotonic() - self.ops.last_change) < ABSORB_QUIET_S:
+                await trio.sleep(ABSORB_QUIET_S - idle)
             if self.ops.teardown is not None and await self.ops.venv_deleted(get_out=False):
                 return
             proc = await trio.run_process(

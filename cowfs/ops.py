@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -95,8 +96,13 @@ class CowfsOperations(pyfuse3.Operations):
         # Called when another installer finished or removed a distribution (a RECORD
         # written, a top-level dist-info removed): the daemon absorbs it (installer.absorb).
         self.on_dist_change: Callable[[], None] | None = None
+        # When the tree last changed through the mount: absorb waits until the writing tool
+        # has been quiet for a while, whatever it writes (pip and uv remove and rewrite
+        # thousands of files between two RECORDs).
+        self.last_change = time.monotonic()
 
     def _noticed(self, parent: Node, name: str) -> None:
+        self.last_change = time.monotonic()
         if self.on_dist_change is None:
             return
         if (name == "RECORD" and parent.parent is self.ov.root
@@ -239,6 +245,7 @@ class CowfsOperations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.node(inode)
+        self.last_change = time.monotonic()
         size = attr.st_size if fields.update_size else None
         # (A detached lower file may still be open: the kernel did not tell us, see open.)
         if node.parent is not None or (self.by_inode and node.children is None):
@@ -347,6 +354,7 @@ class CowfsOperations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.node(parent_inode)
         await self.settle(parent)
+        self.last_change = time.monotonic()
         return self._looked_up(namespace.mkdir(self.ov, parent, _name(name), mode, ctx.uid,
                                                ctx.gid))
 
@@ -355,6 +363,7 @@ class CowfsOperations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.node(parent_inode)
         await self.settle(parent)
+        self.last_change = time.monotonic()
         return self._looked_up(namespace.mknod(self.ov, parent, _name(name), mode, rdev,
                                                ctx.uid, ctx.gid))
 
@@ -363,6 +372,7 @@ class CowfsOperations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.node(parent_inode)
         await self.settle(parent)
+        self.last_change = time.monotonic()
         return self._looked_up(namespace.symlink(self.ov, parent, _name(name),
                                                  os.fsdecode(target), ctx.uid, ctx.gid))
 
@@ -371,6 +381,7 @@ class CowfsOperations(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node, parent = self.node(inode), self.node(new_parent_inode)
         await self.ensure_upper(node)
+        self.last_change = time.monotonic()
         return self._looked_up(namespace.link(self.ov, node, parent, _name(new_name)))
 
     @fuse_errors
@@ -439,6 +450,7 @@ class CowfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self.last_change = time.monotonic()
         node = self.implicit(fh)
         if node is not None:
             await self.ensure_upper(node)

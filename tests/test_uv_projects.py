@@ -18,6 +18,7 @@ import pytest
 from cowfs.spec import VenvState
 from cowfs.store import Store
 from tests.conftest import EDITED, PKG, UDDER, cow, cowfs, site, unmount_venv
+from tests.wheelbuild import build
 
 UV = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
 pytestmark = pytest.mark.skipif(not Path(UV).exists(), reason="uv is not installed")
@@ -143,6 +144,41 @@ def test_an_uninstall_by_another_tool_leaves_nothing_behind(tmp_path: Path, whee
         assert "no private changes" in cowfs("status", "--venv", str(venv)).stdout
         cowfs("install", "--venv", str(venv), PKG, "--no-index", "--find-links", str(wheels))
         assert cow(venv) == UDDER and _upper_files(venv) == []
+    finally:
+        unmount_venv(venv)
+
+
+def test_a_reinstall_by_uv_of_a_big_package_is_absorbed_once_it_is_done(
+        tmp_path: Path) -> None:
+    """uv removes what cowfs installed (RECORD first), then writes it again. Absorb used to
+    run one second after the last RECORD event, which can fall in the middle of that (seen
+    once with sympy under load: uv failed with EIO, the package was left half there; not
+    reproduced here); it now waits until nothing is written through the mount for a
+    second. This checks the reinstall ends absorbed and importable, twice."""
+    links = tmp_path / "links"
+    links.mkdir()
+    files = {f"big/d{d}/m{i}.py": f"V = {i}\n".encode() for d in range(40) for i in range(20)}
+    files["big/__init__.py"] = b"from big.d39.m19 import V\n"
+    for d in range(40):
+        files[f"big/d{d}/__init__.py"] = b""
+    build(links, files, name="big", meta_extra="")
+    venv = tmp_path / "P" / ".venv"
+    cowfs("venv", str(venv))
+    try:
+        cowfs("install", "--venv", str(venv), "big==1.0", "--no-index", "--find-links",
+              str(links))
+        env = {**os.environ, "UV_CACHE_DIR": str(tmp_path / "uv-cache")}
+        for _ in range(2):
+            proc = subprocess.run(
+                [UV, "pip", "install", "-q", "--reinstall", "--no-deps", "--python",
+                 str(venv / "bin" / "python"), "big==1.0", "--no-index", "--find-links",
+                 str(links)], capture_output=True, text=True, env=env, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            assert _absorbed(venv, timeout=60) == []
+            out = subprocess.run([str(venv / "bin" / "python"), "-c",
+                                  "import big; print(big.V)"], capture_output=True, text=True)
+            assert out.stdout == "19\n", out.stderr
+        assert "no private changes" in cowfs("status", "--venv", str(venv)).stdout
     finally:
         unmount_venv(venv)
 
