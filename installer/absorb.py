@@ -96,7 +96,7 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
     # more). Anything visible stays: it may be private.
     gone_infos = {f"{heads[i].dist_info}/" for i in gone}
     gone_extra = {fe.path for fe in state.extra if fe.path.startswith(tuple(gone_infos))}
-    old_hidden = {p for p in _paths_of(store, gone) | gone_extra
+    old_hidden = {p for p in paths_of(store, gone) | gone_extra
                   if not os.path.lexists(site / p)}
     with store.lock():  # from the first object until the root names the manifests
         # The gone ones' per-venv files (REQUESTED, RECORD...) go with them; a replacement's
@@ -155,7 +155,7 @@ def _missing(site: Path, info_dir: str) -> bool:
                and not os.path.lexists(site / path) for path, _, _ in rows)
 
 
-def _paths_of(store: Store, ids: list[str]) -> set[str]:
+def paths_of(store: Store, ids: list[str]) -> set[str]:
     """Files of these distributions and the directories above them."""
     from cowfs.manifest import read_manifest
 

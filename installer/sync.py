@@ -252,6 +252,7 @@ def uninstall(state: VenvState, store: Store, names: Sequence[str]) -> Summary:
 def _uninstall_locked(state: VenvState, store: Store, names: Sequence[str]) -> Summary:
     summary = Summary()
     wanted = {canonicalize_name(n) for n in names}
+    before = list(state.dists)
     keep: list[str] = []
     extra = list(state.extra)
     found: set[str] = set()
@@ -274,7 +275,20 @@ def _uninstall_locked(state: VenvState, store: Store, names: Sequence[str]) -> S
     state.save()
     roots.record(store, state)
     reload(state)
+    _drop_emptied_dirs(state, store, [i for i in before if i not in keep])
     return summary
+
+
+def _drop_emptied_dirs(state: VenvState, store: Store, removed: list[str]) -> None:
+    """Directories of removed distributions that a copy-up left in the private layer, empty
+    now (or holding only whiteouts of their files): without the lower they showed as empty
+    packages (`import pkg` found a namespace package, a dist-info without METADATA)."""
+    from installer.absorb import emptied_dirs, paths_of
+
+    paths = paths_of(store, removed)
+    dirs = emptied_dirs(state.upper, sorted(paths))
+    if dirs:
+        control.request(state.mount_spec().socket, "reset", paths=dirs)
 
 
 def reload(state: VenvState) -> None:

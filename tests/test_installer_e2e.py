@@ -229,3 +229,20 @@ def test_store_commands_while_the_bytecode_job_runs(venvs: Callable[[str], Path]
     pyc = f"pycowsay/__pycache__/main.cpython-{sys.version_info[0]}{sys.version_info[1]}.pyc"
     assert (site(a) / pyc).exists()
     assert cow(a) == UDDER
+
+
+def test_uninstall_leaves_no_empty_directory_a_copy_up_made(venvs: Callable[[str], Path],
+                                                            wheels: Path) -> None:
+    """chmod copies main.py and its directory up; reset drops the file, not the directory;
+    after uninstall that empty private directory showed as a package (`import pycowsay`
+    found a namespace package)."""
+    venv = venvs("A")
+    cowfs("install", "--venv", str(venv), PKG, "--no-index", "--find-links", str(wheels))
+    os.chmod(site(venv) / "pycowsay" / "main.py", 0o600)
+    cowfs("reset", "-y", "--venv", str(venv), "pycowsay/main.py")
+    cowfs("uninstall", "--venv", str(venv), "pycowsay")
+    assert not [n for n in os.listdir(site(venv)) if n.startswith("pycowsay")]
+    assert not list((venv / ".cowfs" / "upper").iterdir())
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import pycowsay"],
+                           capture_output=True, text=True)
+    assert probe.returncode == 1 and "No module named 'pycowsay'" in probe.stderr
