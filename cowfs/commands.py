@@ -43,8 +43,10 @@ def parse_options(opts: tuple[str, ...]) -> dict[str, str]:
 
 def spec_for_venv(target: Path) -> MountSpec:
     """A venv directory, or its .cowfs/state.json."""
-    venv = target.parent.parent if target.name == "state.json" else target
-    return VenvState.load(venv.absolute()).mount_spec()
+    venv = (target.parent.parent if target.name == "state.json" else target).absolute()
+    state = VenvState.load(venv)
+    state.check_location(venv)
+    return state.mount_spec()
 
 
 @click.command("mount")

@@ -175,6 +175,16 @@ class VenvState:
     def encode(self) -> bytes:
         return json.dumps(self.to_json(), indent=1).encode()
 
+    def check_location(self, here: Path) -> None:
+        """A venv directory moved elsewhere keeps a state naming its old place (mount point,
+        private layer): say so, instead of serving or reporting the old location."""
+        if os.path.realpath(self.venv) != os.path.realpath(here):
+            raise CowfsError(
+                f"{here} was made as a cowfs venv at {self.venv} and then moved; cowfs venvs "
+                f"record their location: move it back, or make a new one here (rm -rf "
+                f"{here} && cowfs venv {here})")
+
+
     def save(self) -> None:
         path = self.path_for(self.venv)
         path.parent.mkdir(parents=True, exist_ok=True)

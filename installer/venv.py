@@ -34,6 +34,7 @@ def find_venv(explicit: str | Path | None = None) -> Path:
             raise CowfsError(f"{venv} is a venv but not a cowfs venv; `cowfs adopt {venv}` "
                              "converts it")
         raise CowfsError(f"no cowfs venv at {venv}; create one with `cowfs venv {venv}`")
+    VenvState.load(venv).check_location(venv)
     return venv
 
 
@@ -50,6 +51,7 @@ def create_venv(path: Path, python: str | None, store: Store) -> tuple[VenvState
     venv = path.absolute()
     if VenvState.path_for(venv).exists():
         state = VenvState.load(venv)
+        state.check_location(venv)
         if python is not None:
             wanted = query_interpreter(python, store)
             have = query_interpreter(venv_python(venv), store)

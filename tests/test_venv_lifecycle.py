@@ -151,3 +151,25 @@ def test_cowfs_venv_with_another_python_on_an_existing_venv_refuses(
     one_line_error(proc, "is a cowfs venv of Python")
     assert VenvState.path_for(venv).read_bytes() == before
     cowfs("venv", str(venv), "--python", here)  # the same interpreter: fine, as before
+
+
+def test_a_moved_venv_is_named_as_moved(tmp_path: Path, wheels: Path) -> None:
+    """cowfs venvs record their location; a moved one reported on (and mounted) its old
+    place. Every command now says it was moved, in one line; moved back, it works."""
+    venv, moved = tmp_path / "a" / ".venv", tmp_path / "b"
+    cowfs("venv", str(venv))
+    try:
+        install(venv, wheels)
+        cowfs("umount", str(venv))
+        venv.rename(moved)
+        for args in (["status", "--venv", str(moved)], ["mount", str(moved)],
+                     ["venv", str(moved)], ["install", "--venv", str(moved), "x"]):
+            one_line_error(cowfs(*args, check=False), f"{moved} was made as a cowfs venv at "
+                                                       f"{venv} and then moved")
+        moved.rename(venv)
+        cowfs("mount", str(venv))
+        assert cow(venv) == UDDER
+    finally:
+        if moved.exists() and not venv.exists():
+            moved.rename(venv)
+        unmount_venv(venv)
