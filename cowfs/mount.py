@@ -7,6 +7,7 @@ so the next cowfs command recovers transparently.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -19,7 +20,7 @@ from pathlib import Path
 from cowfs import control, mount_errors
 from cowfs.errors import CowfsError
 from cowfs.selfexec import python_module
-from cowfs.spec import MountSpec
+from cowfs.spec import HOOK_MODULE, HOOK_PTH, MountSpec
 
 FSTYPE = "fuse.cowfs"
 READY_TIMEOUT = 30.0
@@ -118,6 +119,26 @@ def _log_lines(log: str, start: int) -> list[str]:
         return []
 
 
+def _take_strays(site: str, upper: str) -> None:
+    """What was written into a venv's site-packages while it was not mounted (uv reuses its
+    cached facts about the interpreter, so the automount hook never ran) would be hidden by
+    the mount: it moves into the venv's private layer, where the mount shows it and absorb
+    finds it. The hook's own files stay, and so does a name the private layer already has
+    (what the venv showed last)."""
+    try:
+        names = os.listdir(site)
+    except OSError:
+        return
+    for name in names:
+        if name in (HOOK_MODULE, HOOK_PTH, "__pycache__"):
+            continue
+        target = os.path.join(upper, name)
+        if os.path.lexists(target):
+            continue
+        with contextlib.suppress(OSError):  # another filesystem: left where it is
+            os.rename(os.path.join(site, name), target)
+
+
 def mount(spec: MountSpec, foreground: bool = False) -> str:
     """Mount and return only once the mount answers. Returns 'mounted' or 'already mounted'."""
     mp = spec.mountpoint
@@ -142,6 +163,8 @@ def mount(spec: MountSpec, foreground: bool = False) -> str:
             os.makedirs(d, exist_ok=True)
         except OSError as exc:
             raise CowfsError(f"cannot create {what} {d}: {exc.strerror}") from None
+    if spec.venv is not None:
+        _take_strays(mp, spec.upper)
     spec_file = spec.save()
     if foreground:
         from cowfs.daemon import run

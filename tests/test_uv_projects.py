@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cowfs import mount as mounting
 from cowfs.spec import VenvState
 from cowfs.store import Store
 from tests.conftest import EDITED, PKG, UDDER, cow, cowfs, site, unmount_venv
@@ -178,6 +179,34 @@ def test_a_reinstall_by_uv_of_a_big_package_is_absorbed_once_it_is_done(
             out = subprocess.run([str(venv / "bin" / "python"), "-c",
                                   "import big; print(big.V)"], capture_output=True, text=True)
             assert out.stdout == "19\n", out.stderr
+        assert "no private changes" in cowfs("status", "--venv", str(venv)).stdout
+    finally:
+        unmount_venv(venv)
+
+
+def test_what_uv_wrote_into_an_unmounted_venv_is_taken_in_at_mount(
+        tmp_path: Path, wheels: Path) -> None:
+    """uv reuses what it knows of an interpreter without running it, so after `cowfs umount`
+    (a reboot) it wrote under the mount point and the automount then hid those files.
+    They now move into the private layer at mount, show, and are absorbed."""
+    venv = tmp_path / "P" / ".venv"
+    cowfs("venv", str(venv))
+    try:
+        env = {**os.environ, "UV_CACHE_DIR": str(tmp_path / "uv-cache")}
+        python = str(venv / "bin" / "python")
+        subprocess.run([UV, "pip", "install", "-q", "--python", python, "--no-index",
+                        "--find-links", str(wheels), PKG], check=True, env=env)
+        assert _absorbed(venv) == []
+        cowfs("umount", str(venv))
+        subprocess.run([UV, "pip", "uninstall", "-q", "--python", python, "pycowsay"],
+                       env=env)  # nothing mounted: the real directory holds the hook only
+        real = VenvState.load(venv).site_packages
+        assert mounting.find_mount(str(real)) is None
+        subprocess.run([UV, "pip", "install", "-q", "--python", python, "--no-index",
+                        "--find-links", str(wheels), PKG], check=True, env=env)
+        assert (real / "pycowsay").is_dir() and mounting.find_mount(str(real)) is None
+        assert cow(venv) == UDDER  # the hook mounts; the files show through the mount
+        assert _absorbed(venv) == []
         assert "no private changes" in cowfs("status", "--venv", str(venv)).stdout
     finally:
         unmount_venv(venv)
