@@ -198,14 +198,17 @@ def test_what_uv_wrote_into_an_unmounted_venv_is_taken_in_at_mount(
                         "--find-links", str(wheels), PKG], check=True, env=env)
         assert _absorbed(venv) == []
         cowfs("umount", str(venv))
-        subprocess.run([UV, "pip", "uninstall", "-q", "--python", python, "pycowsay"],
-                       env=env)  # nothing mounted: the real directory holds the hook only
+        links = tmp_path / "links"
+        links.mkdir()
+        build(links, {"stray/__init__.py": b"V = 7\n"}, name="stray", meta_extra="")
         real = VenvState.load(venv).site_packages
-        assert mounting.find_mount(str(real)) is None
         subprocess.run([UV, "pip", "install", "-q", "--python", python, "--no-index",
-                        "--find-links", str(wheels), PKG], check=True, env=env)
-        assert (real / "pycowsay").is_dir() and mounting.find_mount(str(real)) is None
-        assert cow(venv) == UDDER  # the hook mounts; the files show through the mount
+                        "--find-links", str(links), "stray"], check=True, env=env)
+        assert (real / "stray").is_dir() and mounting.find_mount(str(real)) is None
+        out = subprocess.run([python, "-c", "import stray; print(stray.V)"],
+                             capture_output=True, text=True)  # the hook mounts first
+        assert out.stdout == "7\n", out.stderr
+        assert cow(venv) == UDDER
         assert _absorbed(venv) == []
         assert "no private changes" in cowfs("status", "--venv", str(venv)).stdout
     finally:
