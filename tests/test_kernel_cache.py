@@ -122,9 +122,10 @@ def test_install_uninstall_and_reset_refresh_cached_listings(
     cowfs("reset", "--venv", str(venv), "pycowsay/main.py", "-y")
     assert set(os.listdir(pkg)) == listed  # the daemon restored it behind the kernel's back
     cowfs("uninstall", "--venv", str(venv), "pycowsay")
-    # The package directory stays as the private (copied-up) directory of the deletion;
-    # the distribution's metadata directory is gone.
-    assert dist_info not in os.listdir(sp) and os.listdir(sp / "pycowsay") == []
+    # Both are gone from the cached listing, the package directory too although the reset
+    # had left it copied up (empty) in the private layer.
+    assert dist_info not in os.listdir(sp) and "pycowsay" not in os.listdir(sp)
+    assert not (sp / "pycowsay").exists()
 
 
 def daemon_fds(spec: Any) -> int:
