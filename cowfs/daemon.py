@@ -34,27 +34,12 @@ from cowfs.spec import MountSpec, VenvState
 from cowfs.store import Store
 from cowfs.super import Invalidation, build_lower, build_overlay, swap_lower
 from cowfs.teardown import VenvTeardown
+from cowfs.upper import foreign_dist_infos
 
 log = logging.getLogger("cowfs.daemon")
-ABSORB_QUIET_S = 1.0  # an installer writes RECORDs in a burst; absorb once it is done
+ABSORB_QUIET_S = 1.0  # absorb once nothing was written through the mount for this long
 ABSORB_LATER, ABSORB_RETRIES = 75, 60  # `cowfs adopt`: some dist unfinished (EX_TEMPFAIL)
 
-
-
-def _records_in(upper: str) -> bool:
-    """A top-level dist-info with a RECORD of substance in the private layer: another
-    installer's work that absorb has not taken yet."""
-    try:
-        names = [n for n in os.listdir(upper) if n.endswith(".dist-info")]
-    except OSError:
-        return False
-    for name in names:
-        try:
-            if os.lstat(os.path.join(upper, name, "RECORD")).st_size > 0:
-                return True
-        except OSError:
-            continue
-    return False
 
 class Daemon:
     def __init__(self, spec: MountSpec) -> None:
@@ -217,7 +202,7 @@ class Daemon:
         quiet, `cowfs adopt VENV` makes them store-backed (installer.absorb); it calls back
         here for reload and reset. Its failure is logged: the venv works unabsorbed."""
         retries = 0
-        if _records_in(self.spec.upper):
+        if foreign_dist_infos(self.spec.upper):
             self._dists_changed.set()  # written while unmounted (cowfs.mount._take_strays)
         while True:
             await self._dists_changed.wait()

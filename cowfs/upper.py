@@ -104,6 +104,27 @@ def is_whiteout_stat(path: str, st: os.stat_result) -> bool:
             and _getxattr(path, WHITEOUT_XATTR) is not None)
 
 
+def foreign_dist_infos(upper: str | os.PathLike[str]) -> list[str]:
+    """Top-level dist-info directories with a real RECORD (not the whiteout of one deleted
+    by an uninstall) in a venv's upper layer: written by an installer other than cowfs,
+    whose own are lower entries. What installer.absorb takes into the store."""
+    try:
+        names = os.listdir(upper)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        path = os.path.join(upper, name, "RECORD")
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if name.endswith(".dist-info") and stat.S_ISREG(st.st_mode) \
+                and not is_whiteout_stat(path, st):
+            found.append(name)
+    return sorted(found)
+
+
 def is_opaque_dir(path: str) -> bool:
     value = _getxattr(path, OPAQUE_XATTR) or _getxattr(path, "trusted.overlay.opaque")
     return value == b"y" or os.path.lexists(f"{path}/{WH_OPAQUE}")

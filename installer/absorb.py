@@ -18,7 +18,6 @@ what is really installed.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from cowfs.layer import ensure_layer, read_head
 from cowfs.manifest import Manifest, write_manifest
 from cowfs.spec import VenvState
 from cowfs.store import Store
-from cowfs.upper import is_whiteout_stat
+from cowfs.upper import foreign_dist_infos
 from installer.interpreters import query_interpreter
 from installer.record_match import Sorter, claims
 
@@ -45,26 +44,6 @@ class Absorbed:
     unfinished: list[str] = field(default_factory=list)  # dist-infos still being written
 
 
-def foreign_dist_infos(state: VenvState) -> list[str]:
-    """Top-level dist-info directories with a RECORD in the upper layer: written by an
-    installer other than cowfs (cowfs's own are lower entries)."""
-    try:
-        names = os.listdir(state.upper)
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if n.endswith(".dist-info") and _is_record(state.upper / n))
-
-
-def _is_record(info_dir: Path) -> bool:
-    """A real RECORD, not the whiteout of one another tool deleted (an uninstall)."""
-    path = str(info_dir / "RECORD")
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and not is_whiteout_stat(path, st)
-
-
 def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorbed | None:
     """Absorb into a live venv; None when there is nothing to do. The caller holds the
     venv's installer lock; the state is updated in place (and saved). With python, shared
@@ -76,7 +55,7 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
     # arrive: a distribution whose RECORD names files not there yet is still being
     # written, and is left for the next run (the daemon retries; installer finished first).
     info_dirs, unfinished = [], []
-    for d in foreign_dist_infos(state):
+    for d in foreign_dist_infos(state.upper):
         (unfinished if _missing(site, d) else info_dirs).append(d)
     heads = {i: read_head(store, i) for i in state.dists}
     # Replaced, or uninstalled: pip and uv delete what RECORD lists, RECORD included (the
