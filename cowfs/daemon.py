@@ -225,7 +225,8 @@ class Daemon:
             log.log(logging.WARNING if proc.returncode not in (0, ABSORB_LATER) else logging.INFO,
                     "absorb (exit %d): %s", proc.returncode, said)
             if proc.returncode == ABSORB_LATER and retries < ABSORB_RETRIES:
-                retries += 1  # some distribution is still being written: again when quiet
+                retries += 1  # some distribution is still being written or removed:
+                await trio.sleep(ABSORB_QUIET_S)  # again once it had time to go on
                 self._dists_changed.set()
             else:
                 retries = 0

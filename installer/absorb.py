@@ -59,9 +59,19 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
         (unfinished if _missing(site, d) else info_dirs).append(d)
     heads = {i: read_head(store, i) for i in state.dists}
     # Replaced, or uninstalled: pip and uv delete what RECORD lists, RECORD included (the
-    # dist-info directory may stay, holding per-venv files such as REQUESTED).
-    gone = [i for i, h in heads.items()
-            if h.dist_info in info_dirs or not (site / h.dist_info / "RECORD").is_file()]
+    # dist-info directory may stay, holding per-venv files such as REQUESTED). uv deletes
+    # RECORD first: while any other file of the distribution is still there, the removal
+    # is under way (or RECORD alone was deleted) and dropping the rest from the lower
+    # layer would pull files from under the remover (seen: EIO in uv's reinstall).
+    gone = []
+    for i, h in heads.items():
+        if h.dist_info in info_dirs:
+            gone.append(i)
+        elif not (site / h.dist_info / "RECORD").is_file():
+            if _still_there(store, i, site):
+                unfinished.append(h.dist_info)  # being removed: absorbed when done
+            else:
+                gone.append(i)
     if not info_dirs and not gone:
         return Absorbed(unfinished=unfinished) if unfinished else None
     if mounting.mount_state(str(site)) != "live":
@@ -132,6 +142,15 @@ def _missing(site: Path, info_dir: str) -> bool:
         return True
     return any(not path.startswith("../") and not path.endswith(".pyc")
                and not os.path.lexists(site / path) for path, _, _ in rows)
+
+
+def _still_there(store: Store, dist: str, site: Path) -> bool:
+    """A file of the installed distribution (bytecode aside) is still in the view."""
+    from cowfs.manifest import read_manifest
+
+    return any(not fe.path.endswith(".pyc") and os.path.lexists(site / fe.path)
+               for fe in read_manifest(store, dist).files
+               if not fe.path.endswith("/RECORD"))
 
 
 def paths_of(store: Store, ids: list[str]) -> set[str]:

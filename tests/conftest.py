@@ -150,6 +150,14 @@ def object_hashes(store: Store) -> dict[str, str]:
     return {d: digest_bytes(p.read_bytes()) for d, p in store.iter_objects()}
 
 
+def upper_files(venv: Path) -> list[str]:
+    """The venv's private layer's files; absorb may be emptying it meanwhile (a walk skips
+    what goes, where rglob raised)."""
+    upper = VenvState.load(venv).upper
+    return sorted(os.path.relpath(os.path.join(d, f), upper)
+                  for d, _, names in os.walk(upper) for f in names)
+
+
 def site(venv: Path) -> Path:
     return VenvState.load(venv).site_packages
 

@@ -18,7 +18,7 @@ import pytest
 from cowfs import mount as mounting
 from cowfs.spec import VenvState
 from cowfs.store import Store
-from tests.conftest import EDITED, PKG, UDDER, cow, cowfs, site, unmount_venv
+from tests.conftest import EDITED, PKG, UDDER, cow, cowfs, site, unmount_venv, upper_files
 from tests.wheelbuild import build
 
 UV = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
@@ -35,15 +35,10 @@ def _uv(project: Path, *args: str, wheels: Path | None = None) -> str:
     return proc.stdout + proc.stderr
 
 
-def _upper_files(venv: Path) -> list[str]:
-    upper = VenvState.load(venv).upper
-    return sorted(str(p.relative_to(upper)) for p in upper.rglob("*") if not p.is_dir())
-
-
 def _absorbed(venv: Path, timeout: float = 20) -> list[str]:
     """The daemon absorbs once uv has gone quiet (about a second)."""
     deadline = time.monotonic() + timeout
-    while (files := _upper_files(venv)) and time.monotonic() < deadline:
+    while (files := upper_files(venv)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return files
 
@@ -85,7 +80,7 @@ def test_two_projects_the_uv_way(projects, wheels: Path) -> None:  # type: ignor
     assert UDDER in _uv(b, "run", "-q", "pycowsay", "moo", wheels=wheels)
     c = projects("C", wheels)
     assert UDDER in _uv(c, "run", "-q", "pycowsay", "moo", wheels=wheels)
-    assert _upper_files(a / ".venv") == [MAIN]  # the edit is A's alone
+    assert upper_files(a / ".venv") == [MAIN]  # the edit is A's alone
     assert _absorbed(b / ".venv") == [] and _absorbed(c / ".venv") == []
     # Neither the store nor uv's cache holds the edited file.
     edited_line = EDITED.encode()
@@ -99,7 +94,7 @@ def test_two_projects_the_uv_way(projects, wheels: Path) -> None:  # type: ignor
     # cowfs knows uv's install: status, diff, reset, uninstall.
     assert "pycowsay/main.py" in cowfs("diff", "--venv", str(a / ".venv")).stdout
     cowfs("reset", "--venv", str(a / ".venv"), "pycowsay", "-y")
-    assert cow(a / ".venv") == UDDER and _upper_files(a / ".venv") == []
+    assert cow(a / ".venv") == UDDER and upper_files(a / ".venv") == []
     cowfs("uninstall", "--venv", str(b / ".venv"), "pycowsay")
     assert not (site(b / ".venv") / MAIN).exists()
 
@@ -114,7 +109,7 @@ def test_cowfs_install_over_what_uv_installed_replaces_it_cleanly(
                         PKG, "--no-index", "--find-links", str(wheels)], check=True, env=env)
         # At once, before the daemon's absorb: install absorbs first, then replaces.
         cowfs("install", "--venv", str(venv), PKG, "--no-index", "--find-links", str(wheels))
-        assert _upper_files(venv) == []
+        assert upper_files(venv) == []
         state = VenvState.load(venv)
         assert not any("-adopted-" in d for d in state.dists)
         assert cow(venv) == UDDER
@@ -144,7 +139,7 @@ def test_an_uninstall_by_another_tool_leaves_nothing_behind(tmp_path: Path, whee
         assert not [n for n in os.listdir(site(venv)) if n.startswith("pycowsay")]
         assert "no private changes" in cowfs("status", "--venv", str(venv)).stdout
         cowfs("install", "--venv", str(venv), PKG, "--no-index", "--find-links", str(wheels))
-        assert cow(venv) == UDDER and _upper_files(venv) == []
+        assert cow(venv) == UDDER and upper_files(venv) == []
     finally:
         unmount_venv(venv)
 
@@ -229,7 +224,7 @@ def test_uv_recreating_the_venv_for_another_python(projects, wheels: Path) -> No
     fail = cowfs("status", "--venv", str(venv), check=False)
     assert fail.returncode == 1 and f"cowfs adopt {venv}" in fail.stderr  # the one command
     cowfs("adopt", str(venv))
-    assert _upper_files(venv) == []  # uv's copies are served from the store again
+    assert upper_files(venv) == []  # uv's copies are served from the store again
     assert UDDER in _uv(a, "run", "-q", "pycowsay", "moo", wheels=wheels)
 
 
