@@ -16,6 +16,7 @@ from cowfs.errors import CowfsError
 from cowfs.spec import VenvState
 from cowfs.store import Store
 from installer import changes
+from installer.diff import diff_lines
 from installer.venv import find_venv
 
 COLOURS = {"M": "yellow", "?": "yellow", "P": "cyan", "t": "cyan", "T": "magenta",
@@ -123,7 +124,7 @@ def diff_cmd(targets: tuple[str, ...], venv_opt: str | None) -> None:
     """Unified diff of the venv's changes (PKG or PATH...) against the pristine files."""
     report = changes.scan(_state(venv_opt))
     chosen = changes.select(report, targets) if targets else report.changes
-    for line in changes.diff_lines(report, chosen):
+    for line in diff_lines(report, chosen):
         if line.startswith(("---", "+++")):
             line = click.style(line, bold=True)
         elif line.startswith("@@"):

@@ -33,7 +33,12 @@ from installer.ingest import Ingestor
 from installer.interpreters import InterpreterInfo
 from installer.locks import pins_from_local_wheels
 from installer.resolve import Pin, choose_resolver, local_path, resolve
-from installer.scripts import VenvFiles, install_venv_files, remove_venv_files
+from installer.scripts import (
+    VenvFiles,
+    install_venv_files,
+    remove_recorded_outside,
+    remove_venv_files,
+)
 from installer.venv import ensure_mounted
 from installer.wheel import venv_extra_files
 
@@ -192,7 +197,7 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
     extra = [e for e in state.extra]
     for name, old in current.items():
         if name not in wanted or wanted[name].id != old.id:
-            remove_venv_files(old, state.venv)
+            _remove_outside_site(state, old)
             extra = [e for e in extra if not e.path.startswith(_dist_info_prefix(old))]
             summary.removed.append((old.name, old.version))
     direct = {p.name: p.direct_url for p in pins}
@@ -261,7 +266,7 @@ def _uninstall_locked(state: VenvState, store: Store, names: Sequence[str]) -> S
         name = canonicalize_name(m.name)
         if name in wanted:
             found.add(name)
-            remove_venv_files(m, state.venv)
+            _remove_outside_site(state, m)
             extra = [e for e in extra if not e.path.startswith(_dist_info_prefix(m))]
             summary.removed.append((m.name, m.version))
         else:
@@ -277,6 +282,15 @@ def _uninstall_locked(state: VenvState, store: Store, names: Sequence[str]) -> S
     reload(state)
     _drop_emptied_dirs(state, store, [i for i in before if i not in keep])
     return summary
+
+
+def _remove_outside_site(state: VenvState, m: Dist) -> None:
+    """A removed distribution's files outside site-packages: what cowfs installed, and
+    what pip or uv did (absorbed distributions have no manifest data, their RECORD lists it)."""
+    remove_venv_files(m, state.venv)
+    with contextlib.suppress(OSError):
+        record = (state.site_packages / m.dist_info / "RECORD").read_bytes()
+        remove_recorded_outside(record, state.site_packages, state.venv)
 
 
 def _drop_emptied_dirs(state: VenvState, store: Store, removed: list[str]) -> None:

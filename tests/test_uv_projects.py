@@ -243,3 +243,32 @@ def test_cowfs_sync_of_a_uv_lock_is_what_uv_sync_installs(projects, wheels: Path
     assert UDDER in _uv(a, "run", "--locked", "-q", "pycowsay", "moo", wheels=wheels)
     again = cowfs("sync", str(a / "uv.lock"), *args).stdout
     assert "Synced 0 packages" in again
+
+
+def test_cowfs_uninstall_of_what_uv_installed_removes_its_scripts_and_data(
+        tmp_path: Path) -> None:
+    """A distribution uv installed has, once absorbed, no manifest data: its console script
+    and `.data/data` file outside site-packages used to stay after `cowfs uninstall`."""
+    links = tmp_path / "links"
+    links.mkdir()
+    build(links, {"tool/__init__.py": b"def main():\n    print('hi')\n",
+                  "tool-1.0.data/data/share/tool/tool.1": b".TH tool 1\n",
+                  "tool-1.0.data/scripts/tool-sh": (b"#!/bin/sh\necho sh\n", 0o755)},
+          name="tool", meta_extra="", entry_points="[console_scripts]\ntool = tool:main\n")
+    venv = tmp_path / "P" / ".venv"
+    cowfs("venv", str(venv))
+    try:
+        env = {**os.environ, "UV_CACHE_DIR": str(tmp_path / "uv-cache")}
+        subprocess.run([UV, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
+                        "tool==1.0", "--no-index", "--find-links", str(links)],
+                       check=True, env=env)
+        outside = [venv / "bin" / "tool", venv / "bin" / "tool-sh",
+                   venv / "share" / "tool" / "tool.1"]
+        assert all(p.exists() for p in outside)
+        assert _absorbed(venv) == []
+        cowfs("uninstall", "--venv", str(venv), "tool")
+        assert [p for p in outside if p.exists()] == []
+        assert not (venv / "share").exists()  # emptied directories go too
+        assert (venv / "bin" / "python").exists()
+    finally:
+        unmount_venv(venv)
