@@ -11,13 +11,14 @@ from pathlib import Path
 import click
 
 from cowfs import gc
+from cowfs import mount as mounting
 from cowfs import roots as gc_roots
 from cowfs.errors import CowfsError
 from cowfs.spec import VenvState
 from cowfs.store import Store
 from installer import changes
 from installer.diff import diff_lines
-from installer.venv import find_venv
+from installer.venv import ensure_mounted, find_venv
 
 COLOURS = {"M": "yellow", "?": "yellow", "P": "cyan", "t": "cyan", "T": "magenta",
            "A": "green", "D": "red"}
@@ -25,7 +26,14 @@ SHOWN_CONFIRM = 20  # paths listed before a reset confirmation
 
 
 def _state(venv_opt: str | None) -> VenvState:
-    return VenvState.load(find_venv(venv_opt))
+    """The venv; a mount whose daemon died (killed, OOM) is remounted first: its files gave
+    "Transport endpoint is not connected" while status read the private layer as fine."""
+    state = VenvState.load(find_venv(venv_opt))
+    if mounting.mount_state(str(state.site_packages)) == "stale":
+        ensure_mounted(state)
+        click.echo(f"cowfs: the mount daemon of {state.venv} had stopped (its log: "
+                   f"{state.mount_spec().log}); remounted", err=True)
+    return state
 
 
 def _filesystem(directory: Path) -> dict[str, object] | None:
