@@ -104,7 +104,7 @@ class Daemon:
             from cowfs.reset import reset_paths  # only needed by this request
 
             await self.ops.settle()
-            inv, removed = reset_paths(self.ov, list(req.get("paths", [])))
+            inv, removed = reset_paths(self.ov, list(req.get("paths", [])), req.get("expect"))
             self.ops.forget_caches()
             await self.invalidate(inv)
             log.info("reset %d paths", len(removed))

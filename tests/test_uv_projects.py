@@ -144,6 +144,42 @@ def test_an_uninstall_by_another_tool_leaves_nothing_behind(tmp_path: Path, whee
         unmount_venv(venv)
 
 
+@pytest.mark.parametrize("tool", ["uv", "pip"])
+def test_an_upgrade_by_another_tool_over_the_same_paths_is_absorbed(
+        tmp_path: Path, tool: str) -> None:
+    """Upgrading what cowfs installed rewrites the same paths. The old version must count as
+    gone although "its" files are still there (the new one's), twice over: the second
+    upgrade found the first version's dist-info without RECORD ("Cannot uninstall")."""
+    links = tmp_path / "links"
+    links.mkdir()
+    for v in ("1.0", "2.0", "3.0"):
+        build(links, {"up/__init__.py": f"V = {v!r}\n".encode(), "up/mod.py": b"X = 1\n"},
+              name="up", version=v, meta_extra="")
+    venv = tmp_path / "P" / ".venv"
+    cowfs("venv", str(venv))
+    try:
+        cowfs("install", "--venv", str(venv), "up==1.0", "--no-index", "--find-links",
+              str(links))
+        python = str(venv / "bin" / "python")
+        env = {**os.environ, "UV_CACHE_DIR": str(tmp_path / "uv-cache")}
+        for v in ("2.0", "3.0"):
+            cmd = [UV, "pip", "install", "--python", python] if tool == "uv" else \
+                [sys.executable, "-m", "pip", "--python", python, "install", "-q"]
+            proc = subprocess.run([*cmd, f"up=={v}", "--no-index", "--find-links", str(links)],
+                                  capture_output=True, text=True, env=env)
+            assert proc.returncode == 0, proc.stderr
+            assert _absorbed(venv) == []
+            ups = [d for d in VenvState.load(venv).dists if d.startswith("up-")]
+            assert len(ups) == 1 and ups[0].startswith(f"up-{v}-"), ups
+            assert sorted(n for n in os.listdir(site(venv)) if n.startswith("up")) == \
+                ["up", f"up-{v}.dist-info"]
+            out = subprocess.run([python, "-c", "import up; print(up.V)"],
+                                 capture_output=True, text=True)
+            assert out.stdout == f"{v}\n", out.stderr
+    finally:
+        unmount_venv(venv)
+
+
 def test_a_reinstall_by_uv_of_a_big_package_is_absorbed_once_it_is_done(
         tmp_path: Path) -> None:
     """uv removes what cowfs installed (RECORD first), then writes it again. Absorb used to
