@@ -11,6 +11,7 @@ installs behave exactly as before.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from cowfs.errors import StoreError
+from cowfs.errors import CowfsError, StoreError
 from cowfs.layer import read_head
 from cowfs.manifest import Dist
 from cowfs.remote import config, is_sha256
@@ -30,6 +31,16 @@ if TYPE_CHECKING:  # the rest is imported only when a remote is configured (warm
     from cowfs.remote.config import Remote
     from cowfs.remote.pull import RemoteDist
     from cowfs.remote.transport import Transport
+
+
+FETCH_ENV = "COWFS_REMOTE_FETCH"  # lazy (default): on first open; eager: at install
+
+
+def fetch_mode() -> str:
+    mode = os.environ.get(FETCH_ENV, "") or "lazy"
+    if mode not in ("lazy", "eager"):
+        raise CowfsError(f"${FETCH_ENV} must be lazy or eager, not {mode!r}")
+    return mode
 
 
 def candidates(pin: Pin) -> list[tuple[str, str]]:
@@ -63,7 +74,8 @@ class Prepared:
             sys.stderr.write(f"\r\x1b[Kcowfs: fetching {done}/{total} objects from remotes "
                              f"({size / 1e6:.1f} MB)")
 
-        count, _ = materialize(store, self.remote.values(), draw if show else None)
+        count, _ = materialize(store, self.remote.values(), draw if show else None,
+                               lazy=fetch_mode() == "lazy")
         if show and count:
             sys.stderr.write("\n")
         return {**self.local, **{n: rd.manifest for n, rd in self.remote.items()}}
@@ -99,6 +111,7 @@ def prepare(store: Store, pins: Sequence[Pin], tags: Sequence[str], *, offline: 
     prepared = Prepared()
     if not remotes:
         return list(pins), prepared
+    fetch_mode()  # a bad value is refused before anything is fetched
     opened = [] if offline else [(r, r.open()) for r in remotes]  # offline: the store only
     rest: list[Pin] = []
     asks: list[Pin] = []

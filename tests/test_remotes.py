@@ -6,10 +6,12 @@ error line with the venv unchanged and nothing unverified kept."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -163,7 +165,8 @@ def test_host2_syncs_from_nginx_without_index_or_wheel(
     with nginx(remote, tmp_path / "nginx") as url:
         host2.run("store", "remote", "add", "origin", url)
         started = time.perf_counter()
-        host2.run("sync", str(lock), "--venv", str(host2.venv), "--no-index")
+        host2.run("sync", str(lock), "--venv", str(host2.venv), "--no-index",
+                  COWFS_REMOTE_FETCH="eager")
         seconds = time.perf_counter() - started
         log = (tmp_path / "nginx" / "access.log").read_text()
     print(f"host 2 sync from nginx: {seconds:.2f} s")
@@ -208,11 +211,14 @@ def test_s3_push_from_host1_install_on_host2(
         assert len([k for k in keys if k.startswith("cowfs/v1/objects/")]) == 11
         again = json.loads(host1.run("store", "push", url, "--json", **aws).stdout)
         assert again["pushed"] == [] and again["objects"] == 0
+        # The daemon fetches lazily: it needs the AWS configuration too (here: variables).
+        host2.run("umount", str(host2.venv))
+        host2.run("mount", str(host2.venv), **aws)
         host2.run("sync", str(lock), "--venv", str(host2.venv), "--no-index",
                   COWFS_REMOTE=url, **aws)
+        assert cow(host2.venv) == UDDER
         one_line_error(host2.run("store", "push", "s3://no-such-bucket/x", check=False, **aws),
                        "NoSuchBucket")
-    assert cow(host2.venv) == UDDER
     assert dist_of(host2.store) == ident
 
 
@@ -239,7 +245,7 @@ def test_faults_are_one_line_and_change_nothing(
 
     def refused(text: str, url: str = srv.url) -> None:
         proc = host2.run("sync", str(lock), "--venv", str(host2.venv), "--no-index",
-                         check=False, COWFS_REMOTE=url)
+                         check=False, COWFS_REMOTE=url, COWFS_REMOTE_FETCH="eager")
         one_line_error(proc, text)
         assert host2.state() == state
         assert not iter_manifests(host2.store)
@@ -263,7 +269,8 @@ def test_faults_are_one_line_and_change_nothing(
     # 503 twice, then the file: retried, installed.
     srv.requests.clear()
     srv.fail[big_key] = 2
-    host2.run("sync", str(lock), "--venv", str(host2.venv), "--no-index", COWFS_REMOTE=srv.url)
+    host2.run("sync", str(lock), "--venv", str(host2.venv), "--no-index", COWFS_REMOTE=srv.url,
+              COWFS_REMOTE_FETCH="eager")
     assert srv.requests.count(big_key) == 3
     assert cow(host2.venv) == UDDER
     assert json.loads(host2.run("store", "verify", "--json").stdout)["ok"]
@@ -286,3 +293,112 @@ def test_install_resolves_on_the_index_and_takes_files_from_the_remote(
         cowfs("install", "--venv", str(host2.venv), PKG, "--index-url", index.url, env=env)
     assert cow(host2.venv) == UDDER
     assert not list(host2.store.wheels.iterdir())
+
+
+# -- lazy installs: objects fetched by the mount daemon on first read ----------------------
+
+
+@pytest.fixture
+def lazy_host2(faulty: tuple[FaultServer, Path, str], hosts: Callable[[str], Host],
+               lock: Path) -> tuple[Host, FaultServer, Path, Any]:
+    """Host 2 synced lazily from the fault server: only RECORD and data files fetched."""
+    srv, remote, ident = faulty
+    host2 = hosts("host2")
+    host2.run("sync", str(lock), "--venv", str(host2.venv), "--no-index", COWFS_REMOTE=srv.url)
+    return host2, srv, remote, read_manifest(host2.store, ident)
+
+
+def key_of(digest: str) -> str:
+    return f"objects/{digest[:2]}/{digest[2:]}"
+
+
+def test_lazy_install_fetches_each_object_on_first_read_without_blocking_others(
+        lazy_host2: tuple[Host, FaultServer, Path, Any]) -> None:
+    host2, srv, remote, manifest = lazy_host2
+    files = {fe.path: fe.digest for fe in manifest.files}
+    main, meta = files["pycowsay/main.py"], files["pycowsay-0.0.0.2.dist-info/METADATA"]
+    record = files["pycowsay-0.0.0.2.dist-info/RECORD"]
+    assert host2.store.has(record) and not host2.store.has(main)
+    assert all(host2.store.has(fe.digest) for rows in manifest.data.values() for fe in rows)
+    verify = json.loads(host2.run("store", "verify", "--json").stdout)
+    assert verify["ok"] and verify["on_remote"] >= 5, verify
+    site = VenvState.load(host2.venv).site_packages
+    srv.stall[key_of(main)] = 2.0
+    srv.requests.clear()
+    got: dict[str, bytes] = {}
+    slow = threading.Thread(target=lambda: got.update(main=(site / "pycowsay/main.py")
+                                                      .read_bytes()))
+    started = time.monotonic()
+    slow.start()
+    time.sleep(0.3)  # the first read of main.py is waiting on the remote now
+    meta_bytes = (site / "pycowsay-0.0.0.2.dist-info/METADATA").read_bytes()
+    listing = sorted(os.listdir(site / "pycowsay"))
+    other = time.monotonic() - started
+    slow.join(10)
+    assert other < 1.5, f"another file's first read waited {other:.2f} s for main.py's"
+    assert time.monotonic() - started >= 2.0
+    assert got["main"] == (remote / key_of(main)).read_bytes()
+    assert meta_bytes == (remote / key_of(meta)).read_bytes()
+    assert listing == ["__init__.py", "__main__.py", "main.py"]
+    assert srv.requests.count(key_of(main)) == 1
+    assert host2.store.has(main) and host2.store.has(meta)
+    assert cow(host2.venv) == UDDER
+
+
+def test_lazy_read_of_an_unfetchable_file_is_eio_and_nothing_else_breaks(
+        lazy_host2: tuple[Host, FaultServer, Path, Any]) -> None:
+    host2, _, remote, manifest = lazy_host2
+    files = {fe.path: fe.digest for fe in manifest.files}
+    meta, wheel = files["pycowsay-0.0.0.2.dist-info/METADATA"], \
+        files["pycowsay-0.0.0.2.dist-info/WHEEL"]
+    site = VenvState.load(host2.venv).site_packages
+    log = Path(VenvState.load(host2.venv).mount_spec().log)
+    saved = (remote / key_of(meta)).read_bytes()
+    (remote / key_of(meta)).unlink()
+    good = (remote / key_of(wheel)).read_bytes()
+    (remote / key_of(wheel)).write_bytes(good.replace(b"Wheel", b"Whee!"))
+    for name in ("METADATA", "WHEEL"):
+        with pytest.raises(OSError) as caught:
+            (site / f"pycowsay-0.0.0.2.dist-info/{name}").read_bytes()
+        assert caught.value.errno == errno.EIO
+    with pytest.raises(OSError):  # at once again: no retry storm, no second log line
+        (site / "pycowsay-0.0.0.2.dist-info/METADATA").read_bytes()
+    lines = [ln for ln in log.read_text().splitlines() if "cannot fetch" in ln]
+    assert len(lines) == 2, lines
+    assert "dist-info/METADATA" in lines[0] and "is missing" in lines[0]
+    assert "dist-info/WHEEL" in lines[1] and "does not match its sha256" in lines[1]
+    assert not host2.store.has(meta) and not host2.store.has(wheel)  # nothing unverified
+    assert cow(host2.venv) == UDDER  # everything else works
+    (remote / key_of(meta)).write_bytes(saved)
+    time.sleep(2.2)  # RETRY_AFTER_S: then the next read tries again
+    assert (site / "pycowsay-0.0.0.2.dist-info/METADATA").read_bytes() == saved
+
+
+def test_concurrent_first_opens_share_one_fetch(
+        lazy_host2: tuple[Host, FaultServer, Path, Any]) -> None:
+    import trio
+
+    from cowfs.remote.lazy import LazyObjects
+
+    host2, srv, remote, manifest = lazy_host2
+    main = next(fe.digest for fe in manifest.files if fe.path == "pycowsay/main.py")
+    srv.stall[key_of(main)] = 0.5
+    srv.requests.clear()
+    lazy = LazyObjects(host2.store)
+    source = str(host2.store.object_path(main))
+    results: list[bool] = []
+
+    async def opens() -> None:
+        async def one() -> None:
+            results.append(await lazy.fetch(source, "pycowsay/main.py"))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(one)
+
+    trio.run(opens)
+    assert results == [True] * 8
+    assert srv.requests.count(key_of(main)) == 1
+    assert (host2.store.object_path(main)).read_bytes() == (remote / key_of(main)).read_bytes()
+    stray = host2.store.object_path("0" * 32)  # not a lazily installed object: not fetched
+    assert trio.run(lazy.fetch, str(stray), "x") is False

@@ -19,8 +19,13 @@ gives, cross-checked with the distribution's RECORD.
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cowfs.errors import CowfsError
+
+if TYPE_CHECKING:
+    from cowfs.store import Store
 
 FORMAT = 1
 MARKER = "cowfs-remote.json"
@@ -49,3 +54,10 @@ def layer_key(dist_id: str) -> str:
 
 def is_sha256(value: object) -> bool:
     return isinstance(value, str) and _SHA256.fullmatch(value) is not None
+
+
+def origin_path(store: Store, dist_id: str) -> Path:
+    """Where the local store records which remote a distribution came from (its URL and
+    each object's sha256): what a daemon fetches a lazily installed object by. Not *.json
+    (that is a manifest); gc drops it with its manifest."""
+    return store.dists / f"{dist_id}.remote"

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 from cowfs.errors import StoreError
 from cowfs.gc import manifest_rows
 from cowfs.manifest import Manifest, write_manifest
-from cowfs.remote import RemoteError, is_sha256, manifest_key, object_key, sha256_key
+from cowfs.remote import (
+    FORMAT,
+    RemoteError,
+    is_sha256,
+    manifest_key,
+    object_key,
+    origin_path,
+    sha256_key,
+)
 from cowfs.remote.config import Remote
 from cowfs.remote.transport import CHUNK, Transport
 from cowfs.store import Store
@@ -43,8 +51,12 @@ class RemoteDist:
     manifest: Manifest
     shas: dict[str, str]  # xxh3 digest -> sha256
 
-    def missing(self, store: Store) -> list[str]:
-        return [d for d in self.shas if not store.has(d)]
+    def missing(self, store: Store, *, lazy: bool = False) -> list[str]:
+        """Objects the store lacks; lazy: of those an install itself reads (outside
+        site-packages: scripts, data)."""
+        wanted = {fe.digest for rows in self.manifest.data.values() for fe in rows} \
+            if lazy else self.shas
+        return [d for d in wanted if not store.has(d)]
 
 
 def find(remote: Remote, transport: Transport, dist_id: str, wheel_sha256: str
@@ -79,30 +91,56 @@ def find(remote: Remote, transport: Transport, dist_id: str, wheel_sha256: str
     return RemoteDist(remote, transport, manifest, shas)
 
 
-def _fetch_object(store: Store, rd: RemoteDist, digest: str) -> int:
-    """Download one object into tmp/, check its sha256, then store it; its size."""
+def fetch_object(store: Store, transport: Transport, label: str, digest: str,
+                 sha256: str, who: str) -> int:
+    """Download one object into tmp/, check its sha256, then store it; its size. who names
+    what needs it, for the error."""
     key = object_key(digest)
     fd, tmp = store.temp_file(".remote")
     try:
         with os.fdopen(fd, "w+b") as out:
-            if not rd.transport.read(key, out):
-                raise RemoteError(f"remote {rd.remote.label}: {key} is missing "
-                                  f"(named by {rd.manifest.id})")
+            if not transport.read(key, out):
+                raise RemoteError(f"remote {label}: {key} is missing (named by {who})")
             out.seek(0)
-            sha, size = hashlib.sha256(), 0
+            sha = hashlib.sha256()
             while chunk := out.read(CHUNK):
                 sha.update(chunk)
-                size += len(chunk)
-        if sha.hexdigest() != rd.shas[digest]:
-            raise RemoteError(f"remote {rd.remote.label}: {key}: content does not match its "
-                              f"sha256 (expected {rd.shas[digest]}, got {sha.hexdigest()}); "
-                              "it was not kept")
+            size = out.tell()
+        if sha.hexdigest() != sha256:
+            raise RemoteError(f"remote {label}: {key}: content does not match its sha256 "
+                              f"(expected {sha256}, got {sha.hexdigest()}); it was not kept")
         stored, _ = store.put_file(tmp)
         if stored != digest:  # sha256 right, name wrong: the publisher's own mix-up
-            raise RemoteError(f"remote {rd.remote.label}: {key} holds another object")
+            raise RemoteError(f"remote {label}: {key} holds another object")
         return size
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fetch(store: Store, rd: RemoteDist, digest: str) -> int:
+    return fetch_object(store, rd.transport, rd.remote.label, digest, rd.shas[digest],
+                        rd.manifest.id)
+
+
+# -- what a daemon needs to fetch an object later: dists/<id>.remote in the local store ----
+
+
+def write_origin(store: Store, rd: RemoteDist) -> None:
+    store.write_json(origin_path(store, rd.manifest.id),
+                     {"format": FORMAT, "url": rd.remote.url, "objects": rd.shas})
+
+
+def read_origin(store: Store, dist_id: str) -> tuple[str, dict[str, str]] | None:
+    """(remote URL, xxh3 -> sha256) recorded when the distribution came from a remote."""
+    try:
+        doc = json.loads(origin_path(store, dist_id).read_bytes())
+        url, shas = doc["url"], doc["objects"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(url, str) or not isinstance(shas, dict) \
+            or not all(map(is_sha256, shas.values())):
+        return None
+    return url, shas
 
 
 def _check_record(store: Store, rd: RemoteDist) -> None:
@@ -132,9 +170,13 @@ Progress = Callable[[int, int, int], None]  # objects done, of, bytes
 
 
 def materialize(store: Store, dists: Iterable[RemoteDist],
-                progress: Progress | None = None) -> tuple[int, int]:
+                progress: Progress | None = None, *, lazy: bool = False) -> tuple[int, int]:
     """Fetch what the store lacks of these distributions, then write their manifests (the
-    caller holds the store lock, shared). Returns (objects fetched, bytes)."""
+    caller holds the store lock, shared). Returns (objects fetched, bytes).
+
+    lazy: only RECORD and the files installed outside site-packages (scripts, data: an
+    install reads them); the mount daemon fetches the rest on first open (cowfs.remote.lazy).
+    """
     dists = list(dists)
     if dists:
         store.ensure()
@@ -142,9 +184,9 @@ def materialize(store: Store, dists: Iterable[RemoteDist],
         record = next(fe.digest for fe in rd.manifest.files
                       if fe.path == f"{rd.manifest.dist_info}/RECORD")
         if not store.has(record):
-            _fetch_object(store, rd, record)
+            _fetch(store, rd, record)
         _check_record(store, rd)
-    unique = {d: rd for rd in dists for d in rd.missing(store)}
+    unique = {d: rd for rd in dists for d in rd.missing(store, lazy=lazy)}
     done = [0, 0]
     lock = threading.Lock()
     abort = threading.Event()
@@ -153,7 +195,7 @@ def materialize(store: Store, dists: Iterable[RemoteDist],
         if abort.is_set():
             return
         try:
-            size = _fetch_object(store, item[1], item[0])
+            size = _fetch(store, item[1], item[0])
         except BaseException:
             abort.set()  # the others stop starting: one failure is the answer
             raise
@@ -171,5 +213,6 @@ def materialize(store: Store, dists: Iterable[RemoteDist],
                 raise exc
     store.sync_objects()  # before a manifest names them
     for rd in dists:
+        write_origin(store, rd)  # before its manifest: a daemon can fetch what it lacks
         write_manifest(store, rd.manifest)
     return done[0], done[1]
