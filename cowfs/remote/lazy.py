@@ -71,8 +71,9 @@ class LazyObjects:
         try:
             transport = self._transport(url)
             with self.store.lock():  # shared: gc waits until the object is in place
-                fetch_object(self.store, transport, url, digest, sha256, who)
-                self.store.sync_objects()  # served at once: durable before anyone reads
+                # durable before it is named: it is served at once, and a name whose data
+                # a crash lost would be served as it is (an install syncs before it refers)
+                fetch_object(self.store, transport, url, digest, sha256, who, durable=True)
         except (CowfsError, OSError) as exc:
             return str(exc)
         return None

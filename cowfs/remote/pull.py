@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import xxhash
+
 from cowfs.errors import StoreError
 from cowfs.gc import manifest_rows
 from cowfs.manifest import Manifest, write_manifest
@@ -92,29 +94,32 @@ def find(remote: Remote, transport: Transport, dist_id: str, wheel_sha256: str
 
 
 def fetch_object(store: Store, transport: Transport, label: str, digest: str,
-                 sha256: str, who: str) -> int:
-    """Download one object into tmp/, check its sha256, then store it; its size. who names
-    what needs it, for the error."""
+                 sha256: str, who: str, *, durable: bool = False) -> int:
+    """Download one object straight into a nameless store file and name it only once its
+    bytes match their sha256 (and their xxh3 name); its size. who names what needs it."""
     key = object_key(digest)
-    fd, tmp = store.temp_file(".remote")
-    try:
-        with os.fdopen(fd, "w+b") as out:
+    size = 0
+
+    def fill(fd: int) -> None:
+        nonlocal size
+        with os.fdopen(fd, "w+b", closefd=False) as out:
             if not transport.read(key, out):
                 raise RemoteError(f"remote {label}: {key} is missing (named by {who})")
+            out.flush()
             out.seek(0)
-            sha = hashlib.sha256()
+            sha, xxh = hashlib.sha256(), xxhash.xxh3_128()
             while chunk := out.read(CHUNK):
                 sha.update(chunk)
+                xxh.update(chunk)
             size = out.tell()
         if sha.hexdigest() != sha256:
             raise RemoteError(f"remote {label}: {key}: content does not match its sha256 "
                               f"(expected {sha256}, got {sha.hexdigest()}); it was not kept")
-        stored, _ = store.put_file(tmp)
-        if stored != digest:  # sha256 right, name wrong: the publisher's own mix-up
+        if xxh.hexdigest() != digest:  # sha256 right, name wrong: the publisher's mix-up
             raise RemoteError(f"remote {label}: {key} holds another object")
-        return size
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    store.put_checked(digest, fill, durable=durable)
+    return size
 
 
 def _fetch(store: Store, rd: RemoteDist, digest: str) -> int:
