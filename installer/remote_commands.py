@@ -11,7 +11,7 @@ import click
 
 from cowfs.errors import CowfsError
 from cowfs.remote import config
-from cowfs.remote.pull import RemoteDist, find, materialize
+from cowfs.remote.pull import RemoteDist, materialize, read_origin
 from cowfs.remote.push import PushSummary, push
 from cowfs.spec import VenvState
 from cowfs.store import Store
@@ -99,9 +99,6 @@ def pull_cmd(lock: str | None, venv_opt: str | None, as_json: bool) -> None:
     lock file pins, for the venv's interpreter) from the remotes into the store."""
     state = VenvState.load(find_venv(venv_opt))
     store = Store(state.store)
-    if not config.for_reading(store):
-        raise CowfsError("no remote configured: `cowfs store remote add NAME URL` "
-                         f"or ${config.ENV}")
     dists = _lock_dists(state, store, Path(lock)) if lock else _venv_dists(state, store)
     with store.lock():
         count, size = materialize(store, dists)
@@ -112,25 +109,20 @@ def pull_cmd(lock: str | None, venv_opt: str | None, as_json: bool) -> None:
 
 
 def _venv_dists(state: VenvState, store: Store) -> list[RemoteDist]:
+    """The venv's distributions that a lazy install left partly on their remote (the one
+    recorded at install time: no configuration needed)."""
     from cowfs.gc import manifest_rows
-    from cowfs.layer import read_head
     from cowfs.manifest import read_manifest
 
     out = []
-    remotes = [(r, r.open()) for r in config.for_reading(store)]
     for ident in state.dists:
-        head = read_head(store, ident)
-        if not head.wheel_sha256:
-            continue  # not from a wheel (absorbed): no remote has it
+        origin = read_origin(store, ident)
+        if origin is None:
+            continue  # not from a remote: its objects came with it
         m = read_manifest(store, ident)
-        if all(store.has(fe.digest) for fe in manifest_rows(m)):
-            continue
-        for remote, transport in remotes:
-            if (rd := find(remote, transport, ident, head.wheel_sha256)) is not None:
-                out.append(rd)
-                break
-        else:
-            raise CowfsError(f"{ident} lacks objects and no remote has it")
+        if not all(store.has(fe.digest) for fe in manifest_rows(m)):
+            remote = config.Remote(origin[0], origin[0])
+            out.append(RemoteDist(remote, remote.open(), m, origin[1]))
     return out
 
 
@@ -139,6 +131,9 @@ def _lock_dists(state: VenvState, store: Store, lock: Path) -> list[RemoteDist]:
     from installer.locks import read_lock
     from installer.remote_install import prepare
 
+    if not config.for_reading(store):
+        raise CowfsError("no remote configured: `cowfs store remote add NAME URL` "
+                         f"or ${config.ENV}")
     if not lock.is_file():
         raise CowfsError(f"lock file {lock} not found")
     info = query_interpreter(state.python, store)

@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -154,6 +156,14 @@ def test_push_to_a_directory_is_complete_and_idempotent(host1: Host, tmp_path: P
     after = tree(remote)
     assert {k: v for k, v in after.items() if k != "cowfs-remote.json"} == \
         {k: v for k, v in before.items() if k != "cowfs-remote.json"}
+    # Many hosts at once onto one empty remote: every push succeeds, one complete copy.
+    shared = tmp_path / "shared"
+    procs = [subprocess.Popen([sys.executable, "-m", "cowfs", "store", "push", str(shared)],
+                              env=host1.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(3)]
+    assert [p.wait(60) for p in procs] == [0, 0, 0], [p.stderr.read() for p in procs if p.stderr]
+    assert tree(shared).keys() == after.keys()
+    assert all((shared / k).read_bytes() == (remote / k).read_bytes() for k in after)
 
 
 def test_host2_syncs_from_nginx_without_index_or_wheel(
@@ -252,6 +262,9 @@ def test_faults_are_one_line_and_change_nothing(
         assert not host2.store.has(big)
 
     refused("Connection refused", f"http://127.0.0.1:{free_port()}")
+    one_line_error(host2.run("sync", str(lock), "--venv", str(host2.venv), "--no-index",
+                             check=False, COWFS_REMOTE=srv.url, COWFS_REMOTE_FETCH="sometimes"),
+                   "$COWFS_REMOTE_FETCH must be lazy or eager, not 'sometimes'")
     srv.truncate.add(big_key)
     refused("connection closed after")
     assert srv.requests.count(big_key) == 4  # retried with backoff
@@ -343,6 +356,12 @@ def test_lazy_install_fetches_each_object_on_first_read_without_blocking_others(
     assert srv.requests.count(key_of(main)) == 1
     assert host2.store.has(main) and host2.store.has(meta)
     assert cow(host2.venv) == UDDER
+    # Everything else ahead of time (offline use), then nothing is left on the remote.
+    out = host2.run("store", "pull", "--venv", str(host2.venv)).stdout
+    assert out.startswith("pulled "), out
+    verify = json.loads(host2.run("store", "verify", "--json").stdout)
+    assert verify["ok"] and verify["on_remote"] == 0, verify
+    assert all(host2.store.has(d) for d in files.values())
 
 
 def test_lazy_read_of_an_unfetchable_file_is_eio_and_nothing_else_breaks(

@@ -27,7 +27,7 @@ import xxhash
 
 from cowfs.errors import StoreError
 from cowfs.gc import manifest_rows
-from cowfs.manifest import Manifest, write_manifest
+from cowfs.manifest import Manifest, manifest_path, write_manifest
 from cowfs.remote import (
     FORMAT,
     RemoteError,
@@ -218,6 +218,7 @@ def materialize(store: Store, dists: Iterable[RemoteDist],
                 raise exc
     store.sync_objects()  # before a manifest names them
     for rd in dists:
-        write_origin(store, rd)  # before its manifest: a daemon can fetch what it lacks
-        write_manifest(store, rd.manifest)
+        if not manifest_path(store, rd.manifest.id).exists():  # else pulled for a venv
+            write_origin(store, rd)  # before its manifest: a daemon can fetch what it lacks
+            write_manifest(store, rd.manifest)
     return done[0], done[1]
