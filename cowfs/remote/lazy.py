@@ -51,8 +51,10 @@ class LazyObjects:
         with self._lock:
             if digest not in self._origins:  # a distribution installed since: read it
                 for ident in iter_manifests(self.store):
-                    if ident not in self._loaded and (o := read_origin(self.store, ident)):
-                        self._loaded.add(ident)
+                    if ident in self._loaded:
+                        continue
+                    self._loaded.add(ident)  # an origin is written before its manifest
+                    if (o := read_origin(self.store, ident)) is not None:
                         self._origins.update((d, (o[0], sha)) for d, sha in o[1].items())
             return self._origins.get(digest)
 
