@@ -15,14 +15,16 @@ import errno
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
 from cowfs.errors import CowfsError
 from cowfs.manifest import iter_manifests
-from cowfs.remote.pull import fetch_object, read_origin
-from cowfs.remote.transport import Transport, open_transport
 from cowfs.store import Store, is_digest
+
+if TYPE_CHECKING:  # the rest only once something is fetched: every venv daemon has this
+    from cowfs.remote.transport import Transport
 
 log = logging.getLogger("cowfs.remote")
 RETRY_AFTER_S = 2.0  # a failed fetch answers EIO at once for this long (no retry storm)
@@ -48,6 +50,8 @@ class LazyObjects:
         self._failed: dict[str, float] = {}  # digest -> when its last fetch failed
 
     def _origin(self, digest: str) -> tuple[str, str] | None:
+        from cowfs.remote.pull import read_origin
+
         with self._lock:
             if digest not in self._origins:  # a distribution installed since: read it
                 for ident in iter_manifests(self.store):
@@ -59,6 +63,8 @@ class LazyObjects:
             return self._origins.get(digest)
 
     def _transport(self, url: str) -> Transport:
+        from cowfs.remote.transport import open_transport
+
         with self._lock:
             if url not in self._transports:
                 self._transports[url] = open_transport(url)
@@ -66,6 +72,8 @@ class LazyObjects:
 
     def _download(self, digest: str, who: str) -> str | None:
         """In a worker thread: fetch the object; None when done, else why not."""
+        from cowfs.remote.pull import fetch_object
+
         origin = self._origin(digest)
         if origin is None:
             return _NOT_LAZY

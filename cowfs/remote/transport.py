@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from cowfs.remote import RemoteError
 
@@ -150,7 +150,8 @@ class HttpTransport(Transport):
 
         from cowfs import __version__
 
-        request = urllib.request.Request(f"{self.url.rstrip('/')}/{key}",
+        # quoted: a local version's "+" must reach the server as itself, not as a space
+        request = urllib.request.Request(f"{self.url.rstrip('/')}/{quote(key)}",
                                          headers={"User-Agent": f"cowfs/{__version__}"})
         try:
             with urllib.request.urlopen(request, timeout=TIMEOUT_S) as resp:
