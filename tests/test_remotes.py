@@ -202,6 +202,21 @@ def test_host2_syncs_from_nginx_without_index_or_wheel(
     assert out.startswith("pulled 0 objects"), out
 
 
+def test_pull_a_lock_ahead_then_sync_offline(
+        host1: Host, hosts: Callable[[str], Host], lock: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    host1.run("store", "push", str(remote))
+    host2 = hosts("host2")
+    host2.run("store", "remote", "add", "origin", str(remote))
+    out = host2.run("store", "pull", str(lock), "--venv", str(host2.venv)).stdout
+    assert out.startswith("pulled 11 objects"), out
+    assert VenvState.load(host2.venv).dists == []  # the venv is not changed by a pull
+    shutil.rmtree(remote)  # from now on nothing outside is reachable
+    host2.run("sync", str(lock), "--venv", str(host2.venv), "--offline")
+    assert cow(host2.venv) == UDDER
+    assert json.loads(host2.run("store", "verify", "--json").stdout)["on_remote"] == 0
+
+
 def test_s3_push_from_host1_install_on_host2(
         host1: Host, hosts: Callable[[str], Host], lock: Path, tmp_path: Path) -> None:
     import boto3
@@ -356,6 +371,15 @@ def test_lazy_install_fetches_each_object_on_first_read_without_blocking_others(
     assert srv.requests.count(key_of(main)) == 1
     assert host2.store.has(main) and host2.store.has(meta)
     assert cow(host2.venv) == UDDER
+    # A first write copies up: the object is fetched for it, the store object stays intact.
+    main_py = site / "pycowsay/__main__.py"
+    main_obj = files["pycowsay/__main__.py"]
+    assert not host2.store.has(main_obj)
+    with open(main_py, "a") as f:
+        f.write("# edited\n")
+    assert main_py.read_bytes() == (remote / key_of(main_obj)).read_bytes() + b"# edited\n"
+    assert host2.store.object_path(main_obj).read_bytes() == \
+        (remote / key_of(main_obj)).read_bytes()
     # Everything else ahead of time (offline use), then nothing is left on the remote.
     out = host2.run("store", "pull", "--venv", str(host2.venv)).stdout
     assert out.startswith("pulled "), out

@@ -185,14 +185,16 @@ def materialize(store: Store, dists: Iterable[RemoteDist],
     dists = list(dists)
     if dists:
         store.ensure()
+    done = [0, 0]  # objects, bytes
     for rd in dists:  # RECORD first: a distribution it does not vouch for costs no download
         record = next(fe.digest for fe in rd.manifest.files
                       if fe.path == f"{rd.manifest.dist_info}/RECORD")
         if not store.has(record):
-            _fetch(store, rd, record)
+            done[1] += _fetch(store, rd, record)
+            done[0] += 1
         _check_record(store, rd)
     unique = {d: rd for rd in dists for d in rd.missing(store, lazy=lazy)}
-    done = [0, 0]
+    total = done[0] + len(unique)
     lock = threading.Lock()
     abort = threading.Event()
 
@@ -208,7 +210,7 @@ def materialize(store: Store, dists: Iterable[RemoteDist],
             done[0] += 1
             done[1] += size
             if progress is not None:
-                progress(done[0], len(unique), done[1])
+                progress(done[0], total, done[1])
 
     if unique:
         with ThreadPoolExecutor(PARALLEL, thread_name_prefix="cowfs-pull") as pool:
