@@ -268,9 +268,10 @@ def test_faults_are_one_line_and_change_nothing(
     big_path = remote / big_key
     good = big_path.read_bytes()
 
-    def refused(text: str, url: str = srv.url) -> None:
+    def refused(text: str, url: str = srv.url, timeout: str = "30") -> None:
         proc = host2.run("sync", str(lock), "--venv", str(host2.venv), "--no-index",
-                         check=False, COWFS_REMOTE=url, COWFS_REMOTE_FETCH="eager")
+                         check=False, COWFS_REMOTE=url, COWFS_REMOTE_FETCH="eager",
+                         COWFS_REMOTE_TIMEOUT=timeout)
         one_line_error(proc, text)
         assert host2.state() == state
         assert not iter_manifests(host2.store)
@@ -280,6 +281,10 @@ def test_faults_are_one_line_and_change_nothing(
     one_line_error(host2.run("sync", str(lock), "--venv", str(host2.venv), "--no-index",
                              check=False, COWFS_REMOTE=srv.url, COWFS_REMOTE_FETCH="sometimes"),
                    "$COWFS_REMOTE_FETCH must be lazy or eager, not 'sometimes'")
+    srv.stall[big_key] = 1.0  # slower than the timeout: retried, then one line
+    refused(f"{big_key}: timed out (after 4 attempts)", timeout="0.3")
+    srv.stall.clear()
+    srv.requests.clear()
     srv.truncate.add(big_key)
     refused("connection closed after")
     assert srv.requests.count(big_key) == 4  # retried with backoff
