@@ -450,3 +450,17 @@ def test_concurrent_first_opens_share_one_fetch(
     assert (host2.store.object_path(main)).read_bytes() == (remote / key_of(main)).read_bytes()
     stray = host2.store.object_path("0" * 32)  # not a lazily installed object: not fetched
     assert trio.run(lazy.fetch, str(stray), "x") is False
+
+
+def test_gc_keeps_a_lazy_install_and_drops_its_origin_with_it(
+        lazy_host2: tuple[Host, FaultServer, Path, Any]) -> None:
+    host2, _, _, manifest = lazy_host2
+    origin = host2.store.dists / f"{manifest.id}.remote"
+    assert origin.is_file()
+    host2.run("store", "gc")
+    assert origin.is_file() and (host2.store.dists / f"{manifest.id}.json").is_file()
+    assert cow(host2.venv) == UDDER  # fetched after the gc: nothing it needs was dropped
+    host2.run("uninstall", "--venv", str(host2.venv), "pycowsay")
+    host2.run("store", "gc")
+    assert not origin.exists() and not (host2.store.dists / f"{manifest.id}.json").exists()
+    assert not any(host2.store.has(fe.digest) for fe in manifest.files if fe.size > 100)
