@@ -223,7 +223,9 @@ def verify_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
         click.echo(json.dumps({"store": str(store.root), **rep.to_json()}, indent=1))
     else:
         click.echo(f"store {store.root}: {_plural(rep.objects, 'object')} and "
-                   f"{_plural(rep.manifests, 'manifest')} checked")
+                   f"{_plural(rep.manifests, 'manifest')} checked"
+                   + (f" ({_plural(rep.on_remote, 'file')} still on remotes: fetched on "
+                      "first read)" if rep.on_remote else ""))
         for ident, why in sorted(rep.bad_manifests.items()):
             click.echo(f"bad manifest {ident}: {why}")
         for p in sorted(rep.problems.values(), key=lambda p: p.digest):

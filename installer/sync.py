@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from packaging.utils import canonicalize_name
 
@@ -41,6 +42,9 @@ from installer.scripts import (
 )
 from installer.venv import ensure_mounted
 from installer.wheel import venv_extra_files
+
+if TYPE_CHECKING:
+    from installer.remote_install import Prepared
 
 
 @dataclass
@@ -139,8 +143,10 @@ def shared_bytecode_for(store: Store, manifests: Sequence[Dist], info: Interpret
 
 def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[Pin], *,
           exact: bool, quiet: bool = False, resolver: str = "",
-          compile_bytecode: bool = True, keep: Sequence[str] = ()) -> Summary:
-    """Make the venv hold pins (plus what it had, unless exact) and reload the mount."""
+          compile_bytecode: bool = True, keep: Sequence[str] = (),
+          prepared: Prepared | None = None) -> Summary:
+    """Make the venv hold pins (plus what it had, unless exact) and reload the mount.
+    Pins in prepared come from the store or a remote (installer.remote_install), not wheels."""
     started = time.perf_counter()
     # One state writer at a time (the daemon's absorb is another): read it fresh under the
     # lock, so that nothing another writer recorded meanwhile is written over.
@@ -152,7 +158,7 @@ def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[
         with store.lock():
             summary = _apply_locked(state, store, info, pins, exact=exact, keep=keep,
                                     quiet=quiet, resolver=resolver,
-                                    compile_bytecode=compile_bytecode)
+                                    compile_bytecode=compile_bytecode, prepared=prepared)
         reload(state)
     summary.seconds = time.perf_counter() - started
     return summary
@@ -166,8 +172,9 @@ def refresh_state(state: VenvState) -> None:
 
 def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[Pin],
                   *, exact: bool, keep: Sequence[str], quiet: bool, resolver: str,
-                  compile_bytecode: bool) -> Summary:
+                  compile_bytecode: bool, prepared: Prepared | None) -> Summary:
     summary = Summary(resolver=resolver)
+    ready = prepared.materialize(store, progress=not quiet) if prepared else {}
     # ensure() only for a new store: an existing read-only one serves what it holds already
     # (anything new fails with one clear error where it would be written). Its downloads
     # go to a private directory: a wheel the store has the manifest of installs all the same.
@@ -180,8 +187,9 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
             dest = (store if store.exists() else store.ensure()).wheels
         ingest = Ingestor(store, info)
         stack.callback(ingest.close)
-        fetch(pins, dest, progress=not quiet, on_ready=ingest.submit)
-        new = ingest.results(pins, progress=not quiet)
+        rest = [p for p in pins if p.name not in ready]
+        fetch(rest, dest, progress=not quiet, on_ready=ingest.submit)
+        new = {**ready, **ingest.results(rest, progress=not quiet)}
     current = {canonicalize_name(m.name): m for m in (read_head(store, d)
                                                         for d in state.dists)}
     # exact: only the pins stay, and those named in keep (a uv project's own editable).
