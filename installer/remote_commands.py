@@ -15,7 +15,7 @@ from cowfs.remote.pull import RemoteDist, materialize, read_origin
 from cowfs.remote.push import PushSummary, push
 from cowfs.spec import VenvState
 from cowfs.store import Store
-from installer.maintenance_commands import store_group
+from installer.maintenance_commands import plural, store_group
 from installer.venv import find_venv
 
 
@@ -85,9 +85,10 @@ def push_cmd(remote: str | None, dry_run: bool, as_json: bool) -> None:
         click.echo(json.dumps(summary.to_json()))
         return
     verb = "would push" if dry_run else "pushed"
-    click.echo(f"{verb} {len(summary.dists)} distributions ({summary.objects} objects, "
-               f"{_mb(summary.bytes)}) to {summary.remote}; {summary.present} distributions "
-               f"and {summary.objects_present} objects were there already")
+    click.echo(f"{verb} {plural(len(summary.dists), 'distribution')} "
+               f"({plural(summary.objects, 'object')}, {_mb(summary.bytes)}) to "
+               f"{summary.remote}; {plural(summary.present, 'distribution')} and "
+               f"{plural(summary.objects_present, 'object')} were there already")
 
 
 @store_group.command("pull")

@@ -134,10 +134,10 @@ def test_remote_commands_and_bad_input(tmp_path: Path) -> None:
 def test_push_to_a_directory_is_complete_and_idempotent(host1: Host, tmp_path: Path) -> None:
     remote = tmp_path / "remote"
     out = host1.run("store", "push", str(remote), "--dry-run").stdout
-    assert out.startswith("would push 1 distributions (11 objects"), out
+    assert out.startswith("would push 1 distribution (11 objects"), out
     assert not remote.exists()
     out = host1.run("store", "push", str(remote)).stdout
-    assert out.startswith("pushed 1 distributions (11 objects"), out
+    assert out.startswith("pushed 1 distribution (11 objects"), out
     ident = dist_of(host1.store)
     manifest = read_manifest(host1.store, ident)
     assert json.loads((remote / "cowfs-remote.json").read_text()) == {"format": 1}
@@ -228,7 +228,7 @@ def test_s3_push_from_host1_install_on_host2(
         s3.create_bucket(Bucket="fleet")
         url = "s3://fleet/cowfs/v1"
         out = host1.run("store", "push", url, **aws).stdout
-        assert out.startswith("pushed 1 distributions (11 objects"), out
+        assert out.startswith("pushed 1 distribution (11 objects"), out
         keys = {o["Key"] for o in s3.list_objects_v2(Bucket="fleet")["Contents"]}
         ident = dist_of(host1.store)
         assert {f"cowfs/v1/dists/{ident}.json", f"cowfs/v1/dists/{ident}.sha256",
