@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cowfs import __version__
 from cowfs.errors import CowfsError
@@ -137,6 +138,24 @@ def _authorized(url: str) -> tuple[str, dict[str, str]]:
     return bare, headers
 
 
+_TLS_LOCK = threading.Lock()  # lru_cache alone may build it once per racing thread
+
+
+def ssl_context() -> Any:
+    """One TLS context for every request: urllib makes a new one per request otherwise,
+    and loading the CA bundle into it costs ~25 ms of CPU each time (0.6 s for 25 wheels).
+    The same defaults (SSL_CERT_FILE, SSL_CERT_DIR honoured)."""
+    with _TLS_LOCK:
+        return _new_ssl_context()
+
+
+@functools.lru_cache(maxsize=1)
+def _new_ssl_context() -> Any:
+    import ssl
+
+    return ssl.create_default_context()
+
+
 def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: threading.Event,
                    meter: _Progress, timeout: float) -> None:
     # Imported here: a warm install downloads nothing and should not pay ~12 ms for them.
@@ -153,7 +172,8 @@ def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: thre
             url, headers = _authorized(pin.url)
             request = urllib.request.Request(url, headers=headers)
             try:
-                with urllib.request.urlopen(request, timeout=timeout) as resp:
+                with urllib.request.urlopen(request, timeout=timeout,
+                                            context=ssl_context()) as resp:
                     length = int(resp.headers.get("Content-Length") or -1)
                     while chunk := resp.read1(CHUNK):  # what has arrived: abort stays prompt
                         if abort.is_set():
