@@ -51,9 +51,10 @@ class Daemon:
         self._dists_changed = trio.Event()
         if spec.venv is not None:
             self.ops.on_dist_change = self._dists_changed.set
-            from cowfs.remote.lazy import LazyObjects
+            from cowfs.remote.lazy import LazyObjects, prefetch_parallel
 
-            self.ops.lazy = LazyObjects(Store(VenvState.load(Path(spec.venv)).store))
+            self.ops.lazy = LazyObjects(Store(VenvState.load(Path(spec.venv)).store),
+                                        prefetch_parallel())
 
     def last_used(self) -> None:
         """The retention clock of the venv's gc root runs from the end of its last mount."""
@@ -163,6 +164,8 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.serve_control)
             nursery.start_soon(self._signals)
+            if self.ops.lazy is not None:
+                self.ops.lazy.nursery = nursery  # background prefetches of lazy installs
             if self.ops.teardown is not None:
                 nursery.start_soon(self._watch_venv)
             if self.spec.venv is not None:

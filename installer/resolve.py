@@ -1,9 +1,10 @@
 """Requirements -> pinned wheels.
 
-Resolution is pip's: `pip --python TARGET install --dry-run --ignore-installed --report`, run by
-the host pip against the target interpreter, so markers and wheel tags are the target's and the
-target venv needs no pip of its own. This module only builds the command, turns pip's failures
-into one line, and parses the JSON report into `Pin`s.
+Resolution is uv's when uv is found (`uv pip compile --python TARGET`, the fastest resolver
+there is), else the host pip's (`pip --python TARGET ...`; COWFS_RESOLVER forces either), run
+against the target interpreter, so markers and wheel tags are the target's and the target venv
+needs no resolver of its own. This module only builds the command, turns the resolver's
+failures into one line, and parses its output into `Pin`s (one code path for both).
 
 The paths that avoid spawning pip (~0.8 s) live in installer.locks and are importable from
 here as well: `pins_from_local_wheels` (a fully pinned set whose wheels are on disk, checked

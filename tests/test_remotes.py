@@ -48,11 +48,11 @@ class Host:
 
 
 @pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[Callable[[str], Host]]:
+def hosts(tmp_path: Path) -> Iterator[Callable[..., Host]]:
     made: list[Path] = []
 
-    def make(name: str) -> Host:
-        env = {**os.environ, "COWFS_HOME": str(tmp_path / name / "store")}
+    def make(name: str, **extra: str) -> Host:
+        env = {**os.environ, "COWFS_HOME": str(tmp_path / name / "store"), **extra}
         env.pop("COWFS_REMOTE", None)
         venv = tmp_path / name / ".venv"
         made.append(venv)
@@ -334,11 +334,40 @@ def test_install_resolves_on_the_index_and_takes_files_from_the_remote(
 @pytest.fixture
 def lazy_host2(faulty: tuple[FaultServer, Path, str], hosts: Callable[[str], Host],
                lock: Path) -> tuple[Host, FaultServer, Path, Any]:
-    """Host 2 synced lazily from the fault server: only RECORD and data files fetched."""
+    """Host 2 synced lazily from the fault server: only RECORD and data files fetched, and
+    (its daemon mounted with COWFS_REMOTE_PREFETCH=0) each other object only when opened."""
+    srv, remote, ident = faulty
+    host2 = hosts("host2", COWFS_REMOTE_PREFETCH="0")  # the daemon mounts with it
+    host2.run("sync", str(lock), "--venv", str(host2.venv), "--no-index", COWFS_REMOTE=srv.url)
+    return host2, srv, remote, read_manifest(host2.store, ident)
+
+
+def test_a_first_fetch_prefetches_the_rest_of_its_distribution(
+        faulty: tuple[FaultServer, Path, str], hosts: Callable[[str], Host],
+        lock: Path) -> None:
+    """Fetching each file only when opened made a first import 2.2x slower than after an
+    eager install: the first fetch of a distribution now fetches the rest in the
+    background, once each, without waiting for it."""
     srv, remote, ident = faulty
     host2 = hosts("host2")
     host2.run("sync", str(lock), "--venv", str(host2.venv), "--no-index", COWFS_REMOTE=srv.url)
-    return host2, srv, remote, read_manifest(host2.store, ident)
+    files = {fe.path: fe.digest for fe in read_manifest(host2.store, ident).files}
+    lazy = [d for d in files.values() if not host2.store.has(d)]
+    assert len(lazy) >= 5
+    other = files["pycowsay/__main__.py"]
+    srv.stall[key_of(other)] = 1.5  # a slow prefetch does not hold up the open
+    srv.requests.clear()
+    site = VenvState.load(host2.venv).site_packages
+    started = time.monotonic()
+    data = (site / "pycowsay/main.py").read_bytes()
+    assert time.monotonic() - started < 1.2
+    assert data == (remote / key_of(files["pycowsay/main.py"])).read_bytes()
+    deadline = time.monotonic() + 20
+    while not all(host2.store.has(d) for d in lazy) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [d for d in lazy if not host2.store.has(d)] == []
+    assert sorted(srv.requests) == sorted(key_of(d) for d in set(lazy))  # each once
+    assert cow(host2.venv) == UDDER and not srv.requests[len(lazy):]
 
 
 def key_of(digest: str) -> str:

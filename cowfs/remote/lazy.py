@@ -7,12 +7,19 @@ the download runs in a worker thread (the event loop keeps serving every other r
 concurrent first opens of one object share one download, and the bytes are kept only once
 they match their sha256 (cowfs.remote.pull.fetch_object). A file that cannot be fetched
 gets EIO, with one log line naming it; the next open tries again.
+
+The first object fetched of a distribution starts a background prefetch of the rest of
+it, PREFETCH_PARALLEL at a time: an import reads dozens of a package's files one after
+another, and fetching each only when it is opened made a first import of the reference
+workload 2.2x slower than after an eager install (each file a round trip and an fsync).
+Opens still fetch what they need at once, sharing a download already in flight.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -28,6 +35,15 @@ if TYPE_CHECKING:  # the rest only once something is fetched: every venv daemon 
 
 log = logging.getLogger("cowfs.remote")
 RETRY_AFTER_S = 2.0  # a failed fetch answers EIO at once for this long (no retry storm)
+PREFETCH_PARALLEL = 8  # background downloads at once (opens that wait do not count)
+PREFETCH_ENV = "COWFS_REMOTE_PREFETCH"  # read by the daemon at mount; 0: only what is opened
+
+
+def prefetch_parallel() -> int:
+    try:
+        return max(0, int(os.environ.get(PREFETCH_ENV, PREFETCH_PARALLEL)))
+    except ValueError:
+        return PREFETCH_PARALLEL
 _NOT_LAZY = "no remote recorded for it"  # a store object lost, not one to fetch
 
 
@@ -40,14 +56,21 @@ class _Fetch:
 class LazyObjects:
     """The store objects a daemon may fetch, by digest, and the downloads in flight."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, prefetch: int = 0) -> None:
         self.store = store
+        self.prefetch = prefetch  # background downloads at once; 0: none
         self._origins: dict[str, tuple[str, str]] = {}  # digest -> (url, sha256)
         self._loaded: set[str] = set()  # distributions whose .remote was read
         self._transports: dict[str, Transport] = {}
         self._lock = threading.Lock()  # _origins and _transports, from worker threads
         self._inflight: dict[str, _Fetch] = {}  # event loop only
         self._failed: dict[str, float] = {}  # digest -> when its last fetch failed
+        self._dist_of: dict[str, str] = {}  # digest -> distribution id
+        self._members: dict[str, list[str]] = {}  # distribution id -> its lazy digests
+        self._prefetched: set[str] = set()
+        self._prefetch_failed: set[str] = set()
+        self._limiter = trio.CapacityLimiter(max(1, prefetch))
+        self.nursery: trio.Nursery | None = None  # the daemon's: prefetches run in it
 
     def _origin(self, digest: str) -> tuple[str, str] | None:
         from cowfs.remote.pull import read_origin
@@ -60,6 +83,8 @@ class LazyObjects:
                     self._loaded.add(ident)  # an origin is written before its manifest
                     if (o := read_origin(self.store, ident)) is not None:
                         self._origins.update((d, (o[0], sha)) for d, sha in o[1].items())
+                        self._dist_of.update(dict.fromkeys(o[1], ident))
+                        self._members[ident] = list(o[1])
             return self._origins.get(digest)
 
     def _transport(self, url: str) -> Transport:
@@ -100,21 +125,48 @@ class LazyObjects:
             return True  # another first open fetched it meanwhile
         if trio.current_time() - self._failed.get(digest, -RETRY_AFTER_S) < RETRY_AFTER_S:
             raise OSError(errno.EIO, f"cannot fetch {path}")  # logged a moment ago
-        job = self._inflight.get(digest)
-        if job is None:
-            job = self._inflight[digest] = _Fetch()
-            try:
-                job.error = await trio.to_thread.run_sync(self._download, digest, path)
-            finally:
-                del self._inflight[digest]
-                job.done.set()
-            if job.error not in (None, _NOT_LAZY):
-                log.warning("cannot fetch %s (object %s): %s", path, digest, job.error)
-                self._failed[digest] = trio.current_time()
-        else:
-            await job.done.wait()
-        if job.error == _NOT_LAZY:
+        error = await self._get(digest, path)
+        if error == _NOT_LAZY:
             return False
-        if job.error is not None:
+        if error is not None:
             raise OSError(errno.EIO, f"cannot fetch {path}")
+        self._prefetch_rest(digest)
         return True
+
+    async def _get(self, digest: str, who: str, quiet: bool = False) -> str | None:
+        """Download digest, or wait for the download in flight; None or why not."""
+        job = self._inflight.get(digest)
+        if job is not None:
+            await job.done.wait()
+            return job.error
+        job = self._inflight[digest] = _Fetch()
+        try:
+            job.error = await trio.to_thread.run_sync(self._download, digest, who)
+        finally:
+            del self._inflight[digest]
+            job.done.set()
+        if job.error not in (None, _NOT_LAZY):
+            if not quiet:
+                log.warning("cannot fetch %s (object %s): %s", who, digest, job.error)
+            self._failed[digest] = trio.current_time()
+        return job.error
+
+    def _prefetch_rest(self, digest: str) -> None:
+        ident = self._dist_of.get(digest)
+        if not self.prefetch or self.nursery is None or ident is None \
+                or ident in self._prefetched:
+            return
+        self._prefetched.add(ident)
+        for other in self._members.get(ident, ()):
+            if other not in self._inflight and not self.store.has(other):
+                self.nursery.start_soon(self._prefetch_one, other, ident)
+
+    async def _prefetch_one(self, digest: str, ident: str) -> None:
+        async with self._limiter:
+            if ident in self._prefetch_failed or self.store.has(digest) \
+                    or digest in self._failed:
+                return
+            error = await self._get(digest, ident, quiet=True)
+            if error is not None and ident not in self._prefetch_failed:
+                self._prefetch_failed.add(ident)  # the rest is left to opens: one line
+                log.warning("prefetch of %s stopped: %s", ident, error)
