@@ -449,18 +449,20 @@ class CowfsOperations(pyfuse3.Operations):
         if not pt:
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         h = self.ov.handles[fh]
-        if self.pt.enabled is None and not self.pt.decide(h.fd):
+        reply = None
+        try:
+            if self.pt.enabled or self.pt.decide(h.fd):
+                reply = self.pt.reply(fh, h.fd, node.ino, writable, h.on_lower)
+        except OSError:
+            self.ov.release(fh)
+            raise
+        if reply is None:  # passthrough refused: kernel opens (daemon opens) from now on
             log.info("opens: %s (no passthrough: %s)", *self.opens_mode())
             self.ov.pin_unlinked = self.by_inode
             if self.by_inode:
                 self.ov.release(fh)
                 raise pyfuse3.FUSEError(errno.ENOSYS)
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-        try:
-            reply = self.pt.reply(fh, h.fd, node.ino, writable, h.on_lower)
-        except OSError:
-            self.ov.release(fh)
-            raise
         # A cached open drops the inode's pages: writes of passthrough times bypassed them.
         return pyfuse3.FileInfo(fh=reply, keep_cache=False)
 

@@ -42,7 +42,8 @@ PT_FLAG = 1 << 62  # the handle asks the shim for a passthrough reply (see _fuse
 PT_DIRECT = 1 << 61  # ... with FOPEN_DIRECT_IO: reads and writes still come to the daemon
 FH_MASK = (1 << 32) - 1  # the daemon's own handle number
 ID_SHIFT, ID_MASK = 32, (1 << 29) - 1
-BACKING_IDS_MAX = 1024  # registered backing files kept while unused (kernel files, not fds)
+# Registered backing files kept while unused (kernel files, not daemon fds).
+BACKING_IDS_MAX = int(os.environ.get("COWFS_BACKING_IDS", "1024"))
 CAP_SYS_ADMIN = 21
 
 
@@ -91,6 +92,7 @@ class Passthrough:
         self._opens: dict[int, tuple[int, bool]] = {}  # daemon fh -> (ino, passthrough)
         self._cached: dict[int, int] = {}  # node ino -> live cached opens
         self.failures = 0  # backing files the kernel refused (opens served cached instead)
+        self.lower_ok = False  # a store object (lower file) was taken as a backing file
 
     def ask(self) -> None:
         if self.enabled is None:
@@ -108,13 +110,11 @@ class Passthrough:
             self.enabled = False
             self.why_not = "the kernel did not offer FUSE_PASSTHROUGH at INIT"
             return False
-        try:
-            key = _key(fd)
-            self._ids[key] = fuse_shim.backing_open(fd)
-        except OSError as exc:
+        backing_id = self._backing(_key(fd), fd)
+        if backing_id is None:
             self.enabled = False
-            self.why_not = f"the kernel refused a backing file: {os.strerror(exc.errno or 0)}"
             return False
+        self._ids[_key(fd)] = backing_id
         self.enabled = True
         return True
 
@@ -122,8 +122,9 @@ class Passthrough:
         live = self._live.get(ino)
         return live is not None and live.on_lower
 
-    def reply(self, fh: int, fd: int, ino: int, writable: bool, on_lower: bool) -> int:
-        """The handle to answer an OPEN with (see the module docstring); raises ETXTBSY."""
+    def reply(self, fh: int, fd: int, ino: int, writable: bool, on_lower: bool) -> int | None:
+        """The handle to answer an OPEN with (see the module docstring); raises ETXTBSY.
+        None: the kernel refuses the lower layer's files, passthrough is off from now on."""
         live = self._live.get(ino)
         if writable and live is not None and live.on_lower:
             raise OSError(errno.ETXTBSY, os.strerror(errno.ETXTBSY))
@@ -132,8 +133,14 @@ class Passthrough:
         key = _key(fd)
         if live is None:
             backing_id = self._backing(key, fd)
+            if backing_id is None and on_lower and not self.lower_ok:
+                # (A store on an overlay, say: every lower open would go through the daemon
+                # uncached, slower than kernel opens.)
+                self.enabled = False
+                return None
             if backing_id is None:
                 return self._cached_open(fh, ino)
+            self.lower_ok |= on_lower
             live = self._live[ino] = Live(backing_id, key, on_lower)
         live.count += 1
         self._opens[fh] = (ino, True)
@@ -155,6 +162,7 @@ class Passthrough:
             try:
                 backing_id = fuse_shim.backing_open(fd)
             except OSError as exc:
+                self.why_not = f"the kernel refused a backing file: {os.strerror(exc.errno or 0)}"
                 if not self.failures:
                     log.warning("backing file refused (%s): such opens go through the daemon",
                                 os.strerror(exc.errno or 0))

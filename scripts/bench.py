@@ -206,12 +206,14 @@ def measure(ctx: Ctx, args: argparse.Namespace, res: F.Results) -> dict[str, obj
     sections["pythons"] = []
     figs = set(args.figures)
     need_envs = bool(figs & (WARM_FIGURES | {"import-first", "disk-per-venv"}))
-    if peers and (need_envs or "install-warm" in figs):
+    if peers and (need_envs or figs & {"install-warm", "page-cache"}):
         for name, peer in peers.items():
             log(f"preparing {name}")
             peer.prepare()
     if "install-warm" in figs:
         F.install_warm(ctx, res, peers)
+    if "page-cache" in figs:
+        F.page_cache(ctx, res, peers)
     envs = {}
     if figs & {"import-first", "disk-per-venv"}:
         envs = F.import_first(ctx, res, peers)
