@@ -98,6 +98,7 @@ class Daemon:
                 self.lease.release()  # only now: the old layer was served until the swap
             self.lease = lease
             self.ops.forget_caches()
+            self.ops.pt.drop_unused()
             await self.invalidate(inv)
             log.info("reloaded lower: %d inodes, %d entries invalidated", len(inv.inodes),
                      len(inv.entries))

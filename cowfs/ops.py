@@ -259,7 +259,8 @@ class CowfsOperations(pyfuse3.Operations):
         node = self.node(inode)
         self.last_change = time.monotonic()
         size = attr.st_size if fields.update_size else None
-        if size is not None and self.pt.live_on_lower(node.ino):
+        if size is not None and self.pt.live_on_lower(node.ino) \
+                and not self.pt.only_opener(node.ino, ctx.pid):  # O_RDONLY|O_TRUNC
             raise pyfuse3.FUSEError(errno.ETXTBSY)  # see cowfs.passthrough
         # (A detached lower file may still be open: the kernel did not tell us, see open.)
         if node.parent is not None or (self.by_inode and node.children is None):
@@ -443,16 +444,18 @@ class CowfsOperations(pyfuse3.Operations):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if pt and writable and self.pt.live_on_lower(node.ino):
             raise pyfuse3.FUSEError(errno.ETXTBSY)  # before any copy-up: cowfs.passthrough
-        if writable:
+        # With the shim, O_TRUNC comes as a SETATTR after the OPEN: copy up at the first
+        # write or truncation (cowfs.overlay.Overlay.open), not the data at the open.
+        if writable and not self.by_inode:
             await self.ensure_upper(node, with_data=not flags & os.O_TRUNC)
-        fh = self.ov.open(node, flags)
+        fh = self.ov.open(node, flags, defer_copy_up=self.by_inode)
         if not pt:
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         h = self.ov.handles[fh]
         reply = None
         try:
             if self.pt.enabled or self.pt.decide(h.fd):
-                reply = self.pt.reply(fh, h.fd, node.ino, writable, h.on_lower)
+                reply = self.pt.reply(fh, h.fd, node.ino, writable, h.on_lower, ctx.pid)
         except OSError:
             self.ov.release(fh)
             raise
@@ -493,6 +496,9 @@ class CowfsOperations(pyfuse3.Operations):
         if node is not None:
             await self.ensure_upper(node)
             fh = self.ov.implicit_handle(node, writable=True)
+        h = self.ov.handles.get(daemon_fh(fh))
+        if h is not None and h.on_lower:
+            await self.ensure_upper(h.node)  # opened for writing, copied up now
         return self.ov.write(daemon_fh(fh), off, buf)
 
     async def flush(self, fh: int) -> None:

@@ -22,8 +22,10 @@ it knows which mode each inode is in and answers accordingly:
 * anything else (writers, and readers while a writer is open): cached through the daemon,
   without keep_cache (passthrough-era writes bypassed the FUSE page cache).
 
-Backing ids are registered per backing inode (st_dev, st_ino) and kept in a bounded LRU while
-no open uses them; the kernel holds the backing file itself, the daemon no fd for it.
+Backing ids are registered per backing inode (st_dev, st_ino); those of store objects (lower
+files) are kept in a bounded LRU while no open uses them, dropped at a reload; the kernel holds
+the backing file itself, the daemon no fd for it. Those of upper files are closed with their
+last open (the file may be deleted next: its space must come back).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Live:
     key: tuple[int, int]
     on_lower: bool
     count: int = 0
+    pid: int = 0  # the process that made the last of them
 
 
 class Passthrough:
@@ -122,7 +125,14 @@ class Passthrough:
         live = self._live.get(ino)
         return live is not None and live.on_lower
 
-    def reply(self, fh: int, fd: int, ino: int, writable: bool, on_lower: bool) -> int | None:
+    def only_opener(self, ino: int, pid: int) -> bool:
+        """Is the node's one passthrough open pid's? (The kernel sends the truncation of an
+        O_RDONLY|O_TRUNC open as a SETATTR without its handle.)"""
+        live = self._live.get(ino)
+        return live is not None and live.count == 1 and live.pid == pid
+
+    def reply(self, fh: int, fd: int, ino: int, writable: bool, on_lower: bool,
+              pid: int = 0) -> int | None:
         """The handle to answer an OPEN with (see the module docstring); raises ETXTBSY.
         None: the kernel refuses the lower layer's files, passthrough is off from now on."""
         live = self._live.get(ino)
@@ -143,6 +153,7 @@ class Passthrough:
             self.lower_ok |= on_lower
             live = self._live[ino] = Live(backing_id, key, on_lower)
         live.count += 1
+        live.pid = pid
         self._opens[fh] = (ino, True)
         direct = writable or live.key != key
         return PT_FLAG | (PT_DIRECT if direct else 0) | live.backing_id << ID_SHIFT | fh
@@ -186,12 +197,20 @@ class Passthrough:
         if live.count:
             return
         del self._live[ino]
-        if live.key in self._ids:  # two nodes of one store object: registered twice
+        # Upper files are not kept: a deleted one's space must come back at once. (Two nodes
+        # of one store object may also have registered it twice.)
+        if not live.on_lower or live.key in self._ids:
             self._close(live.backing_id)
             return
         self._ids[live.key] = live.backing_id
         while len(self._ids) > BACKING_IDS_MAX:
             self._close(self._ids.popitem(last=False)[1])
+
+    def drop_unused(self) -> None:
+        """After a reload: files of the old layer need not stay open in the kernel (gc may
+        delete them; their space comes back once nothing holds them)."""
+        while self._ids:
+            self._close(self._ids.popitem()[1])
 
     def _close(self, backing_id: int) -> None:
         try:
