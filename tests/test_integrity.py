@@ -169,8 +169,7 @@ def run(fsx: Fsx, ops: int) -> None:
 def test_fsx_random_io_against_a_model(tmp_path: Path, overlay_mount: Any, start: str,
                                        seed: int, opens: str,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    if opens == "kernel":
-        monkeypatch.setenv("COWFS_PASSTHROUGH", "0")
+    monkeypatch.setenv("COWFS_PASSTHROUGH", "0" if opens == "kernel" else "1")
     lower = tmp_path / "lower"
     lower.mkdir()
     initial = random.Random(seed * 7919).randbytes(100_000 + seed * 4097)

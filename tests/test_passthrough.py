@@ -62,6 +62,11 @@ def resident(path: Path) -> float:
     return sum(v & 1 for v in vec) / pages
 
 
+@pytest.fixture(autouse=True)
+def passthrough_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COWFS_PASSTHROUGH", "1")  # inherited by the mount daemons
+
+
 @pytest.fixture
 def lower(tmp_path: Path) -> Path:
     root = tmp_path / "lower"
@@ -156,6 +161,7 @@ def test_venv_runs_on_passthrough_and_reset_reaches_new_opens(
     venv = venvs("a")
     install(venv, wheels)
     assert "opens=passthrough" in cowfs("mounts").stdout
+    assert "; opens passthrough" in cowfs("status", "--venv", str(venv)).stdout
     main = site(venv) / "pycowsay" / "main.py"
     pristine = main.read_bytes()
     assert cow(venv).startswith("||")
