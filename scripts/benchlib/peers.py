@@ -29,7 +29,7 @@ from benchlib.common import (
 )
 
 PEERS = ("native", "uv-copy", "fuse-overlayfs", "kernel-overlay", "cowfs")
-EXTRA_PEERS = ("cowfs-kopen",)  # only when named: cowfs without passthrough
+EXTRA_PEERS = ("cowfs-pt",)  # only when named: cowfs with FUSE passthrough
 INSTALLERS = ("native", "uv-copy", "cowfs")  # the peers that are installers
 
 
@@ -324,17 +324,17 @@ class Cowfs(Peer):
         return t
 
 
-class CowfsKernelOpens(Cowfs):
-    """cowfs without passthrough (COWFS_PASSTHROUGH=0): the kernel-opens mode, side by side."""
+class CowfsPassthrough(Cowfs):
+    """cowfs with FUSE passthrough (COWFS_PASSTHROUGH=1, opt-in), side by side."""
 
-    name = "cowfs-kopen"
+    name = "cowfs-pt"
 
     @property
     def cmd(self) -> list[str | Path]:
-        return ["env", "COWFS_PASSTHROUGH=0", *self.ctx.cowfs]
+        return ["env", "COWFS_PASSTHROUGH=1", *self.ctx.cowfs]
 
     def remount_time_api(self, env: Env) -> float:
-        os.environ["COWFS_PASSTHROUGH"] = "0"
+        os.environ["COWFS_PASSTHROUGH"] = "1"
         try:
             return super().remount_time_api(env)
         finally:
@@ -344,7 +344,7 @@ class CowfsKernelOpens(Cowfs):
 def make_peers(ctx: Ctx, names: list[str]) -> tuple[dict[str, Peer], dict[str, str]]:
     classes = {"native": Native, "uv-copy": UvCopy, "fuse-overlayfs": FuseOverlayfs,
                "kernel-overlay": KernelOverlay, "cowfs": Cowfs,
-               "cowfs-kopen": CowfsKernelOpens}
+               "cowfs-pt": CowfsPassthrough}
     peers: dict[str, Peer] = {}
     skipped: dict[str, str] = {}
     for name in names:
