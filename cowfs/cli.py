@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "installer.commands",
     "installer.interpreter_commands",
     "installer.maintenance_commands",
+    "installer.remote_commands",
 )
 # Where the hot commands live; anything not listed is found by importing every module.
 COMMAND_INDEX = {

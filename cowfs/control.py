@@ -1,6 +1,7 @@
 """The per-mount control socket: one JSON request line, one JSON response line.
 
-Requests: {"op": "status"}, {"op": "reload"}, {"op": "reset", "paths": [...]},
+Requests: {"op": "status"}, {"op": "reload"}, {"op": "reset", "paths": [...],
+"expect": {path: identity} (optional, cowfs.reset)},
 {"op": "unmount"}. The client side is synchronous (plain sockets) so any command can use it.
 """
 

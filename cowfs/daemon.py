@@ -51,6 +51,9 @@ class Daemon:
         self._dists_changed = trio.Event()
         if spec.venv is not None:
             self.ops.on_dist_change = self._dists_changed.set
+            from cowfs.remote.lazy import LazyObjects
+
+            self.ops.lazy = LazyObjects(Store(VenvState.load(Path(spec.venv)).store))
 
     def last_used(self) -> None:
         """The retention clock of the venv's gc root runs from the end of its last mount."""
@@ -107,7 +110,7 @@ class Daemon:
             from cowfs.reset import reset_paths  # only needed by this request
 
             await self.ops.settle()
-            inv, removed = reset_paths(self.ov, list(req.get("paths", [])))
+            inv, removed = reset_paths(self.ov, list(req.get("paths", [])), req.get("expect"))
             self.ops.forget_caches()
             await self.invalidate(inv)
             log.info("reset %d paths", len(removed))

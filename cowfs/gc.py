@@ -30,6 +30,7 @@ from cowfs import roots as gc_roots
 from cowfs.errors import StoreError
 from cowfs.lease import in_use
 from cowfs.manifest import FileEntry, Manifest, iter_manifests, manifest_path, read_manifest
+from cowfs.remote import origin_path
 from cowfs.store import OBJECT_MODE, Store, digest_bytes, digest_fd
 
 TMP_GRACE_S = 3600  # tmp/ entries younger than this may belong to a running writer
@@ -79,6 +80,7 @@ class VerifyReport:
     problems: dict[str, Problem] = field(default_factory=dict)
     bad_manifests: dict[str, str] = field(default_factory=dict)
     roots: list[gc_roots.Root] = field(default_factory=list)
+    on_remote: int = 0  # rows whose object a lazy install left on its remote
 
     @property
     def ok(self) -> bool:
@@ -86,6 +88,7 @@ class VerifyReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "objects": self.objects, "manifests": self.manifests,
+                "on_remote": self.on_remote,
                 "bad_manifests": self.bad_manifests,
                 "problems": [vars(p) for p in sorted(self.problems.values(),
                                                      key=lambda p: p.digest)]}
@@ -130,8 +133,12 @@ def verify(store: Store) -> VerifyReport:
         except StoreError as exc:
             rep.bad_manifests[ident] = str(exc)
             continue
+        lazy = origin_path(store, ident).exists()  # installed from a remote (cowfs.remote)
         for fe in manifest_rows(m):
             users.setdefault(fe.digest, []).append(ident)
+            if lazy and fe.digest not in sizes and not store.has(fe.digest):
+                rep.on_remote += 1  # fetched on its first read: not a problem
+                continue
             _check_row(rep, fe, sizes, ident, store)
     venv_dists = {str(r.venv): set(r.dist_ids) for r in rep.roots if r.status == "live"}
     for r in rep.roots:
@@ -403,9 +410,10 @@ def collect(store: Store, dry_run: bool = False, now: float | None = None, *,
 def _clean_caches(store: Store, keep_dists: set[str]) -> None:
     """Derived files go with what they derive from: compiled sidecars of deleted manifests,
     and every planning cache entry (one per request ever made; rebuilt on the next install)."""
-    for path in store.dists.glob("*.layer") if store.dists.is_dir() else ():
-        if path.stem not in keep_dists:
-            path.unlink(missing_ok=True)
+    for pattern in ("*.layer", "*.remote"):  # sidecars, remote origins (cowfs.remote)
+        for path in store.dists.glob(pattern) if store.dists.is_dir() else ():
+            if path.stem not in keep_dists:
+                path.unlink(missing_ok=True)
     plans = store.root / "plans"
     for path in plans.glob("*.json") if plans.is_dir() else ():
         path.unlink(missing_ok=True)

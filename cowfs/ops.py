@@ -34,6 +34,7 @@ from cowfs.passthrough import Passthrough, daemon_fh
 from cowfs.store import syncfs
 
 if TYPE_CHECKING:
+    from cowfs.remote.lazy import LazyObjects
     from cowfs.teardown import VenvTeardown
 
 log = logging.getLogger("cowfs.ops")
@@ -103,6 +104,8 @@ class CowfsOperations(pyfuse3.Operations):
         # has been quiet for a while, whatever it writes (pip and uv remove and rewrite
         # thousands of files between two RECORDs).
         self.last_change = time.monotonic()
+        # Fetches store objects a lazy install from a remote left out (cowfs.remote.lazy).
+        self.lazy: LazyObjects | None = None
 
     def _noticed(self, parent: Node, name: str) -> None:
         self.last_change = time.monotonic()
@@ -200,6 +203,9 @@ class CowfsOperations(pyfuse3.Operations):
         if node.upper:
             return
         lower = node.lower
+        if with_data and self.lazy is not None and lower is not None and lower.source \
+                and not os.path.exists(lower.source):
+            await self._fetched(node)  # a copy-up reads the store object
         if not with_data or lower is None or lower.size < THREAD_COPY_UP_BYTES \
                 or node.parent is None:
             self.ov.copy_up(node, with_data)
@@ -448,7 +454,8 @@ class CowfsOperations(pyfuse3.Operations):
         # write or truncation (cowfs.overlay.Overlay.open), not the data at the open.
         if writable and not self.by_inode:
             await self.ensure_upper(node, with_data=not flags & os.O_TRUNC)
-        fh = self.ov.open(node, flags, defer_copy_up=self.by_inode)
+        fh = await self._opening(
+            node, lambda: self.ov.open(node, flags, defer_copy_up=self.by_inode))
         if not pt:
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         h = self.ov.handles[fh]
@@ -469,6 +476,23 @@ class CowfsOperations(pyfuse3.Operations):
         # A cached open drops the inode's pages: writes of passthrough times bypassed them.
         return pyfuse3.FileInfo(fh=reply, keep_cache=False)
 
+    async def _fetched(self, node: Node) -> bool:
+        """A lower file whose store object a lazy install left out: fetched now (EIO when
+        it cannot be); False when that is not why it is missing."""
+        lower = node.lower
+        if self.lazy is None or node.upper or lower is None or not lower.source:
+            return False
+        return await self.lazy.fetch(lower.source, self.ov.path(node))
+
+    async def _opening(self, node: Node, opener: Callable[[], int]) -> int:
+        """opener(), again once node's store object is fetched if that was what it lacked."""
+        try:
+            return opener()
+        except FileNotFoundError:
+            if not await self._fetched(node):
+                raise
+            return opener()
+
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
@@ -486,7 +510,7 @@ class CowfsOperations(pyfuse3.Operations):
         self.served["reads"] += 1
         node = self.implicit(fh)
         if node is not None:
-            fh = self.ov.implicit_handle(node, writable=False)
+            fh = await self._opening(node, lambda: self.ov.implicit_handle(node, writable=False))
         return self.ov.read(daemon_fh(fh), off, size)
 
     @fuse_errors

@@ -18,13 +18,46 @@ from cowfs.manifest import check_relpath
 from cowfs.overlay import Overlay
 from cowfs.super import Invalidation
 
+ABSENT, DIR = "absent", "dir"  # expectations besides a file's identity
+Expectation = list[int] | str
 
-def reset_paths(ov: Overlay, paths: list[str]) -> tuple[Invalidation, list[str]]:
+
+def upper_identity(upper: str | os.PathLike[str], rel: str) -> Expectation:
+    """What the upper entry rel is now, for a reset that must not drop a newer one."""
+    return _identity(f"{os.fspath(upper)}/{rel}")
+
+
+def _identity(path: str) -> Expectation:
+    try:
+        st = os.lstat(dirfd.short(path))
+    except (FileNotFoundError, NotADirectoryError):  # (below a whiteout)
+        return ABSENT
+    return DIR if stat.S_ISDIR(st.st_mode) else [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _as_expected(upath: str, want: Expectation | None) -> bool:
+    if want == DIR:  # dropped once empty: what is in it was examined, or is new
+        try:
+            return not os.listdir(dirfd.short(upath))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+    return want is not None and _identity(upath) == want
+
+
+def reset_paths(ov: Overlay, paths: list[str], expect: dict[str, Expectation] | None = None
+                ) -> tuple[Invalidation, list[str]]:
+    """Drop the upper entries of paths. With expect (absorb's), a path is dropped only while
+    its upper entry is what the caller examined (a file's identity; ABSENT: only a whiteout
+    marker; DIR: a directory, dropped once empty, so children come first): another
+    installer may have written it since. The daemon runs this between two FUSE requests,
+    so the check and the removal see the same tree."""
     inv = Invalidation()
     removed: list[str] = []
     for raw in paths:
         path = check_relpath(raw.strip("/"))
         upath = ov.upper.path(path)
+        if expect is not None and not _as_expected(upath, expect.get(raw)):
+            continue
         st = ov.upper.lstat(path)
         if st is None and not ov.upper.remove_whiteout(path):
             continue

@@ -303,6 +303,16 @@ class Store:
             self._add_object(digest, fill)
         return digest, size
 
+    def put_checked(self, digest: str, fill: Callable[[int], None], *,
+                    durable: bool = False) -> None:
+        """Add an object whose bytes fill(fd) writes into a nameless file and checks itself
+        (against this digest and whatever else vouches for them): raising leaves nothing.
+        durable: fsynced before it is named, for a reader that serves it at once (a mount
+        daemon fetching from a remote) with no sync_objects() to come."""
+        if not is_digest(digest):
+            raise StoreError(f"bad object digest {digest!r}")
+        self._add_object(digest, fill, durable=durable)
+
     def _existing_is_same(self, final: Path, digest: str, same: Callable[[], bool]) -> bool:
         """An object of that name exists: True if it holds these bytes; False if it is a
         crash leftover (it does not hash to its name), to be replaced; else a collision."""
@@ -312,15 +322,18 @@ class Store:
             raise CollisionError(f"digest collision or corrupt object {digest}")
         return False
 
-    def _add_object(self, digest: str, fill: Callable[[int], None]) -> None:
+    def _add_object(self, digest: str, fill: Callable[[int], None],
+                    durable: bool = False) -> None:
         """Write a new object nameless, then link it under its name (never replacing an
-        intact one); its durability is left to sync_objects()."""
+        intact one); its durability is left to sync_objects() unless durable."""
         fanout = self._fanout(digest)
         final = fanout / digest[2:]
         fd, tmp = self._new_file(fanout)
         try:
             fill(fd)
             os.fchmod(fd, OBJECT_MODE)
+            if durable:
+                os.fsync(fd)
             with _sync_lock:
                 _unsynced.add(self.root)
             source = tmp if tmp is not None else Path(f"/proc/self/fd/{fd}")
@@ -337,7 +350,7 @@ class Store:
                 if tmp is not None or exc.errno not in (errno.ENOENT, errno.EXDEV, errno.EPERM):
                     raise
                 self._tmpfile = False  # no /proc here: name the object the classic way
-                self._add_object(digest, fill)
+                self._add_object(digest, fill, durable)
         finally:
             os.close(fd)
             if tmp is not None:

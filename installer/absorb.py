@@ -27,6 +27,7 @@ from cowfs.dirfd import short
 from cowfs.errors import CowfsError
 from cowfs.layer import ensure_layer, read_head
 from cowfs.manifest import Manifest, write_manifest
+from cowfs.reset import ABSENT, DIR, upper_identity
 from cowfs.spec import VenvState
 from cowfs.store import Store
 from cowfs.upper import foreign_dist_infos
@@ -62,14 +63,18 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
     # dist-info directory may stay, holding per-venv files such as REQUESTED). uv deletes
     # RECORD first: while any other file of the distribution is still there, the removal
     # is under way (or RECORD alone was deleted) and dropping the rest from the lower
-    # layer would pull files from under the remover (seen: EIO in uv's reinstall).
-    gone = []
-    for i, h in heads.items():
-        if h.dist_info in info_dirs:
-            gone.append(i)
-        elif not (site / h.dist_info / "RECORD").is_file():
-            if _still_there(store, i, site):
-                unfinished.append(h.dist_info)  # being removed: absorbed when done
+    # layer would pull files from under the remover (seen: EIO in uv's reinstall). Files
+    # another distribution claims are its own (an upgrade rewrote the same paths).
+    claimed = claims(site, info_dirs)
+    gone = [i for i, h in heads.items() if h.dist_info in info_dirs]
+    unrecorded = [i for i, h in heads.items() if i not in gone
+                  and not (site / h.dist_info / "RECORD").is_file()]
+    if unrecorded:
+        others = set(claimed) | files_of(store, [i for i in heads if i not in gone
+                                                 and i not in unrecorded])
+        for i in unrecorded:
+            if _still_there(store, i, site, others):
+                unfinished.append(heads[i].dist_info)  # being removed: absorbed when done
             else:
                 gone.append(i)
     if not info_dirs and not gone:
@@ -87,17 +92,21 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
     gone_extra = {fe.path for fe in state.extra if fe.path.startswith(tuple(gone_infos))}
     old_hidden = {p for p in paths_of(store, gone) | gone_extra
                   if not os.path.lexists(site / p)}
+    # What each upper entry to be dropped was when examined: the daemon drops it only if it
+    # still is (pip or uv may start again at any moment, e.g. writing the next version).
+    seen = {p: upper_identity(state.upper, p) for p in old_hidden | gone_extra}
     with store.lock():  # from the first object until the root names the manifests
         # The gone ones' per-venv files (REQUESTED, RECORD...) go with them; a replacement's
         # own arrive below.
         state.extra = [fe for fe in state.extra if fe.path not in gone_extra]
         n_extra = len(state.extra)
         sorter = Sorter(store, site, state, info_dirs)
-        for path, owner in sorted(claims(site, info_dirs).items()):
+        for path, owner in sorted(claimed.items()):
             try:
                 st = os.lstat(site / path)
             except FileNotFoundError:
                 continue  # listed but not installed (pip lists pycs it may not write)
+            seen[path] = upper_identity(state.upper, path)  # before its content is read
             sorter.take(path, st, owner)
         stale = sorter.stale_pycs()
         result.manifests = sorter.manifests()
@@ -128,7 +137,10 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
     # tool's leftover (uv keeps REQUESTED when it removes): it goes too.
     drop = sorted(sorter.shared() | set(stale) | old_hidden | per_venv
                   | (gone_extra - per_venv))
-    control.request(socket, "reset", paths=drop + emptied_dirs(state.upper, drop))
+    dirs = emptied_dirs(state.upper, drop)
+    expect = {**{p: seen.get(p, ABSENT) for p in drop}, **{d: DIR for d in dirs}}
+    deepest_first = sorted(drop, key=lambda p: -p.count("/")) + dirs
+    control.request(socket, "reset", paths=deepest_first, expect=expect)
     return result
 
 
@@ -144,13 +156,17 @@ def _missing(site: Path, info_dir: str) -> bool:
                and not os.path.lexists(site / path) for path, _, _ in rows)
 
 
-def _still_there(store: Store, dist: str, site: Path) -> bool:
-    """A file of the installed distribution (bytecode aside) is still in the view."""
+def _still_there(store: Store, dist: str, site: Path, others: set[str]) -> bool:
+    """A file of the installed distribution (bytecode aside) that no other distribution
+    claims is still in the view."""
+    return any(not p.endswith((".pyc", "/RECORD")) and p not in others
+               and os.path.lexists(site / p) for p in files_of(store, [dist]))
+
+
+def files_of(store: Store, ids: list[str]) -> set[str]:
     from cowfs.manifest import read_manifest
 
-    return any(not fe.path.endswith(".pyc") and os.path.lexists(site / fe.path)
-               for fe in read_manifest(store, dist).files
-               if not fe.path.endswith("/RECORD"))
+    return {fe.path for i in ids for fe in read_manifest(store, i).files}
 
 
 def paths_of(store: Store, ids: list[str]) -> set[str]:

@@ -73,8 +73,8 @@ def ensure_bytecode(store: Store, dist: Dist, info: InterpreterInfo,
     manifest = dist if isinstance(dist, Manifest) else read_manifest(store, dist.id)
     sources = [(fe.path, str(store.object_path(fe.digest))) for fe in manifest.files
                if fe.path.endswith(".py")]
-    if not sources:
-        return None
+    if not sources or not all(os.path.exists(src) for _, src in sources):
+        return None  # a lazy install from a remote (cowfs.remote.lazy): once pulled
     import tempfile  # cold path only
 
     try:

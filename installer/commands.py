@@ -10,7 +10,7 @@ import click
 from cowfs.errors import CowfsError
 from cowfs.spec import VenvState
 from cowfs.store import Store
-from installer import sync
+from installer import remote_install, sync
 from installer.interpreters import query_interpreter
 from installer.locks import locate, read_lock
 from installer.venv import create_venv, ensure_mounted, find_venv
@@ -93,8 +93,9 @@ def install_cmd(requirements: tuple[str, ...], req_files: tuple[str, ...], venv_
                            index_url=index_url, extra_index_urls=extra_index_urls,
                            quiet=quiet or as_json)
     pins, how = sync.plan(request, info, store, Path(state.python))
+    _, prepared = remote_install.prepare(store, pins, info.tags, offline=offline)
     summary = sync.apply(state, store, info, pins, exact=False, quiet=quiet or as_json,
-                         resolver=how, compile_bytecode=not no_compile)
+                         resolver=how, compile_bytecode=not no_compile, prepared=prepared)
     _report(summary, as_json, quiet, "Installed")
 
 
@@ -129,12 +130,15 @@ def sync_cmd(lock: str, venv_opt: str | None, find_links: tuple[str, ...], no_in
         pins, editables = ul.pins, ul.editables
     else:
         pins = read_lock(Path(lock), markers=info.markers, supported_tags=info.tags)
-    pins = locate(pins, Path(state.python), [str(store.wheels), *find_links],
-                  no_index=no_index, supported_tags=info.tags, index_url=index_url,
-                  offline=offline)
+    # What the store or a remote holds by the lock's hashes needs no index and no wheel.
+    rest, prepared = remote_install.prepare(store, pins, info.tags, offline=offline)
+    located = locate(rest, Path(state.python), [str(store.wheels), *find_links],
+                     no_index=no_index, supported_tags=info.tags, index_url=index_url,
+                     offline=offline)
+    pins = [*located, *(p for p in pins if p not in rest)]
     summary = sync.apply(state, store, info, pins, exact=True, quiet=quiet or as_json,
                          resolver="lock", compile_bytecode=not no_compile,
-                         keep=list(editables))
+                         keep=list(editables), prepared=prepared)
     for name, project in editables.items():
         if not uv_lock.editable_installed(state.site_packages, name, project):
             index_args = [*(a for f in find_links for a in ("--find-links", f)),

@@ -11,12 +11,14 @@ from pathlib import Path
 import click
 
 from cowfs import gc
+from cowfs import mount as mounting
 from cowfs import roots as gc_roots
 from cowfs.errors import CowfsError
 from cowfs.spec import VenvState
 from cowfs.store import Store
 from installer import changes
-from installer.venv import find_venv
+from installer.diff import diff_lines
+from installer.venv import ensure_mounted, find_venv
 
 COLOURS = {"M": "yellow", "?": "yellow", "P": "cyan", "t": "cyan", "T": "magenta",
            "A": "green", "D": "red"}
@@ -24,7 +26,14 @@ SHOWN_CONFIRM = 20  # paths listed before a reset confirmation
 
 
 def _state(venv_opt: str | None) -> VenvState:
-    return VenvState.load(find_venv(venv_opt))
+    """The venv; a mount whose daemon died (killed, OOM) is remounted first: its files gave
+    "Transport endpoint is not connected" while status read the private layer as fine."""
+    state = VenvState.load(find_venv(venv_opt))
+    if mounting.mount_state(str(state.site_packages)) == "stale":
+        ensure_mounted(state)
+        click.echo(f"cowfs: the mount daemon of {state.venv} had stopped (its log: "
+                   f"{state.mount_spec().log}); remounted", err=True)
+    return state
 
 
 def _filesystem(directory: Path) -> dict[str, object] | None:
@@ -136,7 +145,7 @@ def diff_cmd(targets: tuple[str, ...], venv_opt: str | None) -> None:
     """Unified diff of the venv's changes (PKG or PATH...) against the pristine files."""
     report = changes.scan(_state(venv_opt))
     chosen = changes.select(report, targets) if targets else report.changes
-    for line in changes.diff_lines(report, chosen):
+    for line in diff_lines(report, chosen):
         if line.startswith(("---", "+++")):
             line = click.style(line, bold=True)
         elif line.startswith("@@"):
@@ -227,7 +236,9 @@ def verify_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
         click.echo(json.dumps({"store": str(store.root), **rep.to_json()}, indent=1))
     else:
         click.echo(f"store {store.root}: {_plural(rep.objects, 'object')} and "
-                   f"{_plural(rep.manifests, 'manifest')} checked")
+                   f"{_plural(rep.manifests, 'manifest')} checked"
+                   + (f" ({_plural(rep.on_remote, 'file')} still on remotes: fetched on "
+                      "first read)" if rep.on_remote else ""))
         for ident, why in sorted(rep.bad_manifests.items()):
             click.echo(f"bad manifest {ident}: {why}")
         for p in sorted(rep.problems.values(), key=lambda p: p.digest):

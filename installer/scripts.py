@@ -258,6 +258,23 @@ def _remove(path: Path, stop: set[Path]) -> None:
         parent = parent.parent
 
 
+def remove_recorded_outside(record: bytes, site: Path, venv: Path) -> None:
+    """Remove what an installed RECORD lists outside site-packages but inside the venv
+    (pip's and uv's console scripts, `.data/scripts`, data files): a distribution another
+    installer put there has no manifest data for remove_venv_files. Paths leaving the venv
+    are not touched: a RECORD is the venv's to edit, not a licence to delete anywhere."""
+    from installer.changes import parse_installed_record
+
+    venv = Path(os.path.normpath(venv))
+    stop = {venv, venv / "bin", venv / "include", venv / "include" / "site"}
+    for rel, _, _ in parse_installed_record(record, str(site)):
+        if not rel.startswith("../"):
+            continue
+        path = Path(os.path.normpath(site / rel))
+        if venv in path.parents and not path.is_dir():
+            _remove(path, stop)
+
+
 def remove_venv_files(manifest: Dist, venv: Path) -> None:
     """Undo install_venv_files: remove exactly the paths it writes for this manifest.
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from packaging.utils import canonicalize_name
 
@@ -33,9 +34,17 @@ from installer.ingest import Ingestor
 from installer.interpreters import InterpreterInfo
 from installer.locks import pins_from_local_wheels
 from installer.resolve import Pin, choose_resolver, local_path, resolve
-from installer.scripts import VenvFiles, install_venv_files, remove_venv_files
+from installer.scripts import (
+    VenvFiles,
+    install_venv_files,
+    remove_recorded_outside,
+    remove_venv_files,
+)
 from installer.venv import ensure_mounted
 from installer.wheel import venv_extra_files
+
+if TYPE_CHECKING:
+    from installer.remote_install import Prepared
 
 
 @dataclass
@@ -134,8 +143,10 @@ def shared_bytecode_for(store: Store, manifests: Sequence[Dist], info: Interpret
 
 def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[Pin], *,
           exact: bool, quiet: bool = False, resolver: str = "",
-          compile_bytecode: bool = True, keep: Sequence[str] = ()) -> Summary:
-    """Make the venv hold pins (plus what it had, unless exact) and reload the mount."""
+          compile_bytecode: bool = True, keep: Sequence[str] = (),
+          prepared: Prepared | None = None) -> Summary:
+    """Make the venv hold pins (plus what it had, unless exact) and reload the mount.
+    Pins in prepared come from the store or a remote (installer.remote_install), not wheels."""
     started = time.perf_counter()
     # One state writer at a time (the daemon's absorb is another): read it fresh under the
     # lock, so that nothing another writer recorded meanwhile is written over.
@@ -147,7 +158,7 @@ def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[
         with store.lock():
             summary = _apply_locked(state, store, info, pins, exact=exact, keep=keep,
                                     quiet=quiet, resolver=resolver,
-                                    compile_bytecode=compile_bytecode)
+                                    compile_bytecode=compile_bytecode, prepared=prepared)
         reload(state)
     summary.seconds = time.perf_counter() - started
     return summary
@@ -161,8 +172,9 @@ def refresh_state(state: VenvState) -> None:
 
 def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[Pin],
                   *, exact: bool, keep: Sequence[str], quiet: bool, resolver: str,
-                  compile_bytecode: bool) -> Summary:
+                  compile_bytecode: bool, prepared: Prepared | None) -> Summary:
     summary = Summary(resolver=resolver)
+    ready = prepared.materialize(store, progress=not quiet) if prepared else {}
     # ensure() only for a new store: an existing read-only one serves what it holds already
     # (anything new fails with one clear error where it would be written). Its downloads
     # go to a private directory: a wheel the store has the manifest of installs all the same.
@@ -175,8 +187,9 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
             dest = (store if store.exists() else store.ensure()).wheels
         ingest = Ingestor(store, info)
         stack.callback(ingest.close)
-        fetch(pins, dest, progress=not quiet, on_ready=ingest.submit)
-        new = ingest.results(pins, progress=not quiet)
+        rest = [p for p in pins if p.name not in ready]
+        fetch(rest, dest, progress=not quiet, on_ready=ingest.submit)
+        new = {**ready, **ingest.results(rest, progress=not quiet)}
     current = {canonicalize_name(m.name): m for m in (read_head(store, d)
                                                         for d in state.dists)}
     # exact: only the pins stay, and those named in keep (a uv project's own editable).
@@ -192,7 +205,7 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
     extra = [e for e in state.extra]
     for name, old in current.items():
         if name not in wanted or wanted[name].id != old.id:
-            remove_venv_files(old, state.venv)
+            _remove_outside_site(state, old)
             extra = [e for e in extra if not e.path.startswith(_dist_info_prefix(old))]
             summary.removed.append((old.name, old.version))
     direct = {p.name: p.direct_url for p in pins}
@@ -261,7 +274,7 @@ def _uninstall_locked(state: VenvState, store: Store, names: Sequence[str]) -> S
         name = canonicalize_name(m.name)
         if name in wanted:
             found.add(name)
-            remove_venv_files(m, state.venv)
+            _remove_outside_site(state, m)
             extra = [e for e in extra if not e.path.startswith(_dist_info_prefix(m))]
             summary.removed.append((m.name, m.version))
         else:
@@ -277,6 +290,15 @@ def _uninstall_locked(state: VenvState, store: Store, names: Sequence[str]) -> S
     reload(state)
     _drop_emptied_dirs(state, store, [i for i in before if i not in keep])
     return summary
+
+
+def _remove_outside_site(state: VenvState, m: Dist) -> None:
+    """A removed distribution's files outside site-packages: what cowfs installed, and
+    what pip or uv did (absorbed distributions have no manifest data, their RECORD lists it)."""
+    remove_venv_files(m, state.venv)
+    with contextlib.suppress(OSError):
+        record = (state.site_packages / m.dist_info / "RECORD").read_bytes()
+        remove_recorded_outside(record, state.site_packages, state.venv)
 
 
 def _drop_emptied_dirs(state: VenvState, store: Store, removed: list[str]) -> None:

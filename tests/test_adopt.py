@@ -137,17 +137,18 @@ def test_a_failed_adopt_leaves_the_venv_untouched(
             raise OSError(28, "No space left on device", str(path))
         return real(self, path)
 
-    monkeypatch.setattr(Store, "put_file", failing)
-    with pytest.raises(OSError):
+    # (monkeypatch.context: undo() would also undo the autouse fixture's COWFS_HOME, and
+    # the rest of the test then used, and polluted, the real ~/.cache/cowfs store.)
+    with monkeypatch.context() as m, pytest.raises(OSError):
+        m.setattr(Store, "put_file", failing)
         adopt_module.adopt(v, Store())
     assert snapshot() == before
     assert not VenvState.path_for(v).exists()
-    monkeypatch.undo()
     # An adopt interrupted after the swap (state saved, site-packages still full) is
     # finished by the next run.
-    monkeypatch.setattr(adopt_module, "_finish", lambda state, result: result)
-    adopt_module.adopt(v, Store())
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(adopt_module, "_finish", lambda state, result: result)
+        adopt_module.adopt(v, Store())
     assert (v / ".cowfs" / adopt_module.MARKER).exists()
     assert (site_of(v) / MAIN).exists()  # not emptied yet
     cowfs("adopt", str(v))

@@ -22,6 +22,7 @@ from cowfs.spec import VenvState
 from cowfs.store import Store
 from cowfs.upper import OPAQUE_XATTR, WHITEOUT_XATTR
 from installer import changes
+from installer.diff import diff_lines
 from tests.conftest import EDITED, UDDER, cow, cowfs, install, one_line_error, site
 from tests.wheelbuild import build
 
@@ -284,7 +285,7 @@ def test_classifier_on_both_marker_formats(tmp_path: Path, monkeypatch: pytest.M
         "lone/c.py": ("deleted", "pkg", "lone"),
     }
     assert len(report.changes) == len(got)  # one change per path
-    diff = list(changes.diff_lines(report, report.changes))
+    diff = list(diff_lines(report, report.changes))
     assert "Binary files a/pkg/data.bin and b/pkg/data.bin differ" in diff
     assert "new empty directory: newdir/" in diff
     assert "type change: pkg/typed.py is now a directory" in diff
@@ -293,3 +294,30 @@ def test_classifier_on_both_marker_formats(tmp_path: Path, monkeypatch: pytest.M
     assert not result.live and "pkg/sub" in result.removed
     assert not (up / "pkg" / "sub").exists() and not (up / "pkg" / "data.bin").exists()
     assert [c.path for c in changes.scan(state).changes] == ["newdir"]
+
+
+def test_paths_relative_to_the_working_directory(venvs: Callable[[str], Path],
+                                                 wheels: Path) -> None:
+    """A user in the package's directory names a file as the shell completes it; from the
+    project, as `.venv/lib/...`. Both used to be taken as site-packages-relative: unknown."""
+    a = venvs("A")
+    install(a, wheels)
+    sp = site(a)
+    main = sp / MAIN
+    main.write_text(main.read_text().replace(UDDER, EDITED))
+    (sp / "notes.txt").write_text("mine\n")
+    inside = cowfs("diff", "--venv", str(a), "main.py", cwd=sp / "pycowsay").stdout
+    assert "+++ b/pycowsay/main.py" in inside and "notes.txt" not in inside
+    project = os.path.relpath(main, a.parent)
+    assert project.startswith(".venv/lib/")
+    assert "+++ b/pycowsay/main.py" in cowfs("diff", "--venv", str(a), project,
+                                             cwd=a.parent).stdout
+    assert "notes.txt" in cowfs("diff", "--venv", str(a), "notes.txt", cwd=a.parent).stdout
+    cowfs("reset", "--venv", str(a), "-y", "main.py", cwd=sp / "pycowsay")
+    assert cow(a) == UDDER and set(status(a)) == {"notes.txt"}
+    bad = cowfs("diff", "--venv", str(a), "../../../../x", cwd=sp / "pycowsay", check=False)
+    one_line_error(bad, "is not inside")
+    (sp / "pycowsay" / "__init__.py").unlink()
+    (sp / "pycowsay" / "__init__.py").symlink_to("main.py")  # once had a bogus mode change
+    assert cowfs("diff", "--venv", str(a), "__init__.py", cwd=sp / "pycowsay").stdout == \
+        "type change: pycowsay/__init__.py is now a symlink\n"

@@ -28,7 +28,9 @@ from tests.conftest import EDITED, PKG, UDDER, cowfs, unmount_venv
 COMMANDS = [["venv"], ["install"], ["uninstall", "x"], ["sync", "lock.txt"], ["mount"],
             ["umount", "x"], ["mounts"], ["python", "info"], ["python"], ["cache", "clean"],
             ["cache"], ["status"], ["diff"], ["reset"], ["store", "verify"], ["store", "gc"],
-            ["store", "du"], ["store", "info"], ["store"], ["adopt", "x"]]
+            ["store", "du"], ["store", "info"], ["store"], ["adopt", "x"],
+            ["store", "remote"], ["store", "remote", "add", "a", "b"], ["store", "push"],
+            ["store", "pull"]]
 
 # (case id, argv, expected start of the error line); {v} is the module's cowfs venv.
 BAD_VALUES = [
@@ -95,6 +97,17 @@ BAD_VALUES = [
     ("store-info-file", ["store", "info"], "store {cwd}/afile is not a directory", "afile"),
     ("store-info-under-file", ["store", "info"],
      "store {cwd}/afile/sub cannot exist: {cwd}/afile is not a directory", "afile/sub"),
+    ("remote-add-bad-url", ["store", "remote", "add", "x", "ftp://h/p"],
+     "bad remote URL 'ftp://h/p'"),
+    ("remote-add-bad-name", ["store", "remote", "add", "a:b", "https://h/p"],
+     "bad remote name 'a:b'"),
+    ("remote-remove-unknown", ["store", "remote", "remove", "x"], "no remote named 'x'"),
+    ("push-no-remote", ["store", "push"], "no remote configured"),
+    ("push-no-store", ["store", "push", "/srv/x"], "no store at", "nostore"),
+    ("push-http", ["store", "push", "http://127.0.0.1:9/x"], "read-only over HTTP"),
+    ("pull-no-venv", ["store", "pull", "--venv", "nope"], "no cowfs venv at"),
+    ("pull-lock-no-remote", ["store", "pull", "nolock.txt", "--venv", "{v}"],
+     "no remote configured"),
 ]
 
 
@@ -172,7 +185,8 @@ def test_bad_value_is_one_error_line(base: dict[str, Path], case: tuple[str, ...
 
 
 @pytest.mark.parametrize("command", [["store", "gc"], ["store", "du"], ["store", "info"],
-                                     ["store", "gc", "--dry-run"], ["cache", "clean"]],
+                                     ["store", "gc", "--dry-run"], ["cache", "clean"],
+                                     ["store", "remote", "list"], ["store", "push", "-n"]],
                          ids=lambda c: "-".join(c))
 def test_store_commands_on_no_store_create_nothing(base: dict[str, Path],
                                                    command: list[str]) -> None:

@@ -29,9 +29,13 @@ from cowfs.store import Store
 from tests.conftest import (
     DAEMON_GONE,
     PKG,
+    UDDER,
+    cow,
     cowfs,
+    drop_kernel_caches,
     fingerprint,
     force_unmount,
+    install,
     kill_during_synced_writes,
 )
 from tests.wheelbuild import build
@@ -92,6 +96,23 @@ def test_kill_9_during_fsynced_writes_on_a_venv(tmp_path: Path,
     cowfs("umount", str(venv))
     assert mounting.find_mount(str(state.site_packages)) is None
     assert state.log.read_text().rstrip().endswith(f"unmounted {state.site_packages}")
+
+
+def test_status_after_the_daemon_was_killed_remounts_and_says_so(
+        tmp_path: Path, venvs: Callable[[Path], Path], wheels: Path) -> None:
+    """OOM killer, kill -9: files not in the kernel's cache gave ENOTCONN, while `cowfs
+    status` read the private layer and answered "pristine". It now remounts, on stderr."""
+    venv = venvs(tmp_path / "v")
+    install(venv, wheels)
+    state = VenvState.load(venv)
+    os.kill(daemon_pid(state.mount_spec()), signal.SIGKILL)
+    wait_stale(state.site_packages)
+    proc = cowfs("status", "--venv", str(venv))
+    assert "had stopped" in proc.stderr and "remounted" in proc.stderr
+    assert "no private changes" in proc.stdout
+    assert mounting.mount_state(str(state.site_packages)) == "live"
+    drop_kernel_caches()
+    assert cow(venv) == UDDER
 
 
 def test_kill_9_during_a_big_copy_up(tmp_path: Path, overlay_mount: Any) -> None:

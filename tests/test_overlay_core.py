@@ -204,10 +204,9 @@ def test_failed_copy_up_changes_nothing(ov: Overlay, layers: Layers,
     def boom(*_: object) -> None:
         raise OSError(errno.ENOSPC, "no space")
 
-    monkeypatch.setattr(copy_up, "copy_fd_data", boom)
-    with pytest.raises(OSError):
+    with monkeypatch.context() as m, pytest.raises(OSError):  # (not undo(): see test_adopt)
+        m.setattr(copy_up, "copy_fd_data", boom)
         write(ov, "pkg/sub/data.bin", b"x")
-    monkeypatch.undo()
     assert not (layers.upper / "pkg" / "sub" / "data.bin").exists()
     assert not node_at(ov, "pkg/sub/data.bin").upper
     assert read(ov, "pkg/sub/data.bin") == bytes(range(256)) * 64

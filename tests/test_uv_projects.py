@@ -144,6 +144,42 @@ def test_an_uninstall_by_another_tool_leaves_nothing_behind(tmp_path: Path, whee
         unmount_venv(venv)
 
 
+@pytest.mark.parametrize("tool", ["uv", "pip"])
+def test_an_upgrade_by_another_tool_over_the_same_paths_is_absorbed(
+        tmp_path: Path, tool: str) -> None:
+    """Upgrading what cowfs installed rewrites the same paths. The old version must count as
+    gone although "its" files are still there (the new one's), twice over: the second
+    upgrade found the first version's dist-info without RECORD ("Cannot uninstall")."""
+    links = tmp_path / "links"
+    links.mkdir()
+    for v in ("1.0", "2.0", "3.0"):
+        build(links, {"up/__init__.py": f"V = {v!r}\n".encode(), "up/mod.py": b"X = 1\n"},
+              name="up", version=v, meta_extra="")
+    venv = tmp_path / "P" / ".venv"
+    cowfs("venv", str(venv))
+    try:
+        cowfs("install", "--venv", str(venv), "up==1.0", "--no-index", "--find-links",
+              str(links))
+        python = str(venv / "bin" / "python")
+        env = {**os.environ, "UV_CACHE_DIR": str(tmp_path / "uv-cache")}
+        for v in ("2.0", "3.0"):
+            cmd = [UV, "pip", "install", "--python", python] if tool == "uv" else \
+                [sys.executable, "-m", "pip", "--python", python, "install", "-q"]
+            proc = subprocess.run([*cmd, f"up=={v}", "--no-index", "--find-links", str(links)],
+                                  capture_output=True, text=True, env=env)
+            assert proc.returncode == 0, proc.stderr
+            assert _absorbed(venv) == []
+            ups = [d for d in VenvState.load(venv).dists if d.startswith("up-")]
+            assert len(ups) == 1 and ups[0].startswith(f"up-{v}-"), ups
+            assert sorted(n for n in os.listdir(site(venv)) if n.startswith("up")) == \
+                ["up", f"up-{v}.dist-info"]
+            out = subprocess.run([python, "-c", "import up; print(up.V)"],
+                                 capture_output=True, text=True)
+            assert out.stdout == f"{v}\n", out.stderr
+    finally:
+        unmount_venv(venv)
+
+
 def test_a_reinstall_by_uv_of_a_big_package_is_absorbed_once_it_is_done(
         tmp_path: Path) -> None:
     """uv removes what cowfs installed (RECORD first), then writes it again. Absorb used to
@@ -243,3 +279,32 @@ def test_cowfs_sync_of_a_uv_lock_is_what_uv_sync_installs(projects, wheels: Path
     assert UDDER in _uv(a, "run", "--locked", "-q", "pycowsay", "moo", wheels=wheels)
     again = cowfs("sync", str(a / "uv.lock"), *args).stdout
     assert "Synced 0 packages" in again
+
+
+def test_cowfs_uninstall_of_what_uv_installed_removes_its_scripts_and_data(
+        tmp_path: Path) -> None:
+    """A distribution uv installed has, once absorbed, no manifest data: its console script
+    and `.data/data` file outside site-packages used to stay after `cowfs uninstall`."""
+    links = tmp_path / "links"
+    links.mkdir()
+    build(links, {"tool/__init__.py": b"def main():\n    print('hi')\n",
+                  "tool-1.0.data/data/share/tool/tool.1": b".TH tool 1\n",
+                  "tool-1.0.data/scripts/tool-sh": (b"#!/bin/sh\necho sh\n", 0o755)},
+          name="tool", meta_extra="", entry_points="[console_scripts]\ntool = tool:main\n")
+    venv = tmp_path / "P" / ".venv"
+    cowfs("venv", str(venv))
+    try:
+        env = {**os.environ, "UV_CACHE_DIR": str(tmp_path / "uv-cache")}
+        subprocess.run([UV, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
+                        "tool==1.0", "--no-index", "--find-links", str(links)],
+                       check=True, env=env)
+        outside = [venv / "bin" / "tool", venv / "bin" / "tool-sh",
+                   venv / "share" / "tool" / "tool.1"]
+        assert all(p.exists() for p in outside)
+        assert _absorbed(venv) == []
+        cowfs("uninstall", "--venv", str(venv), "tool")
+        assert [p for p in outside if p.exists()] == []
+        assert not (venv / "share").exists()  # emptied directories go too
+        assert (venv / "bin" / "python").exists()
+    finally:
+        unmount_venv(venv)

@@ -179,9 +179,9 @@ def test_reingest_is_idempotent_and_warm(
     def boom(*_a: object, **_k: object) -> None:
         raise AssertionError("warm path must not read the wheel again")
 
-    monkeypatch.setattr(wheel_mod, "_ingest", boom)
-    assert ingest_wheel(store, whl) == first
-    monkeypatch.undo()
+    with monkeypatch.context() as m:  # (undo() would drop the autouse fixture's env too)
+        m.setattr(wheel_mod, "_ingest", boom)
+        assert ingest_wheel(store, whl) == first
     assert ingest_wheel(store, whl, force=True) == first
     assert (store.dists / f"{first.id}.json").read_bytes() == doc
 

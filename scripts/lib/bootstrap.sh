@@ -11,8 +11,9 @@ PYTHON_BIN=${PYTHON:-python3}
 # Packages needed to build pyfuse3 and to mount.
 APT_BASE=(fuse3 libfuse3-dev pkg-config gcc)
 # Peers and tools the test suite and benchmarks compare against (shellcheck: the lint test;
-# git: the benchmark records the revision it measured, and its smoke test runs it).
-APT_TEST=(fuse-overlayfs stress-ng fio attr ntfs-3g btrfs-progs xfsprogs shellcheck git)
+# git: the benchmark records the revision it measured, and its smoke test runs it; nginx:
+# the static web server the remote tests serve a pushed store with).
+APT_TEST=(fuse-overlayfs stress-ng fio attr ntfs-3g btrfs-progs xfsprogs shellcheck git nginx)
 
 _missing_apt() {
     local missing=() pkg
