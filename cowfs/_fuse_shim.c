@@ -18,15 +18,29 @@
  * OPEN request that no longer comes: the kernel sends a SETATTR(size=0) instead. Python asks
  * active() whether the wrappers are in place (not when pyfuse3 was loaded first, or libfuse's
  * table is larger than the one compiled here) and only then answers ENOSYS.
+ *
+ * FUSE passthrough (kernel 6.9+) is the other way to serve reads without the daemon: OPEN is
+ * answered with FOPEN_PASSTHROUGH and a backing id registered on /dev/fuse, and the kernel
+ * then reads, writes and mmaps the backing file itself, sharing its page cache. libfuse 3.14
+ * knows nothing of it, so (only when Python asks for it, want_passthrough()) this module adds
+ * FUSE_PASSTHROUGH to the INIT reply libfuse builds (captured on a socket in place of the
+ * /dev/fuse fd, patched, then written to the kernel), builds OPEN replies that carry a backing
+ * id (PT_FLAG in the handle, see fuse_shim.py), and opens and closes backing ids.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #define FUSE_USE_VERSION 32 /* the API level pyfuse3 3.5 is built against */
 #include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <fuse_lowlevel.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #define BY_INODE (1ULL << 63) /* handles the daemon hands out are small integers */
 
@@ -39,6 +53,48 @@ typedef void (*fsync_fn)(fuse_req_t, fuse_ino_t, int, struct fuse_file_info *);
 typedef void (*init_fn)(void *, struct fuse_conn_info *);
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
                                                const struct fuse_lowlevel_ops *, size_t, void *);
+
+/* The kernel ABI of passthrough (include/uapi/linux/fuse.h 7.40); libfuse 3.14's is 7.36. */
+#define FUSE_INIT_OPCODE 26
+#define FUSE_PASSTHROUGH_FLAGS2 (1U << 5) /* FUSE_PASSTHROUGH is 1ULL << 37 */
+#define FUSE_WRITEBACK_CACHE_FLAG (1U << 16)
+#define FUSE_INIT_EXT_FLAG (1U << 30)
+#define FOPEN_DIRECT_IO_FLAG (1U << 0)
+#define FOPEN_PASSTHROUGH_FLAG (1U << 7)
+/* Backing files may sit on a filesystem of stack depth 0 (ext4, xfs, tmpfs...), not on an
+ * overlay: that keeps this mount stackable under an overlay itself. */
+#define MAX_STACK_DEPTH 1
+
+struct backing_map {
+    int32_t fd;
+    uint32_t flags;
+    uint64_t padding;
+};
+#define BACKING_OPEN _IOW(229, 1, struct backing_map)
+#define BACKING_CLOSE _IOW(229, 2, uint32_t)
+
+/* A handle the daemon marks for a passthrough reply: PT_FLAG | [PT_DIRECT] | id << 32 | fh */
+#define PT_FLAG (1ULL << 62)
+#define PT_DIRECT (1ULL << 61)
+
+struct init_out { /* fuse_init_out, 64 bytes since 7.23 */
+    uint32_t major, minor, max_readahead, flags;
+    uint16_t max_background, congestion_threshold;
+    uint32_t max_write, time_gran;
+    uint16_t max_pages, map_alignment;
+    uint32_t flags2, max_stack_depth;
+    uint32_t unused[6];
+};
+
+struct out_header {
+    uint32_t len;
+    int32_t error;
+    uint64_t unique;
+};
+
+static struct fuse_session *session;
+static int want_pt;  /* Python asked for passthrough */
+static int pt_state; /* 0: not asked, 1: the kernel did not offer it, 2: put in INIT reply */
 
 static struct fuse_lowlevel_ops wrapped_ops;
 static struct fuse_lowlevel_ops pyfuse3_ops;
@@ -96,15 +152,94 @@ static void init_without_atomic_trunc(void *userdata, struct fuse_conn_info *con
     conn->want &= ~FUSE_CAP_ATOMIC_O_TRUNC;
 }
 
+static void *real_libfuse(const char *name)
+{
+    void *libfuse = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
+    return libfuse == NULL ? NULL : dlvsym(libfuse, name, "FUSE_3.0");
+}
+
 static session_new_fn real_session_new(void)
 {
     static session_new_fn real;
-    if (real == NULL) {
-        void *libfuse = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
-        if (libfuse != NULL)
-            real = (session_new_fn)dlvsym(libfuse, "fuse_session_new", "FUSE_3.0");
-    }
+    if (real == NULL)
+        real = (session_new_fn)real_libfuse("fuse_session_new");
     return real;
+}
+
+/* libfuse writes its INIT reply to the session fd: for that one request the fd number is a
+ * socket (nothing else runs in this thread meanwhile), the reply is patched, then sent. */
+static void init_with_passthrough(struct fuse_session *se, const struct fuse_buf *buf,
+                                  void (*real)(struct fuse_session *, const struct fuse_buf *))
+{
+    int fd = fuse_session_fd(se), sp[2], saved;
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) != 0)
+        goto plain;
+    saved = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (saved < 0 || dup2(sp[0], fd) < 0) {
+        if (saved >= 0)
+            close(saved);
+        close(sp[0]);
+        close(sp[1]);
+        goto plain;
+    }
+    real(se, buf);
+    dup3(saved, fd, O_CLOEXEC); /* libfuse opened /dev/fuse O_CLOEXEC */
+    close(saved);
+    close(sp[0]);
+    unsigned char reply[4096];
+    ssize_t n = recv(sp[1], reply, sizeof reply, MSG_DONTWAIT);
+    close(sp[1]);
+    if (n <= 0)
+        return; /* libfuse sent nothing: the kernel waits for nothing either */
+    struct out_header *oh = (struct out_header *)reply;
+    struct init_out *out = (struct init_out *)(reply + sizeof *oh);
+    if (oh->error == 0 && (size_t)n >= sizeof *oh + sizeof *out &&
+        (out->flags & FUSE_INIT_EXT_FLAG) && !(out->flags & FUSE_WRITEBACK_CACHE_FLAG)) {
+        out->flags2 |= FUSE_PASSTHROUGH_FLAGS2;
+        out->max_stack_depth = MAX_STACK_DEPTH;
+        pt_state = 2;
+    }
+    if (write(fd, reply, (size_t)n) != n)
+        perror("cowfs: INIT reply");
+    return;
+plain:
+    real(se, buf);
+}
+
+void fuse_session_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
+{
+    static void (*real)(struct fuse_session *, const struct fuse_buf *);
+    if (real == NULL)
+        real = (void (*)(struct fuse_session *, const struct fuse_buf *))real_libfuse(
+            "fuse_session_process_buf");
+    const size_t in_hdr = 40; /* fuse_in_header; fuse_init_in follows: flags2 at +16 */
+    if (want_pt && pt_state == 0 && !(buf->flags & FUSE_BUF_IS_FD) &&
+        buf->size >= in_hdr + 20 && ((const uint32_t *)buf->mem)[1] == FUSE_INIT_OPCODE) {
+        const uint32_t *in = (const uint32_t *)((const char *)buf->mem + in_hdr);
+        pt_state = 1;
+        if ((in[3] & FUSE_INIT_EXT_FLAG) && (in[4] & FUSE_PASSTHROUGH_FLAGS2)) {
+            init_with_passthrough(se, buf, real);
+            return;
+        }
+    }
+    real(se, buf);
+}
+
+int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
+{
+    static int (*real)(fuse_req_t, const struct fuse_file_info *);
+    if (real == NULL)
+        real = (int (*)(fuse_req_t, const struct fuse_file_info *))real_libfuse(
+            "fuse_reply_open");
+    if (!(fi->fh & PT_FLAG) || fi->fh & BY_INODE)
+        return real(req, fi);
+    struct {
+        uint64_t fh;
+        uint32_t open_flags;
+        int32_t backing_id; /* fuse_open_out's padding before 7.40 */
+    } out = {fi->fh, FOPEN_PASSTHROUGH_FLAG | (fi->fh & PT_DIRECT ? FOPEN_DIRECT_IO_FLAG : 0),
+             (int32_t)((fi->fh >> 32) & 0x1fffffff)};
+    return fuse_reply_buf(req, (const char *)&out, sizeof out);
 }
 
 struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
@@ -129,6 +264,8 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     wrapped_ops.init = init_without_atomic_trunc;
     struct fuse_session *se = real(args, &wrapped_ops, op_size, userdata);
     wrapped = se != NULL;
+    session = se;
+    pt_state = 0;
     return se;
 }
 
@@ -139,9 +276,57 @@ static PyObject *active(PyObject *self, PyObject *unused)
     return PyBool_FromLong(wrapped);
 }
 
+static PyObject *want_passthrough(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    want_pt = PyObject_IsTrue(arg) == 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *passthrough_state(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromLong(pt_state);
+}
+
+static int session_fd(void)
+{
+    return session == NULL ? -1 : fuse_session_fd(session);
+}
+
+static PyObject *backing_open(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    struct backing_map map = {(int32_t)PyLong_AsLong(arg), 0, 0};
+    if (PyErr_Occurred())
+        return NULL;
+    int id = ioctl(session_fd(), BACKING_OPEN, &map);
+    if (id < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(id);
+}
+
+static PyObject *backing_close(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    uint32_t id = (uint32_t)PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    if (ioctl(session_fd(), BACKING_CLOSE, &id) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"active", active, METH_NOARGS,
      "True when the live session's handlers receive inode numbers for zero handles."},
+    {"want_passthrough", want_passthrough, METH_O,
+     "Ask for FUSE_PASSTHROUGH in the INIT reply of the next session."},
+    {"passthrough_state", passthrough_state, METH_NOARGS,
+     "0: not asked (yet), 1: the kernel did not offer passthrough, 2: put in the INIT reply."},
+    {"backing_open", backing_open, METH_O, "Register an fd as a backing file: its id."},
+    {"backing_close", backing_close, METH_O, "Drop a backing id."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -113,8 +113,9 @@ def mounts_cmd(as_json: bool) -> None:
     for row in rows:
         extra = ""
         if "pid" in row:
-            opens = "kernel" if row.get("kernel_cache") else "daemon"
-            extra = f" pid={row['pid']} rss={int(row['max_rss_kb']) // 1024}MB opens={opens}"
+            opens = row.get("opens") or ("kernel" if row.get("kernel_cache") else "daemon")
+            why = f" ({row['opens_why']})" if row.get("opens_why") else ""
+            extra = f" pid={row['pid']} rss={int(row['max_rss_kb']) // 1024}MB opens={opens}{why}"
         src = row.get("venv") or ":".join(row.get("lowerdirs", []) or []) or "?"  # type: ignore[arg-type]
         click.echo(f"{row['mountpoint']}  {row['state']}{extra}  ({src})")
 

@@ -86,11 +86,13 @@ class Daemon:
         op = req.get("op")
         if op == "status":
             usage = resource.getrusage(resource.RUSAGE_SELF)
+            opens, why = self.ops.opens_mode()
             return {"ok": True, "pid": os.getpid(), "mountpoint": self.spec.mountpoint,
                     "upper": self.spec.upper, "venv": self.spec.venv,
                     "lowerdirs": self.spec.lowerdirs, "nodes": len(self.ov.table.by_ino),
                     "open_files": len(self.ov.handles), "max_rss_kb": usage.ru_maxrss,
-                    "kernel_cache": self.ops.by_inode, "served": self.ops.served}
+                    "kernel_cache": self.ops.by_inode, "served": self.ops.served,
+                    "opens": opens, "opens_why": why, **self.ops.pt.status()}
         if op == "reload":
             await self.ops.settle()
             # In a thread: taking the lease waits for a running gc to finish.
@@ -100,6 +102,7 @@ class Daemon:
                 self.lease.release()  # only now: the old layer was served until the swap
             self.lease = lease
             self.ops.forget_caches()
+            self.ops.pt.drop_unused()
             await self.invalidate(inv)
             log.info("reloaded lower: %d inodes, %d entries invalidated", len(inv.inodes),
                      len(inv.entries))

@@ -39,3 +39,30 @@ def active() -> bool:
     """True when the live session hands readdir the directory's inode instead of a handle,
     and read/write/fsync `BY_INODE | inode` instead of the zero handle of a kernel open."""
     return _shim is not None and bool(_shim.active())
+
+
+def loaded() -> bool:
+    return _shim is not None
+
+
+# FUSE passthrough (see cowfs/passthrough.py); only called when loaded().
+def want_passthrough() -> None:
+    """Ask for FUSE_PASSTHROUGH in the INIT reply (before the session starts)."""
+    assert _shim is not None
+    _shim.want_passthrough(True)
+
+
+def passthrough_state() -> int:
+    """0: not asked, 1: the kernel did not offer passthrough, 2: in the INIT reply."""
+    return 0 if _shim is None else int(_shim.passthrough_state())
+
+
+def backing_open(fd: int) -> int:
+    """Register fd's file as a backing file on /dev/fuse (FUSE_DEV_IOC_BACKING_OPEN)."""
+    assert _shim is not None
+    return int(_shim.backing_open(fd))
+
+
+def backing_close(backing_id: int) -> None:
+    assert _shim is not None
+    _shim.backing_close(backing_id)

@@ -250,6 +250,8 @@ def list_mounts() -> list[dict[str, object]]:
             if status:
                 row.update(pid=status["pid"], nodes=status["nodes"],
                            open_files=status["open_files"], max_rss_kb=status["max_rss_kb"],
-                           kernel_cache=status.get("kernel_cache", False))
+                           kernel_cache=status.get("kernel_cache", False),
+                           opens=status.get("opens"), opens_why=status.get("opens_why", ""),
+                           backing_ids=status.get("backing_ids", 0))
         out.append(row)
     return out

@@ -30,6 +30,7 @@ import trio
 from cowfs import fuse_shim, namespace
 from cowfs.inode import Node
 from cowfs.overlay import Attr, Overlay
+from cowfs.passthrough import Passthrough, daemon_fh
 from cowfs.store import syncfs
 
 if TYPE_CHECKING:
@@ -90,6 +91,8 @@ class CowfsOperations(pyfuse3.Operations):
         # Snapshots of listings in progress (a big directory takes several READDIRPLUS).
         self._listings: dict[int, list[tuple[str, Node]]] = {}
         self.by_inode = False  # the shim is in place (known once the session is live)
+        self.pt = Passthrough()  # FUSE passthrough, when the kernel takes it (first OPEN)
+        self.pt.ask()
         # Requests served, for `status`: listings (READDIRPLUS at offset 0), OPEN, READ.
         self.served = {"listings": 0, "opens": 0, "reads": 0}
         self.teardown: VenvTeardown | None = None  # set by the daemon for a venv mount
@@ -134,7 +137,16 @@ class CowfsOperations(pyfuse3.Operations):
     def init(self) -> None:
         self.by_inode = fuse_shim.active()
         # Kernel opens are invisible: a file unlinked while open must stay readable.
-        self.ov.pin_unlinked = self.by_inode
+        # (Passthrough needs OPEN requests: while it may work, every open is seen.)
+        self.ov.pin_unlinked = self.by_inode and self.pt.enabled is False
+
+    def opens_mode(self) -> tuple[str, str]:
+        """How this mount serves opens (for `status`), and why not by passthrough."""
+        if self.pt.enabled:
+            return "passthrough", ""
+        if self.pt.enabled is None:
+            return "passthrough (at the first open)", ""
+        return ("kernel" if self.by_inode else "daemon"), self.pt.why_not
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -253,11 +265,14 @@ class CowfsOperations(pyfuse3.Operations):
         node = self.node(inode)
         self.last_change = time.monotonic()
         size = attr.st_size if fields.update_size else None
+        if size is not None and self.pt.live_on_lower(node.ino) \
+                and not self.pt.only_opener(node.ino, ctx.pid):  # O_RDONLY|O_TRUNC
+            raise pyfuse3.FUSEError(errno.ETXTBSY)  # see cowfs.passthrough
         # (A detached lower file may still be open: the kernel did not tell us, see open.)
         if node.parent is not None or (self.by_inode and node.children is None):
             await self.ensure_upper(node, with_data=size != 0)
         a = self.ov.setattr(
-            node, fh,
+            node, None if fh is None else daemon_fh(fh),
             size=size,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -427,14 +442,39 @@ class CowfsOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.node(inode)
         self.served["opens"] += 1
-        if self.by_inode:
+        pt = self.pt.enabled is not False
+        if self.by_inode and not pt:
             # From now on the kernel opens files without asking (and keeps their pages);
             # the first read or write of an inode opens it here, a write copies it up.
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if pt and writable and self.pt.live_on_lower(node.ino):
+            raise pyfuse3.FUSEError(errno.ETXTBSY)  # before any copy-up: cowfs.passthrough
+        # With the shim, O_TRUNC comes as a SETATTR after the OPEN: copy up at the first
+        # write or truncation (cowfs.overlay.Overlay.open), not the data at the open.
+        if writable and not self.by_inode:
             await self.ensure_upper(node, with_data=not flags & os.O_TRUNC)
-        fh = await self._opening(node, lambda: self.ov.open(node, flags))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        fh = await self._opening(
+            node, lambda: self.ov.open(node, flags, defer_copy_up=self.by_inode))
+        if not pt:
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        h = self.ov.handles[fh]
+        reply = None
+        try:
+            if self.pt.enabled or self.pt.decide(h.fd):
+                reply = self.pt.reply(fh, h.fd, node.ino, writable, h.on_lower, ctx.pid)
+        except OSError:
+            self.ov.release(fh)
+            raise
+        if reply is None:  # passthrough refused: kernel opens (daemon opens) from now on
+            log.info("opens: %s (no passthrough: %s)", *self.opens_mode())
+            self.ov.pin_unlinked = self.by_inode
+            if self.by_inode:
+                self.ov.release(fh)
+                raise pyfuse3.FUSEError(errno.ENOSYS)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # A cached open drops the inode's pages: writes of passthrough times bypassed them.
+        return pyfuse3.FileInfo(fh=reply, keep_cache=False)
 
     async def _fetched(self, node: Node) -> bool:
         """A lower file whose store object a lazy install left out: fetched now (EIO when
@@ -461,6 +501,7 @@ class CowfsOperations(pyfuse3.Operations):
         await self.settle(parent)
         node, fh = namespace.create(self.ov, parent, _name(name), stat.S_IMODE(mode), flags,
                                     ctx.uid, ctx.gid)
+        self.pt.created(fh, node.ino)
         self._noticed(parent, _name(name))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._looked_up(node)
 
@@ -470,7 +511,7 @@ class CowfsOperations(pyfuse3.Operations):
         node = self.implicit(fh)
         if node is not None:
             fh = await self._opening(node, lambda: self.ov.implicit_handle(node, writable=False))
-        return self.ov.read(fh, off, size)
+        return self.ov.read(daemon_fh(fh), off, size)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -479,20 +520,24 @@ class CowfsOperations(pyfuse3.Operations):
         if node is not None:
             await self.ensure_upper(node)
             fh = self.ov.implicit_handle(node, writable=True)
-        return self.ov.write(fh, off, buf)
+        h = self.ov.handles.get(daemon_fh(fh))
+        if h is not None and h.on_lower:
+            await self.ensure_upper(h.node)  # opened for writing, copied up now
+        return self.ov.write(daemon_fh(fh), off, buf)
 
     async def flush(self, fh: int) -> None:
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def release(self, fh: int) -> None:
-        self.ov.release(fh)
+        self.pt.released(daemon_fh(fh))
+        self.ov.release(daemon_fh(fh))
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         node = self.implicit(fh)
         if node is not None:
             fh = self.ov.implicit_handle(node, writable=False)
-        self.ov.fsync(fh, datasync)
+        self.ov.fsync(daemon_fh(fh), datasync)
 
     # -- xattrs -------------------------------------------------------------------------
 

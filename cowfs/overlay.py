@@ -301,7 +301,8 @@ class Overlay:
     def _copy_up_orphan(self, node: Node, with_data: bool) -> None:
         """A lower file unlinked while the kernel may hold it open (no OPEN request told us)
         is written to: its private copy is an anonymous file, alive as long as its handles."""
-        if not self.pin_unlinked or node.lower is None or not stat.S_ISREG(node.lower.mode):
+        if not (self.pin_unlinked or node.handles) or node.lower is None \
+                or not stat.S_ISREG(node.lower.mode):
             raise oserror(errno.ENOENT)
         tmp = copy_up.prepare_file(self.upper, node.lower, with_data=with_data)
         try:
@@ -331,12 +332,13 @@ class Overlay:
         self._redirect_handles(node)
 
     def _redirect_handles(self, node: Node, copy: str | None = None) -> None:
-        """Handles opened on the lower file now read the upper copy (same fd number)."""
+        """Handles opened on the lower file now read (writers: and write) the upper copy
+        (same fd number)."""
         for fh in node.handles or ():
             h = self.handles[fh]
             if h.on_lower:
                 new = os.open(copy or self.upper.path(self.path(node)),
-                              os.O_RDONLY | os.O_CLOEXEC)
+                              (os.O_RDWR if h.writable else os.O_RDONLY) | os.O_CLOEXEC)
                 os.dup2(new, h.fd)
                 os.close(new)
                 h.on_lower = False
@@ -361,11 +363,14 @@ class Overlay:
         node.handles.add(fh)
         return fh
 
-    def open(self, node: Node, flags: int) -> int:
+    def open(self, node: Node, flags: int, defer_copy_up: bool = False) -> int:
+        """A handle; a writable one copies node up first, or with defer_copy_up at its first
+        write or truncation (the kernel sends O_TRUNC as a SETATTR after the OPEN when
+        atomic O_TRUNC is off: copying the data at the open would be wasted)."""
         if node.children is not None:
             raise oserror(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if writable or flags & os.O_TRUNC:
+        if (writable and not defer_copy_up) or flags & os.O_TRUNC:
             self.copy_up(node, with_data=not flags & os.O_TRUNC)
         if node.upper:
             fd = os.open(self.upper.path(self.path(node)),
@@ -373,7 +378,7 @@ class Overlay:
             return self.add_handle(node, fd, writable, on_lower=False)
         assert node.lower is not None and node.lower.source is not None
         fd = os.open(dirfd.short(node.lower.source), os.O_RDONLY | os.O_CLOEXEC)  # never writable
-        return self.add_handle(node, fd, False, on_lower=True)
+        return self.add_handle(node, fd, writable, on_lower=True)
 
     def implicit_handle(self, node: Node, writable: bool) -> int:
         """The handle that serves kernel opens of node; writable ones need node copied up."""
@@ -429,6 +434,8 @@ class Overlay:
         h = self.handle(fh)
         if not h.writable:
             raise oserror(errno.EBADF)
+        if h.on_lower:  # a deferred copy-up (open): callers copy up first
+            raise oserror(errno.EROFS)
         return os.pwrite(h.fd, data, offset)
 
     def fsync(self, fh: int, datasync: bool) -> None:

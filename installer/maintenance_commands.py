@@ -85,6 +85,16 @@ def _summary(report: changes.Report) -> str:
 # -- status / diff / reset ------------------------------------------------------------------
 
 
+def _opens(state: VenvState) -> dict[str, str]:
+    """How the live mount serves opens (passthrough, kernel, daemon) and why; {} unmounted."""
+    from cowfs import control
+
+    status = control.try_request(state.mount_spec().socket, "status")
+    if not status or "opens" not in status:
+        return {}
+    return {"opens": str(status["opens"]), "opens_why": str(status.get("opens_why", ""))}
+
+
 @click.command("status")
 @click.option("--venv", "venv_opt", type=click.Path(), help="The venv (default: as install).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -97,16 +107,19 @@ def status_cmd(venv_opt: str | None, as_json: bool) -> None:
     # Probed in the work dir: same filesystem as the upper, invisible in the mount.
     work = state.work if state.work.is_dir() else VenvState.state_dir(state.venv)
     fs = _filesystem(work)
+    opens = _opens(state)
     if as_json:
-        click.echo(json.dumps({**report.to_json(), "upper_filesystem": fs,
+        click.echo(json.dumps({**report.to_json(), "upper_filesystem": fs, **opens,
                                "seconds": round(seconds, 4)}, indent=1))
         return
+    mode = f"; opens {opens['opens']}" + (f" ({opens['opens_why']})" if opens["opens_why"]
+                                           else "") if opens else ""
     if not report.changes:
         click.echo(f"{state.venv}: no private changes (site-packages is pristine); "
-                   f"upper fs {_fs_line('', fs).strip()}")
+                   f"upper fs {_fs_line('', fs).strip()}{mode}")
         return
     click.echo(f"{state.venv}: {_summary(report)} (private layer {state.upper})")
-    click.echo(_fs_line("upper fs", fs))
+    click.echo(_fs_line("upper fs", fs) + mode)
     for dist, items in report.groups():
         title = dist.label if dist else "no distribution"
         click.echo(click.style(title, bold=True))

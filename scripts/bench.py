@@ -42,7 +42,7 @@ from benchlib.common import (
     install_signal_handlers,
     log,
 )
-from benchlib.peers import PEERS, make_peers
+from benchlib.peers import EXTRA_PEERS, PEERS, make_peers
 
 SHARED_WORKLOAD = Path("/work/shared/bench/workload-ds.txt")
 BUNDLED_WORKLOAD = Path(__file__).resolve().parent / "benchlib" / "workload-ds.txt"
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="3 repetitions, 2 fresh venvs, "
                    "no read-all-cold")
     p.add_argument("--figures", help=f"comma list of: {','.join(ALL_FIGURES)}")
-    p.add_argument("--peers", help=f"comma list of: {','.join(PEERS)}")
+    p.add_argument("--peers", help=f"comma list of: {','.join(PEERS + EXTRA_PEERS)}")
     p.add_argument("--reps", type=int, help="repetitions per figure (default 7; quick 3)")
     p.add_argument("--fresh", type=int, help="fresh venvs for import-first (default 3)")
     p.add_argument("--cold-reps", type=int, help="cold reads per peer (default 3)")
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.figures = list(F.QUICK_FIGURES if args.quick else ALL_FIGURES)
     if args.peers:
         args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]
-        bad = [x for x in args.peers if x not in PEERS]
+        bad = [x for x in args.peers if x not in PEERS + EXTRA_PEERS]
         if bad:
             p.error(f"unknown peer(s) {bad}; known: {', '.join(PEERS)}")
     else:
@@ -206,12 +206,14 @@ def measure(ctx: Ctx, args: argparse.Namespace, res: F.Results) -> dict[str, obj
     sections["pythons"] = []
     figs = set(args.figures)
     need_envs = bool(figs & (WARM_FIGURES | {"import-first", "disk-per-venv"}))
-    if peers and (need_envs or "install-warm" in figs):
+    if peers and (need_envs or figs & {"install-warm", "page-cache"}):
         for name, peer in peers.items():
             log(f"preparing {name}")
             peer.prepare()
     if "install-warm" in figs:
         F.install_warm(ctx, res, peers)
+    if "page-cache" in figs:
+        F.page_cache(ctx, res, peers)
     envs = {}
     if figs & {"import-first", "disk-per-venv"}:
         envs = F.import_first(ctx, res, peers)

@@ -63,6 +63,9 @@ def test_bench_produces_every_figure_with_positive_ratios(tmp_path: Path) -> Non
         peers = figures[fig]["peers"]
         assert "cowfs" in peers, f"{fig}: no cowfs value"
         for peer, d in peers.items():
+            if fig == "page-cache":  # a memory delta: ~0 or below with other work running
+                assert isinstance(d["median"], float | int) and math.isfinite(d["median"])
+                continue
             r = d["ratio"]
             assert isinstance(r, float | int) and math.isfinite(r) and r > 0, (fig, peer, d)
     for fig in ("install-warm", "import-warm", "import-first", "walk", "read-all"):

@@ -200,7 +200,11 @@ def fill(path: Path) -> tuple[int, int]:
     return written, 0
 
 
-def test_upper_on_a_full_filesystem(small_fs: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("opens", ["kernel", "passthrough"])
+def test_upper_on_a_full_filesystem(small_fs: Path, tmp_path: Path, opens: str,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Passthrough: a read file's backing id must not keep its space once deleted.
+    monkeypatch.setenv("COWFS_PASSTHROUGH", "0" if opens == "kernel" else "1")
     lower = tmp_path / "lower"
     lower.mkdir()
     big = os.urandom(6 << 20)

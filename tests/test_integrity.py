@@ -1,10 +1,12 @@
 """fsx-style data integrity: seeded random read/write/truncate/mmap sequences on one file,
 checked against an in-memory model after every operation, then after a remount.
 
-The file starts in the lower layer (copied up by the first write; a read-only descriptor
-opened before that must follow the copy-up) or in the upper layer (created through the
-mount). Every check reads the whole file three ways: the read-only descriptor, the writable
-one (fstat size) and the path (stat size). A failure names the seed and the last operations
+The file starts in the lower layer (copied up by the first write; with kernel opens a
+read-only descriptor opened before that must follow the copy-up; with passthrough, where a
+writer of a lower file open read-only is refused (tests/test_passthrough.py), it is opened
+after the first write's open) or in the upper layer (created through the mount), on both
+kinds of mount. Every check reads the whole file three ways: the read-only descriptor, the
+writable one (fstat size) and the path (stat size). A failure names the seed and the last operations
 so that the sequence can be replayed.
 """
 
@@ -20,6 +22,7 @@ from typing import Any
 import pytest
 from conftest import fingerprint
 
+from cowfs import control
 from cowfs import mount as mounting
 
 MAXLEN = 256 * 1024
@@ -30,13 +33,15 @@ WEIGHTS = {"read": 12, "write": 14, "append": 3, "truncate": 4, "ftruncate": 4, 
 
 
 class Fsx:
-    def __init__(self, path: Path, model: bytes, seed: int) -> None:
+    def __init__(self, path: Path, model: bytes, seed: int, ro_first: bool = True) -> None:
         self.path = path
         self.model = bytearray(model)
         self.rng = random.Random(seed)
         self.seed = seed
-        self.ro = os.open(path, os.O_RDONLY)  # opened before any copy-up
         self.rw: int | None = None  # opened by the first mutating operation
+        if not ro_first:
+            self.writable()  # copies a lower file up
+        self.ro = os.open(path, os.O_RDONLY)  # else opened before any copy-up
         self.log: list[str] = []
         self.counts: dict[str, int] = dict.fromkeys(WEIGHTS, 0)
 
@@ -158,9 +163,13 @@ def run(fsx: Fsx, ops: int) -> None:
         raise AssertionError(f"{exc} [{fsx.where()}]") from exc
 
 
-@pytest.mark.parametrize(("start", "seed"), [("lower", 1), ("lower", 2), ("upper", 3)])
+@pytest.mark.parametrize(("start", "seed", "opens"), [
+    ("lower", 1, "kernel"), ("lower", 2, "passthrough"), ("upper", 3, "passthrough"),
+    ("upper", 4, "kernel")])
 def test_fsx_random_io_against_a_model(tmp_path: Path, overlay_mount: Any, start: str,
-                                       seed: int) -> None:
+                                       seed: int, opens: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COWFS_PASSTHROUGH", "0" if opens == "kernel" else "1")
     lower = tmp_path / "lower"
     lower.mkdir()
     initial = random.Random(seed * 7919).randbytes(100_000 + seed * 4097)
@@ -172,9 +181,10 @@ def test_fsx_random_io_against_a_model(tmp_path: Path, overlay_mount: Any, start
     path = m.mnt / "pkg" / "file.bin"
     if start == "upper":
         path.write_bytes(initial)
-    fsx = Fsx(path, initial, seed)
+    fsx = Fsx(path, initial, seed, ro_first=opens == "kernel")
     try:
         run(fsx, OPS)
+        assert control.request(m.spec.socket, "status")["opens"] == opens
     finally:
         fsx.close()
     want = bytes(fsx.model)

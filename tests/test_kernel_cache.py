@@ -25,6 +25,12 @@ from cowfs import control
 from tests.conftest import cowfs, drop_kernel_caches, drop_page_cache, install, populate, site
 
 
+@pytest.fixture(autouse=True)
+def kernel_opens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about kernel opens: without passthrough (tests/test_passthrough.py)."""
+    monkeypatch.setenv("COWFS_PASSTHROUGH", "0")
+
+
 def served(spec: Any, what: str = "listings") -> int:
     return int(control.request(spec.socket, "status")["served"][what])
 

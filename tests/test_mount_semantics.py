@@ -48,7 +48,10 @@ def lower(tmp_path: Path) -> Any:
 # -- handles and inode numbers --------------------------------------------------------------
 
 
-def test_read_only_fd_sees_data_written_after_copy_up(lower: Path, overlay_mount: Any) -> None:
+def test_read_only_fd_sees_data_written_after_copy_up(lower: Path, overlay_mount: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Kernel opens; with passthrough the writer is refused instead (tests/test_passthrough.py).
+    monkeypatch.setenv("COWFS_PASSTHROUGH", "0")
     m = overlay_mount(lower)
     path = m.mnt / "pkg" / "main.py"
     old = path.read_bytes()

@@ -21,10 +21,10 @@ from benchlib.common import (
 from benchlib.peers import Cowfs, Env, Peer, _Overlay
 
 FIGURES = ("install-warm", "import-warm", "import-first", "walk", "read-all", "read-all-cold",
-           "disk-per-venv", "daemon-rss", "mount-time")
+           "disk-per-venv", "daemon-rss", "mount-time", "page-cache")
 QUICK_FIGURES = ("install-warm", "import-warm", "import-first", "walk", "read-all",
                  "disk-per-venv", "daemon-rss", "mount-time")
-UNITS = {"disk-per-venv": "MB", "daemon-rss": "MB"}
+UNITS = {"disk-per-venv": "MB", "daemon-rss": "MB", "page-cache": "MB"}
 
 # Read every regular file's bytes (the same tiny reader for every peer).
 # With a second argument: only the files that list names (relative paths, one per line).
@@ -109,6 +109,35 @@ def import_first(ctx: Ctx, res: Results, peers: dict[str, Peer]) -> dict[str, En
         if path.exists():
             res.note("disk-per-venv", what, round(du_added([path]) / 1e6, 1))
     return main
+
+
+def _cached_mb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Cached:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def page_cache(ctx: Ctx, res: Results, peers: dict[str, Peer]) -> None:
+    """Page cache added by a first import of the workload in a fresh venv after a cache drop,
+    then by the same in a second fresh venv (the figure: what one more venv costs in memory;
+    hard links and passthrough share the first venv's pages)."""
+    for name, peer in peers.items():
+        envs = [peer.new_env(), peer.new_env()]
+        if not drop_caches():
+            res.note("page-cache", "warning", "drop_caches not permitted: NOT cold")
+        added = []
+        for env in envs:
+            before = _cached_mb()
+            timed(ctx, import_cmd(ctx, env))
+            os.sync()
+            added.append(_cached_mb() - before)
+        res.add("page-cache", name, added[1])
+        res.note("page-cache", f"{name}.first_venv_mb", round(added[0], 1))
+        log(f"page-cache {name}: first venv +{added[0]:.1f} MB, second +{added[1]:.1f} MB")
+        for env in envs:
+            peer.close(env)
 
 
 def main_envs(ctx: Ctx, peers: dict[str, Peer]) -> dict[str, Env]:

@@ -29,6 +29,7 @@ from benchlib.common import (
 )
 
 PEERS = ("native", "uv-copy", "fuse-overlayfs", "kernel-overlay", "cowfs")
+EXTRA_PEERS = ("cowfs-pt",)  # only when named: cowfs with FUSE passthrough
 INSTALLERS = ("native", "uv-copy", "cowfs")  # the peers that are installers
 
 
@@ -250,18 +251,22 @@ class Cowfs(Peer):
     name = "cowfs"
     installs = True
 
+    @property
+    def cmd(self) -> list[str | Path]:
+        return list(self.ctx.cowfs)
+
     def install_cmd(self, venv: Path) -> list[str | Path]:
         c = self.ctx
-        return [*c.cowfs, "install", "--venv", venv, "-q", "-r", c.workload, "--no-index",
+        return [*self.cmd, "install", "--venv", venv, "-q", "-r", c.workload, "--no-index",
                 "--find-links", c.wheels]
 
     def venv(self, venv: Path) -> Env:
-        run(self.ctx, [*self.ctx.cowfs, "venv", venv, "--python", self.ctx.python])
+        run(self.ctx, [*self.cmd, "venv", venv, "--python", self.ctx.python])
         site = site_of(venv)
 
         def undo() -> None:
             if mounted(site):
-                run(self.ctx, [*self.ctx.cowfs, "umount", venv], check=False)
+                run(self.ctx, [*self.cmd, "umount", venv], check=False)
             force_umount(site, fuse=True)
 
         env = Env(self.name, venv, site, venv / "bin" / "python")
@@ -300,8 +305,8 @@ class Cowfs(Peer):
 
     def remount_time(self, env: Env) -> float:
         """`cowfs umount VENV` (not timed), then `cowfs mount VENV` until it answers."""
-        run(self.ctx, [*self.ctx.cowfs, "umount", env.venv])
-        t = timed(self.ctx, [*self.ctx.cowfs, "mount", env.venv])
+        run(self.ctx, [*self.cmd, "umount", env.venv])
+        t = timed(self.ctx, [*self.cmd, "mount", env.venv])
         env.pid = self.daemon_pid(env)
         return t
 
@@ -310,7 +315,7 @@ class Cowfs(Peer):
         from cowfs import mount as mounting
         from cowfs.spec import VenvState
 
-        run(self.ctx, [*self.ctx.cowfs, "umount", env.venv])
+        run(self.ctx, [*self.cmd, "umount", env.venv])
         spec = VenvState.load(env.venv).mount_spec()
         start = time.perf_counter()
         mounting.mount(spec)
@@ -319,9 +324,27 @@ class Cowfs(Peer):
         return t
 
 
+class CowfsPassthrough(Cowfs):
+    """cowfs with FUSE passthrough (COWFS_PASSTHROUGH=1, opt-in), side by side."""
+
+    name = "cowfs-pt"
+
+    @property
+    def cmd(self) -> list[str | Path]:
+        return ["env", "COWFS_PASSTHROUGH=1", *self.ctx.cowfs]
+
+    def remount_time_api(self, env: Env) -> float:
+        os.environ["COWFS_PASSTHROUGH"] = "1"
+        try:
+            return super().remount_time_api(env)
+        finally:
+            del os.environ["COWFS_PASSTHROUGH"]
+
+
 def make_peers(ctx: Ctx, names: list[str]) -> tuple[dict[str, Peer], dict[str, str]]:
     classes = {"native": Native, "uv-copy": UvCopy, "fuse-overlayfs": FuseOverlayfs,
-               "kernel-overlay": KernelOverlay, "cowfs": Cowfs}
+               "kernel-overlay": KernelOverlay, "cowfs": Cowfs,
+               "cowfs-pt": CowfsPassthrough}
     peers: dict[str, Peer] = {}
     skipped: dict[str, str] = {}
     for name in names:

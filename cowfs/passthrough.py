@@ -1,0 +1,226 @@
+"""FUSE passthrough opens: the kernel reads and mmaps store objects and upper files itself.
+
+With passthrough (kernel 6.9+, asked for at INIT by cowfs/_fuse_shim.c) an OPEN answered with
+a backing id makes the kernel serve that open file's reads, writes and mmaps from the backing
+file: no round trip per read, and the pages are the store object's own, shared by every venv
+and by the store. The price is the OPEN (and an asynchronous RELEASE) round trip that the
+kernel-opens mode (cowfs/fuse_shim.py) saves; see README, "Kernel opens and passthrough".
+
+The kernel keeps one io mode per inode while files are open on it: all passthrough with one
+backing file, or all cached (through the daemon). The daemon sees every OPEN and RELEASE, so
+it knows which mode each inode is in and answers accordingly:
+
+* read-only open, nothing open: passthrough to what the node is now (its store object, or its
+  upper file);
+* any open while passthrough opens are live but the node changed underneath them (copied up,
+  reset, reloaded): passthrough with the live backing (the kernel insists) plus
+  FOPEN_DIRECT_IO, so reads and writes of that open go through the daemon to the right file;
+* writable open while passthrough opens of an upper file are live: the same;
+* writable open or truncation while passthrough opens of a store object are live: ETXTBSY.
+  The kernel would give the writer a writable backing file on the store object (it opens the
+  backing path with the opener's flags), so the only alternatives are that or EIO;
+* anything else (writers, and readers while a writer is open): cached through the daemon,
+  without keep_cache (passthrough-era writes bypassed the FUSE page cache).
+
+Backing ids are registered per backing inode (st_dev, st_ino); those of store objects (lower
+files) are kept in a bounded LRU while no open uses them, dropped at a reload; the kernel holds
+the backing file itself, the daemon no fd for it. Those of upper files are closed with their
+last open (the file may be deleted next: its space must come back).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from cowfs import fuse_shim
+
+log = logging.getLogger("cowfs.passthrough")
+
+PT_FLAG = 1 << 62  # the handle asks the shim for a passthrough reply (see _fuse_shim.c)
+PT_DIRECT = 1 << 61  # ... with FOPEN_DIRECT_IO: reads and writes still come to the daemon
+FH_MASK = (1 << 32) - 1  # the daemon's own handle number
+ID_SHIFT, ID_MASK = 32, (1 << 29) - 1
+# Registered backing files kept while unused (kernel files, not daemon fds).
+BACKING_IDS_MAX = int(os.environ.get("COWFS_BACKING_IDS", "1024"))
+CAP_SYS_ADMIN = 21
+
+
+def has_cap_sys_admin() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except OSError:
+        pass
+    return False
+
+
+def wanted() -> str:
+    """Why passthrough is not asked for at INIT, or "" when it is. Opt-in: on this 2-vCPU VM
+    the OPEN round trip cost more than shared pages saved in every timed figure (README,
+    Benchmarks), while the page cache of one more venv went from +319 MB to +2.5 MB."""
+    if os.environ.get("COWFS_PASSTHROUGH", "0") != "1":
+        return "not asked for (COWFS_PASSTHROUGH=1)"
+    if not fuse_shim.loaded():
+        return "the C shim is not loaded"
+    if not has_cap_sys_admin():
+        return "no CAP_SYS_ADMIN (the kernel registers backing files only for it)"
+    return ""
+
+
+def daemon_fh(fh: int) -> int:
+    return fh & FH_MASK
+
+
+@dataclass(slots=True)
+class Live:
+    """Passthrough opens of one node the kernel still holds, and their backing file."""
+
+    backing_id: int
+    key: tuple[int, int]
+    on_lower: bool
+    count: int = 0
+    pid: int = 0  # the process that made the last of them
+
+
+class Passthrough:
+    def __init__(self) -> None:
+        self.why_not = wanted()
+        self.enabled: bool | None = None if not self.why_not else False  # None: not tried yet
+        self._ids: OrderedDict[tuple[int, int], int] = OrderedDict()  # unused ones: LRU
+        self._live: dict[int, Live] = {}  # node ino -> its live passthrough opens
+        self._opens: dict[int, tuple[int, bool]] = {}  # daemon fh -> (ino, passthrough)
+        self._cached: dict[int, int] = {}  # node ino -> live cached opens
+        self.failures = 0  # backing files the kernel refused (opens served cached instead)
+        self.lower_ok = False  # a store object (lower file) was taken as a backing file
+
+    def ask(self) -> None:
+        if self.enabled is None:
+            fuse_shim.want_passthrough()
+
+    def status(self) -> dict[str, object]:
+        return {"backing_ids": len(self._ids) + len(self._live),
+                "passthrough_opens": sum(v.count for v in self._live.values()),
+                "backing_refused": self.failures}
+
+    def decide(self, fd: int) -> bool:
+        """At the first open: did the kernel take passthrough? Registers fd on success."""
+        state = fuse_shim.passthrough_state()
+        if state != 2:
+            self.enabled = False
+            self.why_not = "the kernel did not offer FUSE_PASSTHROUGH at INIT"
+            return False
+        backing_id = self._backing(_key(fd), fd)
+        if backing_id is None:
+            self.enabled = False
+            return False
+        self._ids[_key(fd)] = backing_id
+        self.enabled = True
+        return True
+
+    def live_on_lower(self, ino: int) -> bool:
+        live = self._live.get(ino)
+        return live is not None and live.on_lower
+
+    def only_opener(self, ino: int, pid: int) -> bool:
+        """Is the node's one passthrough open pid's? (The kernel sends the truncation of an
+        O_RDONLY|O_TRUNC open as a SETATTR without its handle.)"""
+        live = self._live.get(ino)
+        return live is not None and live.count == 1 and live.pid == pid
+
+    def reply(self, fh: int, fd: int, ino: int, writable: bool, on_lower: bool,
+              pid: int = 0) -> int | None:
+        """The handle to answer an OPEN with (see the module docstring); raises ETXTBSY.
+        None: the kernel refuses the lower layer's files, passthrough is off from now on."""
+        live = self._live.get(ino)
+        if writable and live is not None and live.on_lower:
+            raise OSError(errno.ETXTBSY, os.strerror(errno.ETXTBSY))
+        if live is None and (writable or self._cached.get(ino)):
+            return self._cached_open(fh, ino)
+        key = _key(fd)
+        if live is None:
+            backing_id = self._backing(key, fd)
+            if backing_id is None and on_lower and not self.lower_ok:
+                # (A store on an overlay, say: every lower open would go through the daemon
+                # uncached, slower than kernel opens.)
+                self.enabled = False
+                return None
+            if backing_id is None:
+                return self._cached_open(fh, ino)
+            self.lower_ok |= on_lower
+            live = self._live[ino] = Live(backing_id, key, on_lower)
+        live.count += 1
+        live.pid = pid
+        self._opens[fh] = (ino, True)
+        direct = writable or live.key != key
+        return PT_FLAG | (PT_DIRECT if direct else 0) | live.backing_id << ID_SHIFT | fh
+
+    def _cached_open(self, fh: int, ino: int) -> int:
+        self._cached[ino] = self._cached.get(ino, 0) + 1
+        self._opens[fh] = (ino, False)
+        return fh
+
+    def created(self, fh: int, ino: int) -> None:
+        """CREATE opens a new file in cached mode (libfuse's reply, not ours)."""
+        self._cached_open(fh, ino)
+
+    def _backing(self, key: tuple[int, int], fd: int) -> int | None:
+        backing_id = self._ids.pop(key, None)
+        if backing_id is None:
+            try:
+                backing_id = fuse_shim.backing_open(fd)
+            except OSError as exc:
+                self.why_not = f"the kernel refused a backing file: {os.strerror(exc.errno or 0)}"
+                if not self.failures:
+                    log.warning("backing file refused (%s): such opens go through the daemon",
+                                os.strerror(exc.errno or 0))
+                self.failures += 1
+                return None
+        return backing_id
+
+    def released(self, fh: int) -> None:
+        ino, pt = self._opens.pop(fh, (0, None))
+        if pt is None:
+            return
+        if not pt:
+            n = self._cached.get(ino, 1) - 1
+            if n:
+                self._cached[ino] = n
+            else:
+                self._cached.pop(ino, None)
+            return
+        live = self._live[ino]
+        live.count -= 1
+        if live.count:
+            return
+        del self._live[ino]
+        # Upper files are not kept: a deleted one's space must come back at once. (Two nodes
+        # of one store object may also have registered it twice.)
+        if not live.on_lower or live.key in self._ids:
+            self._close(live.backing_id)
+            return
+        self._ids[live.key] = live.backing_id
+        while len(self._ids) > BACKING_IDS_MAX:
+            self._close(self._ids.popitem(last=False)[1])
+
+    def drop_unused(self) -> None:
+        """After a reload: files of the old layer need not stay open in the kernel (gc may
+        delete them; their space comes back once nothing holds them)."""
+        while self._ids:
+            self._close(self._ids.popitem()[1])
+
+    def _close(self, backing_id: int) -> None:
+        try:
+            fuse_shim.backing_close(backing_id)
+        except OSError as exc:
+            log.warning("closing backing id %d: %s", backing_id, exc)
+
+
+def _key(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino

@@ -1,0 +1,229 @@
+"""FUSE passthrough opens (cowfs/passthrough.py): the kernel reads lower and upper files itself.
+
+Differential where it can be: the same checks on a mount with COWFS_PASSTHROUGH=0 (kernel
+opens, the daemon reads) must come out the other way, so each test can fail.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cowfs import control
+from tests.conftest import cow, cowfs, drop_page_cache, install, site
+
+BIG = 4 << 20
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def status(spec: Any) -> dict[str, Any]:
+    return dict(control.request(spec.socket, "status"))
+
+
+def released(spec: Any) -> dict[str, Any]:
+    """The status once the kernel's asynchronous RELEASEs of closed files arrived."""
+    for _ in range(200):
+        st = status(spec)
+        if not st["passthrough_opens"] and not st["open_files"]:
+            break
+        time.sleep(0.01)
+    return st
+
+
+def resident(path: Path) -> float:
+    """Fraction of path's pages in memory as a mapping of it sees them (mincore)."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        try:
+            assert _libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec) / pages
+
+
+@pytest.fixture(autouse=True)
+def passthrough_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COWFS_PASSTHROUGH", "1")  # inherited by the mount daemons
+
+
+@pytest.fixture
+def lower(tmp_path: Path) -> Path:
+    root = tmp_path / "lower"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "big.bin").write_bytes(os.urandom(BIG))
+    (root / "pkg" / "mod.py").write_text("VALUE = 1\n")
+    return root
+
+
+@pytest.mark.parametrize("mode", ["passthrough", "kernel"])
+def test_mounts_share_the_lower_files_pages(lower: Path, overlay_mount: Any,
+                                            monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    if mode == "kernel":
+        monkeypatch.setenv("COWFS_PASSTHROUGH", "0")
+    big = lower / "pkg" / "big.bin"
+    drop_page_cache([big])
+    mounts = [overlay_mount(lower, name="a"), overlay_mount(lower, name="b")]
+    for m in mounts:
+        assert (m.mnt / "pkg" / "big.bin").read_bytes() == big.read_bytes()
+    st = status(mounts[0].spec)
+    assert st["opens"] == mode, st
+    reads = [status(m.spec)["served"]["reads"] for m in mounts]
+    # Evicting the lower file's pages: with passthrough there is no other copy.
+    drop_page_cache([big])
+    left = [resident(m.mnt / "pkg" / "big.bin") for m in mounts]
+    if mode == "passthrough":
+        assert reads == [0, 0], "the daemon read what the kernel should have"
+        assert max(left) < 0.5, f"a mount keeps its own copy of the pages: {left}"
+        assert st["backing_ids"] >= 1
+    else:
+        assert min(reads) > 0
+        assert min(left) > 0.9, left  # each mount's own copy survives the lower's eviction
+
+
+def test_writer_of_a_store_object_open_by_passthrough(lower: Path, overlay_mount: Any) -> None:
+    """The one semantic change (README, "Kernel opens and passthrough"): while a lower file is
+    open read-only by passthrough, opening it to write or truncating it is ETXTBSY; once it is
+    closed, the copy-up works and every later open reads the new data."""
+    m = overlay_mount(lower)
+    path = m.mnt / "pkg" / "mod.py"
+    ro = os.open(path, os.O_RDONLY)
+    try:
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+            with pytest.raises(OSError) as exc:
+                os.close(os.open(path, flags))
+            assert exc.value.errno == errno.ETXTBSY
+        other = subprocess.run(["truncate", "-s", "1", str(path)], capture_output=True,
+                               text=True)  # (another process: see only_opener)
+        assert other.returncode and "Text file busy" in other.stderr, other
+        assert not (m.upper / "pkg" / "mod.py").exists(), "copied up although refused"
+        # A metadata change copies up without changing the bytes: allowed, and an open made
+        # now reads the upper file through the daemon (DIRECT_IO with the live backing).
+        os.chmod(path, 0o600)
+        again = os.open(path, os.O_RDONLY)
+        assert os.pread(again, 100, 0) == b"VALUE = 1\n"
+        os.close(again)
+        assert os.pread(ro, 100, 0) == b"VALUE = 1\n"
+    finally:
+        os.close(ro)
+    path.write_text("VALUE = 2\n")
+    assert path.read_text() == "VALUE = 2\n"
+    assert (lower / "pkg" / "mod.py").read_text() == "VALUE = 1\n"
+    assert released(m.spec)["passthrough_opens"] == 0
+
+
+def test_upper_file_readers_and_writers_stay_coherent(lower: Path, overlay_mount: Any) -> None:
+    m = overlay_mount(lower)
+    path = m.mnt / "pkg" / "new.txt"
+    path.write_bytes(b"a" * 10000)
+    ro = os.open(path, os.O_RDONLY)  # passthrough to the upper file
+    rw = os.open(path, os.O_RDWR)  # DIRECT_IO with the same backing: writes via the daemon
+    try:
+        assert status(m.spec)["passthrough_opens"] == 2
+        os.pwrite(rw, b"b" * 100, 5000)
+        assert os.pread(ro, 10000, 0) == b"a" * 5000 + b"b" * 100 + b"a" * 4900
+        with mmap.mmap(rw, 10000, flags=mmap.MAP_SHARED,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+            mm[0:3] = b"xyz"
+            mm.flush()
+        assert os.pread(ro, 3, 0) == b"xyz"
+        os.ftruncate(rw, 4)
+        assert os.pread(ro, 100, 0) == b"xyza"
+        assert os.fstat(ro).st_size == 4
+    finally:
+        os.close(ro)
+        os.close(rw)
+    assert (m.upper / "pkg" / "new.txt").read_bytes() == b"xyza"
+
+
+def test_venv_runs_on_passthrough_and_reset_reaches_new_opens(
+        venvs: Callable[[str], Path], wheels: Path) -> None:
+    venv = venvs("a")
+    install(venv, wheels)
+    assert "opens=passthrough" in cowfs("mounts").stdout
+    assert "; opens passthrough" in cowfs("status", "--venv", str(venv)).stdout
+    main = site(venv) / "pycowsay" / "main.py"
+    pristine = main.read_bytes()
+    assert cow(venv).startswith("||")
+    main.write_bytes(pristine.replace(b"w", b"ww"))
+    held = os.open(main, os.O_RDONLY)  # passthrough to the private copy
+    try:
+        cowfs("reset", "--venv", str(venv), "pycowsay/main.py", "-y")
+        assert main.read_bytes() == pristine  # a new open: the store object
+        assert os.pread(held, len(pristine) + 10, 0) != pristine  # the old open: its file
+    finally:
+        os.close(held)
+    assert main.read_bytes() == pristine
+    cowfs("store", "verify")
+
+
+def test_lower_on_an_overlay_falls_back_to_kernel_opens(tmp_path: Path, lower: Path,
+                                                        overlay_mount: Any) -> None:
+    """A backing file on a stacked filesystem is refused by the kernel (ELOOP: the mount
+    declares stack depth 1): the mount says so and runs on kernel opens."""
+    ovl = tmp_path / "ovl"
+    for d in ("upper", "work", "merged"):
+        (ovl / d).mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                           f"lowerdir={lower},upperdir={ovl}/upper,workdir={ovl}/work",
+                           str(ovl / "merged")], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"no kernel overlayfs here: {done.stderr.strip()}")
+    try:
+        m = overlay_mount(ovl / "merged")
+        assert (m.mnt / "pkg" / "mod.py").read_text() == "VALUE = 1\n"
+        st = status(m.spec)
+        assert st["opens"] == "kernel", st
+        assert "refused a backing file" in st["opens_why"], st
+        assert "opens=kernel (the kernel refused" in cowfs("mounts").stdout
+        ro = os.open(m.mnt / "pkg" / "mod.py", os.O_RDONLY)
+        try:  # kernel opens keep today's guarantee: a writer is fine, the reader follows
+            (m.mnt / "pkg" / "mod.py").write_text("VALUE = 3\n")
+            assert os.pread(ro, 100, 0) == b"VALUE = 3\n"
+        finally:
+            os.close(ro)
+    finally:
+        subprocess.run(["umount", "-l", str(ovl / "merged")], check=False)
+
+
+def test_backing_ids_are_bounded_and_closed(lower: Path, overlay_mount: Any,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COWFS_BACKING_IDS", "8")  # kept while unused: 8 at most
+    n = 40
+    for i in range(n):
+        (lower / "pkg" / f"f{i}").write_text(str(i))
+    m = overlay_mount(lower)
+    fds = [os.open(m.mnt / "pkg" / f"f{i}", os.O_RDONLY) for i in range(n)]
+    try:
+        st = status(m.spec)
+        assert st["passthrough_opens"] == n and st["backing_ids"] == n
+        assert st["open_files"] == n  # one daemon fd per open file, none per backing id
+    finally:
+        for fd in fds:
+            os.close(fd)
+    for i in range(n):
+        assert (m.mnt / "pkg" / f"f{i}").read_text() == str(i)
+    st = released(m.spec)
+    assert st["passthrough_opens"] == 0 and st["open_files"] == 0
+    assert st["backing_ids"] == 8
+    assert st["served"]["reads"] == 0  # every one of them read by passthrough
