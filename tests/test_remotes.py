@@ -28,7 +28,7 @@ from cowfs.manifest import iter_manifests, read_manifest
 from cowfs.remote.push import publishable
 from cowfs.spec import VenvState
 from cowfs.store import Store
-from tests.conftest import PKG, UDDER, cow, cowfs, one_line_error, serving, unmount_venv
+from tests.conftest import EDITED, PKG, UDDER, cow, cowfs, one_line_error, serving, unmount_venv
 from tests.remote_servers import FaultServer, free_port, moto_s3, nginx
 
 
@@ -196,6 +196,11 @@ def test_host2_syncs_from_nginx_without_index_or_wheel(
         host2.run("sync", str(lock), "--venv", str(third), "--no-index",
                   COWFS_REMOTE=f"http://127.0.0.1:{free_port()}")
         assert cow(third) == UDDER
+        # The two-projects scenario on host 2: an edit in one venv stays in it.
+        main = VenvState.load(host2.venv).site_packages / "pycowsay" / "main.py"
+        main.write_text(main.read_text().replace(UDDER, EDITED))
+        assert cow(host2.venv) == EDITED and cow(third) == UDDER
+        assert json.loads(host2.run("store", "verify", "--json").stdout)["ok"]
     finally:
         unmount_venv(third)
     out = host2.run("store", "pull", "--venv", str(host2.venv)).stdout
