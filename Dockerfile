@@ -18,7 +18,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         fuse3 libfuse3-dev pkg-config gcc \
-        fuse-overlayfs stress-ng fio attr ntfs-3g btrfs-progs xfsprogs shellcheck git \
+        fuse-overlayfs stress-ng fio attr ntfs-3g btrfs-progs xfsprogs shellcheck git nginx \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /cowfs
