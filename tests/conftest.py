@@ -261,6 +261,36 @@ def overlay_mount(tmp_path: Path) -> Iterator[Callable[..., OverlayMount]]:
             force_unmount(mp)
 
 
+@pytest.fixture(scope="session")
+def passthrough_refused(tmp_path_factory: pytest.TempPathFactory) -> str | None:
+    """Why passthrough opens fall back to kernel opens for files where the tests keep
+    them (None: they work). In a container whose /tmp is overlayfs the kernel refuses a
+    backing file stacked that deep, by design (cowfs/passthrough.py)."""
+    base = tmp_path_factory.mktemp("pt-probe")
+    (base / "lower").mkdir()
+    (base / "lower" / "f").write_bytes(b"probe")
+    for d in ("mnt", "upper", "work"):
+        (base / d).mkdir()
+    spec = MountSpec(mountpoint=str(base / "mnt"), upper=str(base / "upper"),
+                     work=str(base / "work"), log=str(base / "daemon.log"),
+                     lowerdirs=[str(base / "lower")])
+    old = os.environ.get("COWFS_PASSTHROUGH")
+    os.environ["COWFS_PASSTHROUGH"] = "1"  # inherited by the daemon
+    try:
+        mounting.mount(spec)
+        try:
+            (base / "mnt" / "f").read_bytes()
+            st = control.request(spec.socket, "status")
+            return None if st.get("opens") == "passthrough" else str(st.get("opens_why"))
+        finally:
+            force_unmount(str(base / "mnt"))
+    finally:
+        if old is None:
+            os.environ.pop("COWFS_PASSTHROUGH")
+        else:
+            os.environ["COWFS_PASSTHROUGH"] = old
+
+
 def populate(root: Path) -> None:
     """A small package-like tree: nested dirs, text and binary files, an executable."""
     (root / "pkg" / "sub").mkdir(parents=True)
