@@ -164,6 +164,7 @@ def _still_there(store: Store, dist: str, site: Path, others: set[str]) -> bool:
 
 
 def files_of(store: Store, ids: list[str]) -> set[str]:
+    """The site-packages files of these distributions."""
     from cowfs.manifest import read_manifest
 
     return {fe.path for i in ids for fe in read_manifest(store, i).files}
@@ -171,14 +172,10 @@ def files_of(store: Store, ids: list[str]) -> set[str]:
 
 def paths_of(store: Store, ids: list[str]) -> set[str]:
     """Files of these distributions and the directories above them."""
-    from cowfs.manifest import read_manifest
-
     paths: set[str] = set()
-    for i in ids:
-        m = read_manifest(store, i)
-        for fe in m.files:
-            parts = fe.path.split("/")
-            paths.update("/".join(parts[:n]) for n in range(1, len(parts) + 1))
+    for path in files_of(store, ids):
+        parts = path.split("/")
+        paths.update("/".join(parts[:n]) for n in range(1, len(parts) + 1))
     return paths
 
 
