@@ -161,14 +161,29 @@ class LazyObjects:
                 or (ident, where) in self._prefetched:
             return
         self._prefetched.add((ident, where))
-        if ident not in self._dirs:
-            by_dir: dict[str, list[str]] = {}
-            for fe in read_manifest(self.store, ident).files:
-                by_dir.setdefault(posixpath.dirname(fe.path), []).append(fe.digest)
-            self._dirs[ident] = by_dir
-        for other in self._dirs[ident].get(where, ()):
-            if other not in self._inflight and not self.store.has(other):
+        self.nursery.start_soon(self._prefetch_dir, ident, where)
+
+    async def _prefetch_dir(self, ident: str, where: str) -> None:
+        # Off the request path: the manifest read and the store checks run in a thread.
+        for other in await trio.to_thread.run_sync(self._not_here, ident, where):
+            if other not in self._inflight and self.nursery is not None:
                 self.nursery.start_soon(self._prefetch_one, other, ident)
+
+    def _not_here(self, ident: str, where: str) -> list[str]:
+        """The objects of ident's files in directory where that the store lacks."""
+        with self._lock:
+            if ident not in self._dirs:
+                by_dir: dict[str, list[str]] = {}
+                try:
+                    files = read_manifest(self.store, ident).files
+                except (CowfsError, OSError) as exc:  # a prefetch never fails an open
+                    log.warning("prefetch of %s: %s", ident, exc)
+                    files = ()
+                for fe in files:
+                    by_dir.setdefault(posixpath.dirname(fe.path), []).append(fe.digest)
+                self._dirs[ident] = by_dir
+            digests = self._dirs[ident].get(where, [])
+        return [d for d in digests if not self.store.has(d)]
 
     async def _prefetch_one(self, digest: str, ident: str) -> None:
         async with self._limiter:
