@@ -501,7 +501,8 @@ class CowfsOperations(pyfuse3.Operations):
         await self.settle(parent)
         node, fh = namespace.create(self.ov, parent, _name(name), stat.S_IMODE(mode), flags,
                                     ctx.uid, ctx.gid)
-        self.pt.created(fh, node.ino)
+        if self.pt.enabled is not False:  # (off by default: nothing to track)
+            self.pt.created(fh, node.ino)
         self._noticed(parent, _name(name))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._looked_up(node)
 

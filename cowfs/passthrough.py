@@ -36,28 +36,16 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from cowfs import fuse_shim
+from cowfs import fuse_shim, mount_errors
 
 log = logging.getLogger("cowfs.passthrough")
 
 PT_FLAG = 1 << 62  # the handle asks the shim for a passthrough reply (see _fuse_shim.c)
 PT_DIRECT = 1 << 61  # ... with FOPEN_DIRECT_IO: reads and writes still come to the daemon
 FH_MASK = (1 << 32) - 1  # the daemon's own handle number
-ID_SHIFT, ID_MASK = 32, (1 << 29) - 1
+ID_SHIFT = 32  # where the backing id sits in a handle (_fuse_shim.c masks it)
 # Registered backing files kept while unused (kernel files, not daemon fds).
 BACKING_IDS_MAX = int(os.environ.get("COWFS_BACKING_IDS", "1024"))
-CAP_SYS_ADMIN = 21
-
-
-def has_cap_sys_admin() -> bool:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
-    except OSError:
-        pass
-    return False
 
 
 def wanted() -> str:
@@ -68,7 +56,7 @@ def wanted() -> str:
         return "not asked for (COWFS_PASSTHROUGH=1)"
     if not fuse_shim.loaded():
         return "the C shim is not loaded"
-    if not has_cap_sys_admin():
+    if not mount_errors.Facts.here().direct:  # (CAP_SYS_ADMIN)
         return "no CAP_SYS_ADMIN (the kernel registers backing files only for it)"
     return ""
 
@@ -115,11 +103,12 @@ class Passthrough:
             self.enabled = False
             self.why_not = "the kernel did not offer FUSE_PASSTHROUGH at INIT"
             return False
-        backing_id = self._backing(_key(fd), fd)
+        key = _key(fd)
+        backing_id = self._backing(key, fd)
         if backing_id is None:
             self.enabled = False
             return False
-        self._ids[_key(fd)] = backing_id
+        self._ids[key] = backing_id
         self.enabled = True
         return True
 
@@ -138,7 +127,7 @@ class Passthrough:
         """The handle to answer an OPEN with (see the module docstring); raises ETXTBSY.
         None: the kernel refuses the lower layer's files, passthrough is off from now on."""
         live = self._live.get(ino)
-        if writable and live is not None and live.on_lower:
+        if writable and live is not None and live.on_lower:  # (began while the open awaited)
             raise OSError(errno.ETXTBSY, os.strerror(errno.ETXTBSY))
         if live is None and (writable or self._cached.get(ino)):
             return self._cached_open(fh, ino)

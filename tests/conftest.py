@@ -274,9 +274,8 @@ def passthrough_refused(tmp_path_factory: pytest.TempPathFactory) -> str | None:
     spec = MountSpec(mountpoint=str(base / "mnt"), upper=str(base / "upper"),
                      work=str(base / "work"), log=str(base / "daemon.log"),
                      lowerdirs=[str(base / "lower")])
-    old = os.environ.get("COWFS_PASSTHROUGH")
-    os.environ["COWFS_PASSTHROUGH"] = "1"  # inherited by the daemon
-    try:
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("COWFS_PASSTHROUGH", "1")  # inherited by the daemon
         mounting.mount(spec)
         try:
             (base / "mnt" / "f").read_bytes()
@@ -284,11 +283,6 @@ def passthrough_refused(tmp_path_factory: pytest.TempPathFactory) -> str | None:
             return None if st.get("opens") == "passthrough" else str(st.get("opens_why"))
         finally:
             force_unmount(str(base / "mnt"))
-    finally:
-        if old is None:
-            os.environ.pop("COWFS_PASSTHROUGH")
-        else:
-            os.environ["COWFS_PASSTHROUGH"] = old
 
 
 def populate(root: Path) -> None:
