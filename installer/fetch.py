@@ -21,11 +21,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from cowfs import __version__
 from cowfs.errors import CowfsError
 from cowfs.store import fsync_dir, sha256_file
+from cowfs.tls import ssl_context
 from installer.index_config import netrc_credentials, redact, split_credentials
 from installer.resolve import Pin, local_path
 
@@ -136,24 +136,6 @@ def _authorized(url: str) -> tuple[str, dict[str, str]]:
         token = base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
         headers["Authorization"] = f"Basic {token}"
     return bare, headers
-
-
-_TLS_LOCK = threading.Lock()  # lru_cache alone may build it once per racing thread
-
-
-def ssl_context() -> Any:
-    """One TLS context for every request: urllib makes a new one per request otherwise,
-    and loading the CA bundle into it costs ~25 ms of CPU each time (0.6 s for 25 wheels).
-    The same defaults (SSL_CERT_FILE, SSL_CERT_DIR honoured)."""
-    with _TLS_LOCK:
-        return _new_ssl_context()
-
-
-@functools.lru_cache(maxsize=1)
-def _new_ssl_context() -> Any:
-    import ssl
-
-    return ssl.create_default_context()
 
 
 def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: threading.Event,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from cowfs import tls as cowfs_tls
 from cowfs.errors import CowfsError
 from installer import fetch as fetch_mod
 from installer.fetch import fetch, fetch_async
@@ -301,7 +302,7 @@ def test_https_downloads_share_one_tls_context(server: Server, tmp_path: Path,
     server.httpd.socket = tls.wrap_socket(server.httpd.socket, server_side=True)
     server.url = server.url.replace("http://", "https://")
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    fetch_mod._new_ssl_context.cache_clear()
+    cowfs_tls.new_ssl_context.cache_clear()
     made = []
     real = ssl.create_default_context
     monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: made.append(1)
@@ -312,6 +313,6 @@ def test_https_downloads_share_one_tls_context(server: Server, tmp_path: Path,
         pins = [server.add(f"t{i}", bytes([i]) * 50_000) for i in range(4)]
         got = fetch(pins, tmp_path / "wheels", progress=False)
     finally:
-        fetch_mod._new_ssl_context.cache_clear()  # not this test's certificate for later ones
+        cowfs_tls.new_ssl_context.cache_clear()  # not this test's certificate for later ones
     assert all(sha(got[p.name].read_bytes()) == p.sha256 for p in pins)
     assert len(made) == 1, "one TLS context for every download"

@@ -22,6 +22,7 @@ import logging
 import os
 import posixpath
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,13 @@ def prefetch_parallel() -> int:
 _NOT_LAZY = "no remote recorded for it"  # a store object lost, not one to fetch
 
 
+def _mtime_ns(path: object) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns  # type: ignore[call-overload]
+    except OSError:
+        return None
+
+
 @dataclass
 class _Fetch:
     done: trio.Event = field(default_factory=trio.Event)
@@ -62,6 +70,7 @@ class LazyObjects:
         self.prefetch = prefetch  # background downloads at once; 0: none
         self._origins: dict[str, tuple[str, str]] = {}  # digest -> (url, sha256)
         self._loaded: set[str] = set()  # distributions whose .remote was read
+        self._listed: int | None = None  # mtime of the manifests' directory when listed
         self._transports: dict[str, Transport] = {}
         self._lock = threading.Lock()  # _origins and _transports, from worker threads
         self._inflight: dict[str, _Fetch] = {}  # event loop only
@@ -77,7 +86,13 @@ class LazyObjects:
         from cowfs.remote.pull import read_origin
 
         with self._lock:
-            if digest not in self._origins:  # a distribution installed since: read it
+            # A distribution installed since: read it. Only then: an object no install
+            # left out (a lost one) re-listed the whole store on every open. (Within a
+            # second of a change, always: mtimes are coarser than two writes apart.)
+            listed = _mtime_ns(self.store.dists)
+            if digest not in self._origins and (listed != self._listed or listed is None
+                                                or time.time_ns() - listed < 1_000_000_000):
+                self._listed = listed
                 for ident in iter_manifests(self.store):
                     if ident in self._loaded:
                         continue
@@ -145,9 +160,9 @@ class LazyObjects:
         finally:
             del self._inflight[digest]
             job.done.set()
-        if job.error not in (None, _NOT_LAZY):
-            if not quiet:
-                log.warning("cannot fetch %s (object %s): %s", who, digest, job.error)
+        if job.error not in (None, _NOT_LAZY) and not quiet:  # (a prefetch leaves the
+            # next open its own try and its own log line naming the file)
+            log.warning("cannot fetch %s (object %s): %s", who, digest, job.error)
             self._failed[digest] = trio.current_time()
         return job.error
 

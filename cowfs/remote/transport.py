@@ -18,6 +18,7 @@ from typing import IO, Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from cowfs.remote import RemoteError
+from cowfs.tls import ssl_context
 
 CHUNK = 1 << 20
 RETRIES = 3  # extra attempts after a transient failure
@@ -154,7 +155,8 @@ class HttpTransport(Transport):
         request = urllib.request.Request(f"{self.url.rstrip('/')}/{quote(key)}",
                                          headers={"User-Agent": f"cowfs/{__version__}"})
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as resp:
+            with urllib.request.urlopen(request, timeout=TIMEOUT_S,
+                                        context=ssl_context()) as resp:
                 length = int(resp.headers.get("Content-Length") or -1)
                 size = _copy(resp, out)
         except urllib.error.HTTPError as exc:
