@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import xxhash
-
 from cowfs.errors import StoreError
 from cowfs.gc import manifest_rows
 from cowfs.manifest import Manifest, manifest_path, write_manifest
@@ -38,7 +36,7 @@ from cowfs.remote import (
     sha256_key,
 )
 from cowfs.remote.config import Remote
-from cowfs.remote.transport import CHUNK, Transport
+from cowfs.remote.transport import Transport, sha256_and_xxh3
 from cowfs.store import Store
 
 PARALLEL = 8
@@ -107,15 +105,12 @@ def fetch_object(store: Store, transport: Transport, label: str, digest: str,
                 raise RemoteError(f"remote {label}: {key} is missing (named by {who})")
             out.flush()
             out.seek(0)
-            sha, xxh = hashlib.sha256(), xxhash.xxh3_128()
-            while chunk := out.read(CHUNK):
-                sha.update(chunk)
-                xxh.update(chunk)
+            sha, xxh = sha256_and_xxh3(out)
             size = out.tell()
-        if sha.hexdigest() != sha256:
+        if sha != sha256:
             raise RemoteError(f"remote {label}: {key}: content does not match its sha256 "
-                              f"(expected {sha256}, got {sha.hexdigest()}); it was not kept")
-        if xxh.hexdigest() != digest:  # sha256 right, name wrong: the publisher's mix-up
+                              f"(expected {sha256}, got {sha}); it was not kept")
+        if xxh != digest:  # sha256 right, name wrong: the publisher's mix-up
             raise RemoteError(f"remote {label}: {key} holds another object")
 
     store.put_checked(digest, fill, durable=durable)

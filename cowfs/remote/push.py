@@ -15,8 +15,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import xxhash
-
 from cowfs.gc import manifest_rows
 from cowfs.layer import layer_path
 from cowfs.manifest import iter_manifests, manifest_path, read_manifest
@@ -30,7 +28,7 @@ from cowfs.remote import (
     sha256_key,
 )
 from cowfs.remote.config import Remote
-from cowfs.remote.transport import CHUNK, Transport
+from cowfs.remote.transport import Transport, sha256_and_xxh3
 from cowfs.store import Store
 
 PARALLEL = 8  # uploads in flight (S3 and HTTP latency, not bandwidth, bound small objects)
@@ -54,15 +52,12 @@ class PushSummary:
 
 def _hashes(store: Store, digest: str) -> str:
     """sha256 of a store object, checking that it still hashes to its name."""
-    sha, xxh = hashlib.sha256(), xxhash.xxh3_128()
     with store.open_object(digest) as f:
-        while chunk := f.read(CHUNK):
-            sha.update(chunk)
-            xxh.update(chunk)
-    if xxh.hexdigest() != digest:
+        sha, xxh = sha256_and_xxh3(f)
+    if xxh != digest:
         raise RemoteError(f"store object {digest} is corrupt: nothing of its distribution was "
                           "pushed (`cowfs store verify --repair`)")
-    return sha.hexdigest()
+    return sha
 
 
 def publishable(store: Store) -> list[str]:

@@ -276,3 +276,16 @@ def open_transport(url: str) -> Transport:
     from urllib.parse import unquote
 
     return DirTransport(url, Path(unquote(parts.path) if parts.scheme else url))
+
+
+def sha256_and_xxh3(f: IO[bytes]) -> tuple[str, str]:
+    """(sha256, xxh3-128) of the rest of f: what a remote object is checked against."""
+    import hashlib
+
+    import xxhash
+
+    sha, xxh = hashlib.sha256(), xxhash.xxh3_128()
+    while chunk := f.read(CHUNK):
+        sha.update(chunk)
+        xxh.update(chunk)
+    return sha.hexdigest(), xxh.hexdigest()
