@@ -36,6 +36,7 @@ from cowfs.manifest import (
 from cowfs.spec import VenvState, new_venv_id
 from cowfs.store import CHUNK, Store, fsync_dir
 from cowfs.upper import RENAME_NOREPLACE, renameat2
+from installer import tree
 from installer.automount import HOOK_MODULE, HOOK_PTH, write_hook
 from installer.interpreters import InterpreterInfo, query_interpreter
 from installer.record_match import Sorter, claims, shared_bytecode
@@ -120,17 +121,15 @@ def _check_site(venv: Path, site: Path, platlib: Path) -> None:
 
 
 def _walk(site: Path) -> tuple[dict[str, os.stat_result], list[str]]:
-    """Every non-directory under site (lstat) and every empty directory, relative."""
+    """Every non-directory under site (lstat) and every empty directory, relative. Through
+    directory handles, raising on any error: a subtree the walk missed (deeper than
+    PATH_MAX, say) would be lost when _finish empties site-packages."""
     files: dict[str, os.stat_result] = {}
     empty: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(site):
-        rel = os.path.relpath(dirpath, site)
-        rel = "" if rel == "." else rel
-        # os.walk does not descend into symlinked directories: they are entries like files.
-        links = [d for d in dirnames if os.path.islink(f"{dirpath}/{d}")]
-        for name in [*filenames, *links]:
-            files[f"{rel}/{name}" if rel else name] = os.lstat(f"{dirpath}/{name}")
-        if rel and not dirnames and not filenames:
+    for rel, dirnames, names, fd in tree.walk(site):
+        for name in names:
+            files[f"{rel}/{name}" if rel else name] = os.lstat(name, dir_fd=fd)
+        if rel and not dirnames and not names:
             empty.append(rel)
     return files, empty
 
@@ -151,13 +150,13 @@ def _build(venv: Path, site: Path, store: Store, staging: Path, info: Interprete
     for path, st in sorted(files.items()):
         sorter.take(path, st, claimed.get(path))
     result.dropped_pycs = len(sorter.stale_pycs())
-    private = sorter.private
-    for path in sorted(private):
-        _copy_private(site, upper, path)
-        result.private += 1
-    for d in empty_dirs:
-        (upper / d).mkdir(parents=True, exist_ok=True)
-    _copy_dir_stats(site, upper)
+    with _Copier(site, upper) as copier:
+        for path in sorted(sorter.private):
+            copier.copy(path)
+            result.private += 1
+        for d in empty_dirs:
+            os.close(tree.open_dir(copier.dst_root, d, create=True))
+        copier.copy_dir_stats()
     result.shared = len(sorter.shared())
     for m in sorter.manifests():
         write_manifest(store, m)
@@ -174,37 +173,77 @@ def _build(venv: Path, site: Path, store: Store, staging: Path, info: Interprete
     return state, result
 
 
-def _copy_private(site: Path, upper: Path, rel: str) -> None:
-    """A copy (never a link: a hard link would keep sharing the inode with a cache)."""
-    src, dst = site / rel, upper / rel
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    st = os.lstat(src)
-    if stat.S_ISLNK(st.st_mode):
-        os.symlink(os.readlink(src), dst)
-    elif stat.S_ISREG(st.st_mode):
-        with open(src, "rb") as fi, open(dst, "xb") as fo:
-            shutil.copyfileobj(fi, fo, CHUNK)
-            fo.flush()
-            os.fsync(fo.fileno())
-        shutil.copystat(src, dst)
-    else:
-        return  # sockets, fifos, devices: nothing a package ships
-    if os.geteuid() == 0:
-        os.lchown(dst, st.st_uid, st.st_gid)
+class _Copier:
+    """Copies private entries from site to the staging upper, relative to directory handles
+    (any depth); the handles of the directory last used are kept, as entries come sorted."""
 
+    def __init__(self, site: Path, upper: Path) -> None:
+        self.src_root = os.open(site, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dst_root = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._parent: tuple[str, int, int] | None = None
 
-def _copy_dir_stats(site: Path, upper: Path) -> None:
-    """Upper directories get the mode and times of the originals (deepest first)."""
-    for dirpath, _, _ in sorted(os.walk(upper), key=lambda t: -len(t[0])):
-        rel = os.path.relpath(dirpath, upper)
-        if rel != ".":
-            with contextlib.suppress(OSError):
-                shutil.copystat(site / rel, dirpath)
+    def __enter__(self) -> _Copier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._drop()
+        os.close(self.src_root)
+        os.close(self.dst_root)
+
+    def _drop(self) -> None:
+        if self._parent is not None:
+            os.close(self._parent[1])
+            os.close(self._parent[2])
+            self._parent = None
+
+    def _dirs(self, parent: str) -> tuple[int, int]:
+        if self._parent is None or self._parent[0] != parent:
+            self._drop()
+            src = tree.open_dir(self.src_root, parent)
+            try:
+                dst = tree.open_dir(self.dst_root, parent, create=True)
+            except BaseException:
+                os.close(src)
+                raise
+            self._parent = (parent, src, dst)
+        return self._parent[1], self._parent[2]
+
+    def copy(self, rel: str) -> None:
+        """A copy (never a link: a hard link would keep sharing the inode with a cache)."""
+        parent, _, name = rel.rpartition("/")
+        src, dst = self._dirs(parent)
+        st = os.lstat(name, dir_fd=src)
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(name, dir_fd=src), name, dir_fd=dst)
+        elif stat.S_ISREG(st.st_mode):
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src),
+                      "rb") as fi, open(os.open(name, flags, 0o600, dir_fd=dst), "wb") as fo:
+                shutil.copyfileobj(fi, fo, CHUNK)
+                fo.flush()
+                os.fsync(fo.fileno())
+            shutil.copystat(tree.proc(src, name), tree.proc(dst, name))
+        else:
+            return  # sockets, fifos, devices: nothing a package ships
+        if os.geteuid() == 0:
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
+
+    def copy_dir_stats(self) -> None:
+        """Upper directories get the mode and times of the originals (children first)."""
+        self._drop()
+        for rel, _, _, fd in tree.walk(tree.proc(self.dst_root), topdown=False):
+            if rel:
+                src = tree.open_dir(self.src_root, rel)
+                try:
+                    with contextlib.suppress(OSError):
+                        shutil.copystat(tree.proc(src), tree.proc(fd))
+                finally:
+                    os.close(src)
 
 
 def _fsync_tree(root: Path) -> None:
-    for dirpath, _, _ in os.walk(root):
-        fsync_dir(Path(dirpath))
+    for _, _, _, fd in tree.walk(root):
+        os.fsync(fd)
 
 
 def _finish(state: VenvState, result: AdoptResult) -> AdoptResult:

@@ -20,6 +20,7 @@ from pathlib import Path
 import xxhash
 from packaging.utils import canonicalize_name
 
+from cowfs.dirfd import short
 from cowfs.errors import StoreError
 from cowfs.manifest import DEFAULT_MTIME_NS, FileEntry, Manifest, iter_manifests, read_manifest
 from cowfs.spec import VenvState
@@ -56,14 +57,14 @@ class Sorter:
         info_dir, hash_ = owner
         mode = stat.S_IMODE(st.st_mode) & 0o777
         if path.startswith(f"{info_dir}/") and path.rpartition("/")[2] in PER_VENV:
-            digest, size = store.put_file(site / path)
+            digest, size = store.put_file(self._at(path))
             state.extra.append(FileEntry(path, digest, size, mode))
             if path.endswith("/REQUESTED"):
                 state.requested.append(dist_identity(site / info_dir)[0])
             return
         algo = hash_.partition("=")[0]
         if hash_ and (algo not in hashlib.algorithms_available
-                      or file_hash(site / path, algo) != hash_.rstrip("=")):
+                      or file_hash(self._at(path), algo) != hash_.rstrip("=")):
             self.private.add(path)
             key = str(canonicalize_name(dist_identity(site / info_dir)[0]))
             if key not in self._index:
@@ -75,8 +76,12 @@ class Sorter:
             else:
                 self.unknown[info_dir].append(path)
             return
-        digest, size = store.put_file(site / path)
+        digest, size = store.put_file(self._at(path))
         self.rows[info_dir].append(FileEntry(path, digest, size, mode))
+
+    def _at(self, path: str) -> str:
+        """A name the kernel accepts for site/path at any depth (cowfs.dirfd)."""
+        return short(f"{self.site}/{path}")
 
     def shared(self) -> set[str]:
         return {fe.path for entries in self.rows.values() for fe in entries} - self.private
@@ -107,7 +112,7 @@ def claims(site: Path, info_dirs: list[str], present: set[str] | None = None
     return claimed
 
 
-def file_hash(path: Path, algo: str) -> str:
+def file_hash(path: Path | str, algo: str) -> str:
     h = hashlib.new(algo)
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):

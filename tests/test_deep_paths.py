@@ -5,10 +5,15 @@ longer than a component), so any ENAMETOOLONG would be the daemon's.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,11 +24,15 @@ from posix_deep import snapshot
 
 from cowfs import dirfd
 from cowfs import mount as mounting
+from cowfs.manifest import iter_manifests, read_manifest
+from cowfs.spec import VenvState
+from cowfs.store import Store
 from cowfs.upper import WHITEOUT_XATTR
 
 SEG = "s" * 255
 DEPTH = 24  # 24 * 256 bytes: deeper than PATH_MAX below any root
 DIR = os.O_RDONLY | os.O_DIRECTORY
+SHIPPED = b"print('shipped deep')\n"
 
 
 @contextlib.contextmanager
@@ -188,3 +197,70 @@ def test_dirfd_fails_where_the_full_path_would(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         os.lstat(dirfd.short(f"{tmp_path}/nowhere/{'/'.join([SEG] * DEPTH)}/x"))
     dirfd.clear()
+
+
+def test_adopt_keeps_a_user_tree_deeper_than_path_max(tmp_path: Path, wheels: Path) -> None:
+    """adopt empties the real site-packages after the swap: a tree its walk missed would be
+    lost. Every level, file, symlink and mode must come through the mount."""
+    venv = tmp_path / "plain"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    sp = next((venv / "lib").glob("python3*/site-packages"))
+    with down(sp, create=True) as fd:
+        write(fd, "f.txt", b"deep user data\n")
+        os.chmod("f.txt", 0o600, dir_fd=fd)
+        os.symlink("f.txt", "link", dir_fd=fd)
+        os.mkdir("empty", dir_fd=fd)
+        write(fd, "shipped.py", SHIPPED)
+    # A distribution whose RECORD names a file down there: it goes into the store.
+    deep = "/".join([SEG] * DEPTH)
+    info = sp / "deep-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: deep\nVersion: 1.0\n")
+    digest = base64.urlsafe_b64encode(hashlib.sha256(SHIPPED).digest()).rstrip(b"=").decode()
+    (info / "RECORD").write_text(f"{deep}/shipped.py,sha256={digest},{len(SHIPPED)}\n"
+                                 "deep-1.0.dist-info/METADATA,,\ndeep-1.0.dist-info/RECORD,,\n")
+    try:
+        assert "1 distribution" in cowfs("adopt", str(venv)).stdout
+        assert mounting.find_mount(str(sp)) is not None
+        stored = Store()
+        held = {fe.path: fe for ident in iter_manifests(stored)
+                for fe in read_manifest(stored, ident).files}
+        assert stored.object_path(held[f"{deep}/shipped.py"].digest).read_bytes() == SHIPPED
+        with down(sp) as fd:
+            assert read(fd, "shipped.py") == SHIPPED
+            assert read(fd, "f.txt") == b"deep user data\n"
+            assert stat.S_IMODE(os.stat("f.txt", dir_fd=fd).st_mode) == 0o600
+            assert os.readlink("link", dir_fd=fd) == "f.txt"
+            assert sorted(os.listdir(fd)) == ["empty", "f.txt", "link", "shipped.py"]
+    finally:
+        force_unmount(str(sp))
+
+
+def test_absorb_takes_a_file_deeper_than_path_max_into_the_store(venvs: Any) -> None:
+    """What another installer wrote down there is ingested like any file of its RECORD."""
+    from tests.wheelbuild import record_row
+
+    venv = venvs("P")
+    sp, info = site(venv), "deepd-1.0.dist-info"
+    deep = "/".join([SEG] * DEPTH)
+    with down(sp, create=True) as fd:
+        write(fd, "shipped.py", SHIPPED)
+    meta = {f"{info}/METADATA": b"Metadata-Version: 2.1\nName: deepd\nVersion: 1.0\n",
+            f"{info}/INSTALLER": b"uv\n"}
+    (sp / info).mkdir()
+    for path, data in meta.items():
+        (sp / path).write_bytes(data)
+    rows = [record_row(f"{deep}/shipped.py", SHIPPED)] + [
+        record_row(p, d) for p, d in meta.items()] + [f"{info}/RECORD,,"]
+    (sp / info / "RECORD").write_text("\n".join(rows) + "\n")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(
+            d.startswith("deepd-1.0-adopted-") for d in VenvState.load(venv).dists):
+        time.sleep(0.2)
+    (ident,) = [d for d in VenvState.load(venv).dists if d.startswith("deepd-1.0-adopted-")]
+    entry = {fe.path: fe for fe in read_manifest(Store(), ident).files}[f"{deep}/shipped.py"]
+    assert Store().object_path(entry.digest).read_bytes() == SHIPPED
+    with down(sp) as fd:
+        assert read(fd, "shipped.py") == SHIPPED
+    with contextlib.suppress(FileNotFoundError), down(VenvState.load(venv).upper) as fd:
+        assert "shipped.py" not in os.listdir(fd)  # private no more
