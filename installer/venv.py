@@ -8,6 +8,7 @@ real site-packages, records the venv state, registers a gc root in the store and
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from cowfs import roots
 from cowfs.errors import CowfsError
 from cowfs.spec import HOOK_MODULE, HOOK_PTH, VenvState, new_venv_id
 from cowfs.store import Store
+from installer import tree
 from installer.automount import write_hook
 from installer.interpreters import InterpreterInfo, query_interpreter
 
@@ -98,17 +100,21 @@ _VENV_TOP = {"bin", "include", "lib", "lib64", "share", ".cowfs"}
 def _remains_of_a_venv(venv: Path) -> bool:
     """A venv's layout (lib/ and the usual top-level names only) holding nothing but empty
     directories, the lib64 link and automount hook files (and cowfs mounts, which the
-    daemon detaches once its venv is gone): nothing anybody could want."""
+    daemon detaches once its venv is gone): nothing anybody could want. Anything the walk
+    cannot see (a tree deeper than PATH_MAX, an unreadable directory) counts as wanted."""
     top = set(os.listdir(venv))
     if "lib" not in top or not top <= _VENV_TOP:
         return False
-    for dirpath, dirnames, filenames in os.walk(venv):
-        for name in filenames:
-            path = Path(dirpath, name)
-            if name not in (HOOK_PTH, HOOK_MODULE) and not (name == "lib64"
-                                                            and path.is_symlink()):
+    mounts = {e.mountpoint for e in mounting.mount_table() if e.fstype == mounting.FSTYPE}
+    try:
+        for rel, dirnames, names, fd in tree.walk(venv):
+            if any(name not in (HOOK_PTH, HOOK_MODULE)
+                   and not (name == "lib64" and stat.S_ISLNK(os.lstat(name, dir_fd=fd).st_mode))
+                   for name in names):
                 return False
-        dirnames[:] = [d for d in dirnames if not Path(dirpath, d).is_symlink()]
+            dirnames[:] = [d for d in dirnames if os.path.join(venv, rel, d) not in mounts]
+    except OSError:
+        return False
     return True
 
 

@@ -138,6 +138,24 @@ def test_a_venv_dir_with_anything_else_is_not_taken_for_remains(tmp_path: Path) 
     assert (venv / "notes.txt").read_text() == "mine"
 
 
+def test_remains_holding_a_tree_deeper_than_path_max_are_not_cleared(tmp_path: Path) -> None:
+    """A plain os.walk skips what lies past PATH_MAX, so the file below looked like empty
+    remains of a venv and `cowfs venv` deleted it."""
+    venv = tmp_path / ".venv"
+    (venv / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+    fd = os.open(venv / "lib", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(20):
+            os.mkdir("d" * 255, dir_fd=fd)
+            fd, old = os.open("d" * 255, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(old)
+        os.close(os.open("precious", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+        one_line_error(cowfs("venv", str(venv), check=False), "not an empty directory")
+        os.stat("precious", dir_fd=fd)  # still there
+    finally:
+        os.close(fd)
+
+
 def test_cowfs_venv_with_another_python_on_an_existing_venv_refuses(
         venvs: Callable[[str | Path], Path]) -> None:
     """It said "already mounted" and kept the old interpreter; now one line says so."""
