@@ -91,7 +91,7 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
     gone_infos = {f"{heads[i].dist_info}/" for i in gone}
     gone_extra = {fe.path for fe in state.extra if fe.path.startswith(tuple(gone_infos))}
     old_hidden = {p for p in paths_of(store, gone) | gone_extra
-                  if not os.path.lexists(site / p)}
+                  if not _in_view(site, p)}
     # What each upper entry to be dropped was when examined: the daemon drops it only if it
     # still is (pip or uv may start again at any moment, e.g. writing the next version).
     seen = {p: upper_identity(state.upper, p) for p in old_hidden | gone_extra}
@@ -103,7 +103,7 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
         sorter = Sorter(store, site, state, info_dirs)
         for path, owner in sorted(claimed.items()):
             try:
-                st = os.lstat(site / path)
+                st = os.lstat(short(f"{site}/{path}"))  # (any depth)
             except FileNotFoundError:
                 continue  # listed but not installed (pip lists pycs it may not write)
             seen[path] = upper_identity(state.upper, path)  # before its content is read
@@ -153,14 +153,19 @@ def _missing(site: Path, info_dir: str) -> bool:
     except OSError:
         return True
     return any(not path.startswith("../") and not path.endswith(".pyc")
-               and not os.path.lexists(site / path) for path, _, _ in rows)
+               and not _in_view(site, path) for path, _, _ in rows)
+
+
+def _in_view(site: Path, path: str) -> bool:
+    """lexists at any depth (os.path.lexists says False past PATH_MAX)."""
+    return os.path.lexists(short(f"{site}/{path}"))
 
 
 def _still_there(store: Store, dist: str, site: Path, others: set[str]) -> bool:
     """A file of the installed distribution (bytecode aside) that no other distribution
     claims is still in the view."""
     return any(not p.endswith((".pyc", "/RECORD")) and p not in others
-               and os.path.lexists(site / p) for p in files_of(store, [dist]))
+               and _in_view(site, p) for p in files_of(store, [dist]))
 
 
 def files_of(store: Store, ids: list[str]) -> set[str]:
