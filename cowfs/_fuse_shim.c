@@ -42,6 +42,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "_fuse_reader.h"
+
 #define BY_INODE (1ULL << 63) /* handles the daemon hands out are small integers */
 
 typedef void (*io_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
@@ -171,7 +173,7 @@ static session_new_fn real_session_new(void)
 static void init_with_passthrough(struct fuse_session *se, const struct fuse_buf *buf,
                                   void (*real)(struct fuse_session *, const struct fuse_buf *))
 {
-    int fd = fuse_session_fd(se), sp[2], saved;
+    int fd = cowfs_real_session_fd(se), sp[2], saved;
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) != 0)
         goto plain;
     saved = fcntl(fd, F_DUPFD_CLOEXEC, 0);
@@ -292,7 +294,7 @@ static PyObject *passthrough_state(PyObject *self, PyObject *unused)
 
 static int session_fd(void)
 {
-    return session == NULL ? -1 : fuse_session_fd(session);
+    return session == NULL ? -1 : cowfs_real_session_fd(session);
 }
 
 static PyObject *backing_open(PyObject *self, PyObject *arg)
@@ -318,6 +320,20 @@ static PyObject *backing_close(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *want_reader(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    cowfs_reader_want(PyObject_IsTrue(arg) == 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *reader_state(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return Py_BuildValue("(ik)", cowfs_reader_running(), cowfs_reader_answered());
+}
+
 static PyMethodDef methods[] = {
     {"active", active, METH_NOARGS,
      "True when the live session's handlers receive inode numbers for zero handles."},
@@ -327,6 +343,9 @@ static PyMethodDef methods[] = {
      "0: not asked (yet), 1: the kernel did not offer passthrough, 2: put in the INIT reply."},
     {"backing_open", backing_open, METH_O, "Register an fd as a backing file: its id."},
     {"backing_close", backing_close, METH_O, "Drop a backing id."},
+    {"want_reader", want_reader, METH_O,
+     "Read /dev/fuse in a C thread that answers ioctls (see _fuse_reader.c)."},
+    {"reader_state", reader_state, METH_NOARGS, "(running, ioctls answered by the reader)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -91,7 +91,8 @@ class Daemon:
                     "upper": self.spec.upper, "venv": self.spec.venv,
                     "lowerdirs": self.spec.lowerdirs, "nodes": len(self.ov.table.by_ino),
                     "open_files": len(self.ov.handles), "max_rss_kb": usage.ru_maxrss,
-                    "kernel_cache": self.ops.by_inode, "served": self.ops.served,
+                    "kernel_cache": self.ops.by_inode,
+                    "served": {**self.ops.served, "ioctls_in_c": fuse_shim.reader_state()[1]},
                     "opens": opens, "opens_why": why, **self.ops.pt.status()}
         if op == "reload":
             await self.ops.settle()
@@ -264,7 +265,8 @@ def run(spec: MountSpec, ready_fd: int | None = None) -> None:
     if spec.allow_other:
         options.add("allow_other")
     pyfuse3.init(daemon.ops, spec.mountpoint, options)
-    log.info("mounted %s (upper %s)", spec.mountpoint, spec.upper)
+    log.info("mounted %s (upper %s)%s", spec.mountpoint, spec.upper,
+             "; ioctls answered in C" if fuse_shim.reader_state()[0] else "")
     try:
         trio.run(daemon.main, ready_fd)
     except BaseException:
@@ -274,6 +276,8 @@ def run(spec: MountSpec, ready_fd: int | None = None) -> None:
         pyfuse3.close(unmount=True)
         spec.socket.unlink(missing_ok=True)
         daemon.last_used()
+        if answered := fuse_shim.reader_state()[1]:
+            log.info("%d ioctls answered in C", answered)
         log.info("unmounted %s", spec.mountpoint)
 
 

@@ -4,6 +4,10 @@ The shim (cowfs/_fuse_shim.c) must sit in the global symbol scope before pyfuse3
 binds libfuse (extension modules load with RTLD_NOW), so `preload()` runs before the first
 `import pyfuse3` of the daemon. Without it (not built, loaded too late, or disabled with
 COWFS_KERNEL_CACHE=0) the daemon answers OPEN/RELEASE and OPENDIR/RELEASEDIR as usual.
+
+It also brings a C thread that reads /dev/fuse and answers the ioctl each `isatty()` of an
+opened module sends without waking the trio loop (cowfs/_fuse_reader.c; COWFS_FUSE_READER=0
+turns it off).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ def preload() -> None:
     finally:
         sys.setdlopenflags(flags)
     _shim = _fuse_shim
+    if os.environ.get("COWFS_FUSE_READER", "1") != "0":
+        _shim.want_reader(True)
 
 
 BY_INODE = 1 << 63  # a file handle that carries an inode number (see _fuse_shim.c)
@@ -66,3 +72,11 @@ def backing_open(fd: int) -> int:
 def backing_close(backing_id: int) -> None:
     assert _shim is not None
     _shim.backing_close(backing_id)
+
+
+def reader_state() -> tuple[bool, int]:
+    """(the C reader thread runs, ioctls it answered)."""
+    if _shim is None:
+        return False, 0
+    running, answered = _shim.reader_state()
+    return bool(running), int(answered)

@@ -10,6 +10,7 @@ of kernel opens go through one implicit handle per inode in the daemon.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -107,6 +108,40 @@ def test_without_the_shim_every_open_and_listing_reaches_the_daemon(
     (m.mnt / "pkg" / "new.py").write_text("")
     os.unlink(m.mnt / "pkg" / "main.py")
     assert "new.py" in os.listdir(m.mnt / "pkg") and "main.py" not in os.listdir(m.mnt / "pkg")
+
+
+def _isatty_through(path: Path, times: int) -> None:
+    """What io.open() asks of every file it opens (an ioctl the kernel forwards)."""
+    import fcntl
+    import termios
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(times):
+            assert not os.isatty(fd)
+        with pytest.raises(OSError) as err:
+            fcntl.ioctl(fd, termios.TCGETS, bytes(64))
+        assert err.value.errno == errno.ENOTTY  # as on a disk
+    finally:
+        os.close(fd)
+
+
+def test_ioctls_are_answered_by_the_c_reader_without_python(lower: Path,
+                                                            overlay_mount: Any) -> None:
+    m = overlay_mount(lower)
+    before = served(m.spec, "ioctls_in_c")
+    _isatty_through(m.mnt / "pkg" / "main.py", 50)
+    assert served(m.spec, "ioctls_in_c") >= before + 51
+    (m.mnt / "pkg" / "main.py").write_text("still served by Python\n")  # the rest is
+    assert (m.mnt / "pkg" / "main.py").read_text() == "still served by Python\n"
+
+
+def test_without_the_c_reader_ioctls_get_the_same_answer(
+        lower: Path, overlay_mount: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COWFS_FUSE_READER", "0")
+    m = overlay_mount(lower)
+    _isatty_through(m.mnt / "pkg" / "main.py", 5)
+    assert served(m.spec, "ioctls_in_c") == 0
 
 
 def test_install_uninstall_and_reset_refresh_cached_listings(
