@@ -395,11 +395,12 @@ class XattrMeta(NativeMeta):
             self._write(path, st, None, Record(stat.S_IFDIR | mode))
 
 
-def for_upper(directory: str) -> NativeMeta:
-    """The metadata keeper for an upper layer whose work dir is directory."""
+def for_upper(directory: str, side_dir: str | None = None) -> NativeMeta:
+    """The metadata keeper for an upper layer whose work dir is directory; side_dir names
+    it for the side records (the daemon's: through its handle, cowfs.dirfd)."""
     keeper = for_caps(caps_for(directory))
     if isinstance(keeper, XattrMeta):
-        keeper.side_dir = directory
+        keeper.side_dir = side_dir or directory
     if keeper.active and not keeps_trusted_xattrs(directory):
         keeper.kept_namespaces = ("trusted.",)
     return keeper
