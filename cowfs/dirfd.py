@@ -70,7 +70,7 @@ class Root:
         self._id = next(_ids)
 
     def __del__(self) -> None:
-        _retired.append(self.fd)  # (no lock: a collection may run while it is held)
+        _retire(self.fd)
 
     def at(self, rel: str) -> At:
         """The entry at rel ("" is the root itself) for an *at syscall. Never fails itself:
@@ -162,9 +162,12 @@ def _forget(root: int, key: bytes) -> None:
 
 
 def _retire(fd: int) -> None:
+    # Needs no lock (a collection may drop a Root while _lock is held): deque operations
+    # are atomic, and two threads trimming at once close distinct fds.
     _retired.append(fd)
     while len(_retired) > RETIRED_MAX:
-        os.close(_retired.popleft())
+        with contextlib.suppress(IndexError):
+            os.close(_retired.popleft())
 
 
 def _alive(fd: int) -> bool:
