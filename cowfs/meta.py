@@ -26,6 +26,9 @@ of listxattr) are kept as `user.cowfs.x.<name>` on the entry, or as
 `user.cowfs.xs.<inode number>.<name>` on the work dir for entries without user xattrs.
 `user.cowfs.*` is private: never listed, copied or settable through a mount.
 
+Entries are named by path strings: the daemon passes /proc/self/fd/N/NAME names (cowfs.dirfd),
+which reach the entry through its layer's directory handle.
+
 On a filesystem with POSIX modes, owners and ns times nothing is recorded (NativeMeta), so
 ext4, xfs, btrfs and tmpfs pay nothing. A filesystem with neither user xattrs nor modes
 cannot hold an upper layer: `refusal` names what is missing.

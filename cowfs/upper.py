@@ -1,4 +1,4 @@
-"""The writable upper directory of an overlay: paths, whiteouts, opaque directories.
+"""The writable upper directory of an overlay: entries by handle, whiteouts, opaque directories.
 
 Markers follow the kernel's unprivileged ("userxattr") overlayfs format so the upper directory
 stays readable by other overlay tools and names keep their full 255-byte length:
@@ -41,7 +41,7 @@ OPAQUE_XATTR = "user.overlay.opaque"
 PRIVATE_XATTR_PREFIXES = ("user.overlay.", "trusted.overlay.", "user.cowfs.")
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
-# Names this module creates in the work dir (temp_path, the xattr probe): only those are ever
+# Names this module creates in the work dir (temp, the xattr probe): only those are ever
 # deleted from it, since a user may point workdir= at a directory that holds other things.
 _WORK_NAME = re.compile(r"[0-9a-f]{32}|\.cowfs-xattr-probe-[0-9a-f]{32}"
                         r"|\.cowfs-probe-[0-9a-z_]{8}")
