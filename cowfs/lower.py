@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from cowfs.dirfd import AT_FDCWD, At, Root, open_dir, proc
+from cowfs.dirfd import AT_FDCWD, At, Root, open_dir, proc, short
 from cowfs.layer import Layer, layer_of_entries
 from cowfs.manifest import FileEntry, Manifest
 from cowfs.store import DIGEST_LEN
@@ -58,7 +58,7 @@ class LowerEntry:
         """The backing entry for an *at syscall (cowfs.dirfd): use it at once."""
         assert self.source is not None
         if self.base is None:
-            return AT_FDCWD, self.source
+            return AT_FDCWD, short(self.source)
         return self.base.at(self.source[len(self.base.path) + 1:])
 
 
