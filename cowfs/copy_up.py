@@ -16,7 +16,7 @@ import fcntl
 import os
 import stat
 
-from cowfs import dirfd
+from cowfs.dirfd import At, proc
 from cowfs.lower import LowerEntry
 from cowfs.upper import IS_ROOT, Upper, is_private_xattr, owner_writable
 
@@ -69,79 +69,82 @@ def copy_xattrs(src: str, dst: str, upper: Upper | None = None) -> None:
                         follow_symlinks=False)
 
 
-def apply_owner_times(path: str, meta: LowerEntry, fd: int | None = None,
+def apply_owner_times(at: At, meta: LowerEntry, fd: int | None = None,
                       upper: Upper | None = None) -> None:
     """Owner, mode and times of the lower entry; what the upper filesystem cannot hold goes
     into upper.meta (cowfs.meta: an xattr, which leaves the times alone)."""
+    dir_fd, name = at
     if IS_ROOT:
         if fd is not None:
             os.fchown(fd, meta.uid, meta.gid)
         else:
-            os.lchown(path, meta.uid, meta.gid)
+            os.chown(name, meta.uid, meta.gid, dir_fd=dir_fd, follow_symlinks=False)
     times = (meta.mtime_ns, meta.mtime_ns)
     if fd is not None:
         os.fchmod(fd, stat.S_IMODE(meta.mode))
         os.utime(fd, ns=times)
     elif not stat.S_ISLNK(meta.mode):
-        os.chmod(path, stat.S_IMODE(meta.mode))
-        os.utime(path, ns=times)
+        os.chmod(name, stat.S_IMODE(meta.mode), dir_fd=dir_fd)
+        os.utime(name, ns=times, dir_fd=dir_fd)
     else:
-        os.utime(path, ns=times, follow_symlinks=False)
+        os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
     if upper is not None and upper.meta.active:
-        upper.meta.record(None if fd is not None else path, fd=fd, mode=meta.mode,
+        upper.meta.record(None if fd is not None else proc(at), fd=fd, mode=meta.mode,
                           uid=meta.uid, gid=meta.gid, times=times, fresh=True)
 
 
-def prepare_file(upper: Upper, meta: LowerEntry, *, with_data: bool) -> str:
-    """Build a complete copy of a lower regular file in the work dir; returns its temp path."""
+def prepare_file(upper: Upper, meta: LowerEntry, *, with_data: bool) -> At:
+    """Build a complete copy of a lower regular file in the work dir; returns where it is."""
     assert meta.source is not None
-    source = dirfd.short(meta.source)
-    tmp = upper.temp_path()
-    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    tmp = upper.temp()
+    out = os.open(tmp[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                  dir_fd=tmp[0])
     try:
         if with_data and meta.size:
-            src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            src_dir, src_name = meta.at()
+            src = os.open(src_name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=src_dir)
             try:
                 copy_fd_data(src, out, meta.size)
             finally:
                 os.close(src)
-        copy_xattrs(source, tmp, upper)
+        copy_xattrs(proc(meta.at()), proc(tmp), upper)
         apply_owner_times(tmp, meta, out, upper)
         os.fsync(out)
     except BaseException:
         os.close(out)
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp[1], dir_fd=tmp[0])
         raise
     os.close(out)
     return tmp
 
 
-def prepare_other(upper: Upper, meta: LowerEntry, symlink_target: str | None) -> str:
+def prepare_other(upper: Upper, meta: LowerEntry, symlink_target: str | None) -> At:
     """Directories, symlinks, devices and fifos: metadata only."""
-    tmp = upper.temp_path()
+    tmp = upper.temp()
+    work, name = tmp
     kind = stat.S_IFMT(meta.mode)
     if kind == stat.S_IFDIR:
-        os.mkdir(tmp, 0o700)
+        os.mkdir(name, 0o700, dir_fd=work)
     elif kind == stat.S_IFLNK:
         assert symlink_target is not None
-        os.symlink(symlink_target, tmp)
+        os.symlink(symlink_target, name, dir_fd=work)
     else:
-        os.mknod(tmp, meta.mode, meta.rdev)
+        os.mknod(name, meta.mode, meta.rdev, dir_fd=work)
     try:
         if kind != stat.S_IFDIR:
-            upper.meta.clear_side(tmp)
+            upper.meta.clear_side(proc(tmp))
         if meta.source is not None:
-            copy_xattrs(dirfd.short(meta.source), tmp, upper)
+            copy_xattrs(proc(meta.at()), proc(tmp), upper)
         apply_owner_times(tmp, meta, upper=upper)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.rmdir(tmp) if kind == stat.S_IFDIR else os.unlink(tmp)
+            (os.rmdir if kind == stat.S_IFDIR else os.unlink)(name, dir_fd=work)
         raise
     return tmp
 
 
-def publish(upper: Upper, tmp: str, rel: str) -> None:
+def publish(upper: Upper, tmp: At, rel: str) -> None:
     """Rename the prepared entry into place and make the rename durable.
 
     A copy-up is invisible in the merged view, so the parent's times are put back after the
@@ -150,16 +153,18 @@ def publish(upper: Upper, tmp: str, rel: str) -> None:
     """
     parent = rel.rpartition("/")[0]
     pst = upper.lstat(parent)
-    tst = os.lstat(tmp)
+    tst = os.lstat(tmp[1], dir_fd=tmp[0])
     # rename(2) of a directory to another parent rewrites its "..": an unprivileged
     # daemon needs write access to it for the moment (a lower dir may well be 0555).
     lend_write = not IS_ROOT and stat.S_ISDIR(tst.st_mode) and not tst.st_mode & 0o200
     if lend_write:
-        os.chmod(tmp, stat.S_IMODE(tst.st_mode) | 0o200)
-    with owner_writable(upper.path(parent)):
+        os.chmod(tmp[1], stat.S_IMODE(tst.st_mode) | 0o200, dir_fd=tmp[0])
+    with owner_writable(upper.at(parent)):
         upper.install(tmp, rel)
     if lend_write:
-        os.chmod(upper.path(rel), stat.S_IMODE(tst.st_mode))
+        fd, name = upper.at(rel)
+        os.chmod(name, stat.S_IMODE(tst.st_mode), dir_fd=fd)
     if pst is not None:
-        os.utime(upper.path(parent), ns=(pst.st_atime_ns, pst.st_mtime_ns))
+        fd, name = upper.at(parent)
+        os.utime(name, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=fd)
     upper.fsync_dir(parent)

@@ -212,7 +212,7 @@ class Daemon:
         quiet, `cowfs adopt VENV` makes them store-backed (installer.absorb); it calls back
         here for reload and reset. Its failure is logged: the venv works unabsorbed."""
         retries = 0
-        if foreign_dist_infos(self.spec.upper):
+        if foreign_dist_infos(self.ov.upper.xpath("")):
             self._dists_changed.set()  # written while unmounted (cowfs.mount._take_strays)
         while True:
             await self._dists_changed.wait()

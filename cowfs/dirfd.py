@@ -1,68 +1,147 @@
-"""Paths of any depth for the daemon's own syscalls, through directory handles.
+"""Directory handles for the daemon's syscalls: layer roots held open, paths of any depth.
 
-A caller inside the mount may use a path of PATH_MAX-1 bytes relative to a deep working
-directory; the daemon's path to the same entry (layer root + path in the mount) is longer
-and the kernel refuses it (ENAMETOOLONG). `short(path)` returns a name the kernel accepts
-for the same entry: the path itself while it is short (the common case: no extra cost),
-else `/proc/self/fd/N/NAME`, where N is an O_PATH handle of NAME's parent directory. The
-kernel resolves that magic link to the directory itself (never to a path string), so it
-works at any depth and for every path-taking call (lstat, open, rename, xattrs, utime...).
+The daemon acts on its layers relative to directory handles, not absolute path strings.
+Each layer root (upper, work, every lower directory, the store's objects) is opened once as
+an O_PATH directory fd, a `Root`, kept as long as its layer object. A path inside the layer
+resolves to an `At` pair (dir_fd, name) for the *at syscalls (`os.lstat(name, dir_fd=fd)`,
+`os.open`, `os.rename(src_dir_fd=, dst_dir_fd=)`...): while the path is short, (root fd,
+path), one call in which the kernel walks only the part inside the layer. A deeper one (a
+caller may use PATH_MAX-1 bytes relative to a deep working directory in the mount, and the
+daemon's path is longer) resolves to an O_PATH handle of its parent directory and the last
+component, so it works at any depth. xattrs have no *at form: `proc(at)` names the entry
+/proc/self/fd/N/NAME, where the kernel resolves only N, a magic link to the directory
+itself (never a path string), so follow_symlinks=False still applies to NAME.
 
-Handles are found by walking down with openat in chunks from the nearest cached ancestor
-(or from the deepest ancestor short enough to open by name). A bounded LRU keeps the
-directories in use: a deep tree is walked level by level, so the parent is usually cached.
-Callers keep strings, not handles, for the length of one operation; so a dropped handle is
-not closed at once but retired, and closed only after RETIRED_MAX others were retired: its
-number is never reused under a string that is still being used (worker threads included).
+Parent handles are found by walking down with openat in chunks from the nearest cached
+ancestor. A bounded LRU keeps the directories in use: a deep tree is walked level by level,
+so the parent is usually cached. Callers keep a pair for the length of one operation, never
+longer; so a dropped handle (a root's too) is not closed at once but retired, and closed
+only after RETIRED_MAX others were retired: its number is never reused under a pair that is
+still being used (worker threads included).
 
-Whoever renames or removes a directory calls `forget(path)`; a handle whose directory was
-removed behind our back (st_nlink 0) is dropped when next used. Store paths and short layer
-paths never get here.
+Whoever renames or removes a directory calls `Root.forget(rel)`; a handle whose directory
+was removed behind our back (st_nlink 0) is dropped when next used. `short(path)` does the
+same for an absolute path string, for tools outside the daemon that keep paths (installer).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 
-# Paths from this many bytes on go through a directory handle (headroom below PATH_MAX for
-# the suffixes callers append: "/.wh..wh..opq", a 255-byte name). COWFS_DIRFD_FROM=0 sends
-# every path through handles (the test suite uses it to exercise this module everywhere).
+# Paths from this many bytes on go through a parent's handle (headroom below PATH_MAX for
+# the /proc/self/fd/N/ prefix and a 255-byte name). COWFS_DIRFD_FROM=0 sends every path
+# through a cached parent handle (the test suite uses it to exercise the deep case).
 LONG = int(os.environ.get("COWFS_DIRFD_FROM", "3584"))
 CHUNK = 3072  # bytes of path opened per openat while walking down
 CACHE_MAX = 128
 RETIRED_MAX = 128
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _SURELY_SHORT = LONG // 4
+AT_FDCWD = -100
+_ABSOLUTE = 0  # the cache's root id of absolute paths (short)
+
+At = tuple[int, str]  # (directory fd, name relative to it): use at once, do not keep
 
 _lock = threading.Lock()
-_cache: OrderedDict[bytes, int] = OrderedDict()
+_cache: OrderedDict[tuple[int, bytes], int] = OrderedDict()  # (root id, dir path) -> fd
 _retired: deque[int] = deque()
+_ids = itertools.count(_ABSOLUTE + 1)
+
+
+def _is_short(path: str) -> bool:
+    # (Hot: every layer path comes here. A character is at most 4 bytes in UTF-8.)
+    return len(path) < _SURELY_SHORT or len(os.fsencode(path)) < LONG
+
+
+class Root:
+    """A layer's root directory, held open as long as this object (roots of layers that are
+    replaced, a reloaded lower say, are retired with the object)."""
+
+    __slots__ = ("_id", "fd", "path")
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.path.abspath(path)  # for messages, and whoever must name it to others
+        self.fd = os.open(self.path, _DIR)
+        self._id = next(_ids)
+
+    def __del__(self) -> None:
+        _retire(self.fd)
+
+    def at(self, rel: str) -> At:
+        """The entry at rel ("" is the root itself) for an *at syscall. Never fails itself:
+        where a deep walk stops (a missing or non-directory component), the pair leads the
+        caller's own syscall to fail there, with the errno the full path would give."""
+        if not rel:
+            return self.fd, "."
+        if _is_short(rel):
+            return self.fd, rel
+        parent, _, name = os.fsencode(rel).rpartition(b"/")
+        with _lock:
+            fd, failed = _walk(self._id, self.fd, parent)
+        return fd, os.fsdecode(b"%s/%s" % (failed, name) if failed else name)
+
+    def proc(self, rel: str) -> str:
+        return proc(self.at(rel))
+
+    def forget(self, rel: str) -> None:
+        """The directory at rel (and everything below it) was renamed or removed."""
+        _forget(self._id, os.fsencode(rel))
+
+
+def proc(at: At) -> str:
+    """A path string of the entry, for the calls without an *at form (xattrs)."""
+    return f"/proc/self/fd/{at[0]}/{at[1]}"
+
+
+def lexists(at: At) -> bool:
+    try:
+        os.lstat(at[1], dir_fd=at[0])
+    except OSError:
+        return False
+    return True
+
+
+def open_dir(at: At) -> int:
+    """A readable fd of the directory (os.scandir and os.listdir take it; O_PATH will not)."""
+    return os.open(at[1], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=at[0])
+
+
+@contextlib.contextmanager
+def opendir(at: At) -> Iterator[int]:
+    fd = open_dir(at)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def listdir(at: At) -> list[str]:
+    with opendir(at) as fd:
+        return os.listdir(fd)
 
 
 def short(path: str) -> str:
-    """A name of the absolute path the kernel accepts (see the module docstring). It never
-    fails itself: where the walk stops (a missing or non-directory component), the name
-    leads the caller's own syscall to fail there, with the errno the full path would give."""
-    # (Hot: every layer path comes here. A character is at most 4 bytes in UTF-8.)
-    if len(path) < _SURELY_SHORT or len(os.fsencode(path)) < LONG:
+    """A name of the absolute path the kernel accepts: the path itself while it is short,
+    else /proc/self/fd/N/NAME with N a handle of its parent. Never fails itself (see at)."""
+    if _is_short(path):
         return path
     parent, _, name = os.fsencode(path).rpartition(b"/")
     with _lock:
-        prefix = _parent(parent or b"/")
-    return os.fsdecode(b"%s/%s" % (prefix, name))
+        fd, failed = _walk(_ABSOLUTE, -1, parent or b"/")
+    if fd < 0:
+        return os.fsdecode(b"%s/%s" % (failed, name))
+    return os.fsdecode(b"/proc/self/fd/%d/%s" % (fd, b"%s/%s" % (failed, name) if failed
+                                                   else name))
 
 
 def forget(path: str) -> None:
-    """The directory at path (and everything below it) was renamed or removed."""
-    if not _cache:
-        return
-    key = os.fsencode(path)
-    below = key + b"/"
-    with _lock:
-        for k in [k for k in _cache if k == key or k.startswith(below)]:
-            _retire(_cache.pop(k))
+    """The directory at the absolute path (and everything below it) was renamed or removed."""
+    _forget(_ABSOLUTE, os.fsencode(path))
 
 
 def clear() -> None:
@@ -72,14 +151,23 @@ def clear() -> None:
             _retire(_cache.popitem()[1])
 
 
+def _forget(root: int, key: bytes) -> None:
+    if not _cache:
+        return
+    below = key + b"/" if key else b""
+    with _lock:
+        for k in [k for k in _cache if k[0] == root and (k[1] == key or
+                                                          k[1].startswith(below))]:
+            _retire(_cache.pop(k))
+
+
 def _retire(fd: int) -> None:
+    # Needs no lock (a collection may drop a Root while _lock is held): deque operations
+    # are atomic, and two threads trimming at once close distinct fds.
     _retired.append(fd)
-    _retire_overflow()
-
-
-def _retire_overflow() -> None:
     while len(_retired) > RETIRED_MAX:
-        os.close(_retired.popleft())
+        with contextlib.suppress(IndexError):
+            os.close(_retired.popleft())
 
 
 def _alive(fd: int) -> bool:
@@ -90,41 +178,44 @@ def _alive(fd: int) -> bool:
         return False
 
 
-def _cached(path: bytes) -> int | None:
-    fd = _cache.get(path)
+def _cached(key: tuple[int, bytes]) -> int | None:
+    fd = _cache.get(key)
     if fd is None:
         return None
     if _alive(fd):
-        _cache.move_to_end(path)
+        _cache.move_to_end(key)
         return fd
-    _retire(_cache.pop(path))  # removed behind our back: walk again
+    _retire(_cache.pop(key))  # removed behind our back: walk again
     return None
 
 
-def _keep(path: bytes, fd: int) -> None:
-    _cache[path] = fd
+def _keep(key: tuple[int, bytes], fd: int) -> None:
+    _cache[key] = fd
     while len(_cache) > CACHE_MAX:
         _retire(_cache.popitem(last=False)[1])
 
 
-def _parent(path: bytes) -> bytes:
-    """/proc/self/fd/N for the directory at the absolute path, N a cached O_PATH handle;
-    where the walk fails, /proc/self/fd/N/REST with N the deepest directory reached and
-    REST the part that failed to open. Under _lock."""
-    fd = _cached(path)
+def _walk(root: int, root_fd: int, path: bytes) -> tuple[int, bytes]:
+    """(a cached O_PATH handle of the directory at path, b""): path is relative to root_fd,
+    or absolute for _ABSOLUTE. Where the walk fails: (the deepest directory reached, the
+    part that failed to open), or (-1, path) when a short absolute path fails. Under _lock."""
+    fd = _cached((root, path))
     if fd is not None:
-        return b"/proc/self/fd/%d" % fd
-    # The nearest ancestor that is cached or short enough to open by name.
+        return fd, b""
+    # The nearest ancestor that is cached, the root, or short enough to open by name.
     base = path
-    while (fd := _cached(base)) is None:
+    while (fd := _cached((root, base))) is None:
+        if not base:
+            fd = root_fd
+            break
         if len(base) < LONG or base == b"/":
             try:
-                fd = os.open(base, _DIR)
+                fd = os.open(base, _DIR, dir_fd=None if root == _ABSOLUTE else root_fd)
             except OSError:
-                return base  # short: the caller's syscall fails here, as with the full path
-            _keep(base, fd)
+                return (-1, base) if root == _ABSOLUTE else (root_fd, base)
+            _keep((root, base), fd)
             break
-        base = base.rpartition(b"/")[0] or b"/"
+        base = base.rpartition(b"/")[0] or (b"/" if root == _ABSOLUTE else b"")
     rest = path[len(base):].lstrip(b"/")
     while rest:
         chunk = rest[:CHUNK]
@@ -133,13 +224,12 @@ def _parent(path: bytes) -> bytes:
         try:
             nxt = os.open(chunk, _DIR, dir_fd=fd)
         except OSError:
-            return b"/proc/self/fd/%d/%s" % (fd, chunk)
-        base = base.rstrip(b"/") + b"/" + chunk
+            return fd, chunk
+        base = b"%s/%s" % (base.rstrip(b"/"), chunk) if base else chunk
         rest = rest[len(chunk):].lstrip(b"/")
         if rest:  # an intermediate step: closed once walked past (retired, like any)
-            _retired.append(nxt)
-            _retire_overflow()
+            _retire(nxt)
         else:
-            _keep(base, nxt)
+            _keep((root, base), nxt)
         fd = nxt
-    return b"/proc/self/fd/%d" % fd
+    return fd, b""

@@ -19,11 +19,11 @@ import os
 import stat
 from array import array
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from cowfs.dirfd import short
+from cowfs.dirfd import AT_FDCWD, At, Root, open_dir, proc, short
 from cowfs.layer import Layer, layer_of_entries
 from cowfs.manifest import FileEntry, Manifest
 from cowfs.store import DIGEST_LEN
@@ -38,17 +38,28 @@ class LowerEntry:
     size: int
     mtime_ns: int
     # Real path of the backing entry: the object or plain file; for a DirLower directory its
-    # top layer (for xattrs); None for synthetic manifest directories.
+    # top layer (for xattrs); None for synthetic manifest directories. A name (messages,
+    # the lazy fetch): the daemon reaches it through base, the handle of its layer root.
     source: str | None
     uid: int = 0
     gid: int = 0
     rdev: int = 0
     ctime_ns: int = 0
     blocks: int = -1  # -1: derive from size
+    # The held root that source is under (None: source is used as is); not part of what
+    # the entry is: equal sources are the same entry.
+    base: Root | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
+
+    def at(self) -> At:
+        """The backing entry for an *at syscall (cowfs.dirfd): use it at once."""
+        assert self.source is not None
+        if self.base is None:
+            return AT_FDCWD, short(self.source)
+        return self.base.at(self.source[len(self.base.path) + 1:])
 
 
 class Lower(Protocol):
@@ -76,7 +87,11 @@ class ManifestLower:
 
     def __init__(self, objects_dir: Path, layers: Iterable[Layer], uid: int = 0,
                  gid: int = 0) -> None:
-        self._root = os.fspath(objects_dir)
+        try:
+            self._objects: Root | None = Root(objects_dir)
+        except OSError:  # (no store yet: nothing to open, the paths then fail on their own)
+            self._objects = None
+        self._root = os.path.abspath(objects_dir)
         self._uid, self._gid = uid, gid
         # Per file row, as arrays: extending one is a copy in C, no int object per row.
         self._sizes, self._modes, self._mtimes = array("Q"), array("H"), array("q")
@@ -153,7 +168,8 @@ class ManifestLower:
             return None
         d, mtime_ns = self._digests[DIGEST_LEN * i:DIGEST_LEN * (i + 1)], self._mtimes[i]
         entry = LowerEntry(stat.S_IFREG | self._modes[i], self._sizes[i], mtime_ns,
-                           f"{self._root}/{d[:2]}/{d[2:]}", self._uid, self._gid, 0, mtime_ns)
+                           f"{self._root}/{d[:2]}/{d[2:]}", self._uid, self._gid, 0, mtime_ns,
+                           base=self._objects)
         self._entries[path] = entry  # two threads at once just build two equal entries
         return entry
 
@@ -167,9 +183,10 @@ class ManifestLower:
         return self._subdirs.get(path, 0)
 
 
-def _entry_from_stat(st: os.stat_result, source: str | None) -> LowerEntry:
-    return LowerEntry(st.st_mode, st.st_size, st.st_mtime_ns, source, st.st_uid, st.st_gid,
-                      st.st_rdev, st.st_ctime_ns, st.st_blocks)
+def _entry_from_stat(st: os.stat_result, root: Root, path: str) -> LowerEntry:
+    return LowerEntry(st.st_mode, st.st_size, st.st_mtime_ns,
+                      f"{root.path}/{path}" if path else root.path, st.st_uid, st.st_gid,
+                      st.st_rdev, st.st_ctime_ns, st.st_blocks, root)
 
 
 class DirLower:
@@ -178,7 +195,7 @@ class DirLower:
     def __init__(self, layers: Sequence[Path]) -> None:
         if not layers:
             raise ValueError("at least one lower directory is needed")
-        self.layers = [os.fspath(p) for p in layers]
+        self.roots = [Root(p) for p in layers]  # held open for the mount's lifetime
         self._lookup: dict[str, LowerEntry | None] = {}
         # For each merged directory: the layer indexes that contribute to it, top first.
         self._dir_layers: dict[str, list[int]] = {"": self._root_layers()}
@@ -186,9 +203,9 @@ class DirLower:
 
     def _root_layers(self) -> list[int]:
         out = []
-        for i, layer in enumerate(self.layers):
+        for i, root in enumerate(self.roots):
             out.append(i)
-            if is_opaque_dir(layer):
+            if is_opaque_dir(root.proc("")):
                 break
         return out
 
@@ -203,8 +220,7 @@ class DirLower:
 
     def _resolve(self, path: str) -> LowerEntry | None:
         if not path:
-            st = os.lstat(self.layers[0])
-            return _entry_from_stat(st, self.layers[0])
+            return _entry_from_stat(os.fstat(self.roots[0].fd), self.roots[0], "")
         parent = path.rpartition("/")[0]
         parent_entry = self.lookup(parent)
         if parent_entry is None or not parent_entry.is_dir:
@@ -212,22 +228,21 @@ class DirLower:
         found: LowerEntry | None = None
         contributing: list[int] = []
         for i in self._dir_layers[parent]:
-            real = f"{self.layers[i]}/{path}"
-            name = short(real)  # (a deep tree: see cowfs.dirfd)
+            at = self.roots[i].at(path)
             try:
-                st = os.lstat(name)
+                st = os.lstat(at[1], dir_fd=at[0])
             except OSError:
                 continue
-            if is_whiteout_stat(name, st):
+            if is_whiteout_stat(at, st):
                 break
             if found is None:
-                found = _entry_from_stat(st, real)
+                found = _entry_from_stat(st, self.roots[i], path)
                 if not stat.S_ISDIR(st.st_mode):
                     break
             elif not stat.S_ISDIR(st.st_mode):
                 break  # a non-dir below a dir is hidden, and so is everything under it
             contributing.append(i)
-            if is_opaque_dir(name):
+            if is_opaque_dir(proc(at)):
                 break
         if found is not None and found.is_dir:
             self._dir_layers[path] = contributing
@@ -242,12 +257,15 @@ class DirLower:
         if entry is not None and entry.is_dir:
             for i in self._dir_layers[path]:
                 try:
-                    real = f"{self.layers[i]}/{path}" if path else self.layers[i]
-                    with os.scandir(short(real)) as it:
-                        for de in it:
-                            names[de.name] = None
+                    fd = open_dir(self.roots[i].at(path))
                 except OSError:
                     continue
+                try:
+                    names.update(dict.fromkeys(os.listdir(fd)))
+                except OSError:
+                    continue
+                finally:
+                    os.close(fd)
         listing = [n for n in names if self.lookup(join(path, n)) is not None]
         self._listing[path] = listing
         return listing
@@ -256,7 +274,8 @@ class DirLower:
         entry = self.lookup(path)
         if entry is None or entry.source is None:
             raise FileNotFoundError(path)
-        return os.readlink(short(entry.source))
+        fd, name = entry.at()
+        return os.readlink(name, dir_fd=fd)
 
     def subdir_count(self, path: str) -> int:
         return sum(1 for n in self.listdir(path)

@@ -26,6 +26,9 @@ of listxattr) are kept as `user.cowfs.x.<name>` on the entry, or as
 `user.cowfs.xs.<inode number>.<name>` on the work dir for entries without user xattrs.
 `user.cowfs.*` is private: never listed, copied or settable through a mount.
 
+Entries are named by path strings: the daemon passes /proc/self/fd/N/NAME names (cowfs.dirfd),
+which reach the entry through its layer's directory handle.
+
 On a filesystem with POSIX modes, owners and ns times nothing is recorded (NativeMeta), so
 ext4, xfs, btrfs and tmpfs pay nothing. A filesystem with neither user xattrs nor modes
 cannot hold an upper layer: `refusal` names what is missing.
@@ -395,11 +398,12 @@ class XattrMeta(NativeMeta):
             self._write(path, st, None, Record(stat.S_IFDIR | mode))
 
 
-def for_upper(directory: str) -> NativeMeta:
-    """The metadata keeper for an upper layer whose work dir is directory."""
+def for_upper(directory: str, side_dir: str | None = None) -> NativeMeta:
+    """The metadata keeper for an upper layer whose work dir is directory; side_dir names
+    it for the side records (the daemon's: through its handle, cowfs.dirfd)."""
     keeper = for_caps(caps_for(directory))
     if isinstance(keeper, XattrMeta):
-        keeper.side_dir = directory
+        keeper.side_dir = side_dir or directory
     if keeper.active and not keeps_trusted_xattrs(directory):
         keeper.kept_namespaces = ("trusted.",)
     return keeper

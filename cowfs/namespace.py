@@ -14,6 +14,7 @@ import os
 import stat
 from collections.abc import Callable
 
+from cowfs.dirfd import At, proc
 from cowfs.inode import Node
 from cowfs.lower import join
 from cowfs.overlay import STRIP_OPEN, Overlay, oserror
@@ -30,12 +31,12 @@ def _owner(ov: Overlay, parent: Node, uid: int, gid: int, mode: int) -> tuple[in
     return uid, gid, mode
 
 
-def _chown(path: str, uid: int, gid: int) -> None:
+def _chown(at: At, uid: int, gid: int) -> None:
     if IS_ROOT:
-        os.chown(path, uid, gid, follow_symlinks=False)
+        os.chown(at[1], uid, gid, dir_fd=at[0], follow_symlinks=False)
 
 
-def _place(ov: Overlay, parent: Node, name: str, make: Callable[[str, bool], None]) -> str:
+def _place(ov: Overlay, parent: Node, name: str, make: Callable[[At, bool], None]) -> str:
     """Create a new upper entry parent/name through make(target, over_whiteout).
 
     Over a whiteout the entry is built in the work dir and renamed into place, so the
@@ -50,11 +51,11 @@ def _place(ov: Overlay, parent: Node, name: str, make: Callable[[str, bool], Non
         or ov.upper.has_prefix_whiteout(path) or ov.lower_visible(parent, path)
     # Where cowfs keeps the metadata (cowfs.meta) the entry gets it before it appears.
     if over_whiteout or ov.upper.meta.active:
-        tmp = ov.upper.temp_path()
+        tmp = ov.upper.temp()
         make(tmp, over_whiteout)
         ov.upper.install(tmp, path)
     else:
-        make(ov.upper.path(path), False)
+        make(ov.upper.at(path), False)
     return path
 
 
@@ -71,11 +72,11 @@ def create(ov: Overlay, parent: Node, name: str, mode: int, flags: int, uid: int
     uid, gid, mode = _owner(ov, parent, uid, gid, mode)
     fds: list[int] = []
 
-    def make(target: str, _: bool) -> None:
+    def make(target: At, _: bool) -> None:
         # The creating open is the caller's handle: POSIX lets it write even when the new
         # mode is read-only, which a second open would refuse (to a non-root daemon).
-        fd = os.open(target, (flags & ~(STRIP_OPEN | os.O_TRUNC)) | os.O_CREAT | os.O_EXCL
-                     | os.O_CLOEXEC, 0o600)
+        fd = os.open(target[1], (flags & ~(STRIP_OPEN | os.O_TRUNC)) | os.O_CREAT | os.O_EXCL
+                     | os.O_CLOEXEC, 0o600, dir_fd=target[0])
         fds.append(fd)
         if IS_ROOT:
             os.fchown(fd, uid, gid)
@@ -97,18 +98,19 @@ def create(ov: Overlay, parent: Node, name: str, mode: int, flags: int, uid: int
 def mkdir(ov: Overlay, parent: Node, name: str, mode: int, uid: int, gid: int) -> Node:
     uid, gid, mode = _owner(ov, parent, uid, gid, stat.S_IFDIR | mode)
 
-    def make(target: str, over_whiteout: bool) -> None:
-        os.mkdir(target, 0o700)
+    def make(target: At, over_whiteout: bool) -> None:
+        os.mkdir(target[1], 0o700, dir_fd=target[0])
         _chown(target, uid, gid)
         if ov.upper.meta.active:
-            ov.upper.meta.record(target, mode=mode, uid=uid, gid=gid, fresh=True)
+            ov.upper.meta.record(proc(target), mode=mode, uid=uid, gid=gid, fresh=True)
         if over_whiteout:
             # The lower directory of the same name must not merge into the new one.
-            ov.upper.make_opaque_path(target)
+            ov.upper.make_opaque_at(target)
 
     # The mode last: an unprivileged daemon could not move a 0555 directory out of the
     # work dir (rename rewrites its "..") nor mark it opaque.
-    os.chmod(ov.upper.path(_place(ov, parent, name, make)), stat.S_IMODE(mode))
+    dir_fd, placed = ov.upper.at(_place(ov, parent, name, make))
+    os.chmod(placed, stat.S_IMODE(mode), dir_fd=dir_fd)
     return _new_node(ov, parent, name, is_dir=True)
 
 
@@ -116,13 +118,11 @@ def mknod(ov: Overlay, parent: Node, name: str, mode: int, rdev: int, uid: int,
           gid: int) -> Node:
     uid, gid, mode = _owner(ov, parent, uid, gid, mode)
 
-    def make(target: str, _: bool) -> None:
-        os.mknod(target, stat.S_IFMT(mode) | 0o600, rdev)
+    def make(target: At, _: bool) -> None:
+        os.mknod(target[1], stat.S_IFMT(mode) | 0o600, rdev, dir_fd=target[0])
         _chown(target, uid, gid)
-        os.chmod(target, stat.S_IMODE(mode))
-        if ov.upper.meta.active:
-            ov.upper.meta.clear_side(target)
-            ov.upper.meta.record(target, mode=mode, uid=uid, gid=gid, fresh=True)
+        os.chmod(target[1], stat.S_IMODE(mode), dir_fd=target[0])
+        _record_special(ov, target, mode, uid, gid)
 
     _place(ov, parent, name, make)
     return _new_node(ov, parent, name, is_dir=False)
@@ -132,15 +132,20 @@ def symlink(ov: Overlay, parent: Node, name: str, target_path: str, uid: int,
             gid: int) -> Node:
     uid, gid, _ = _owner(ov, parent, uid, gid, stat.S_IFLNK)
 
-    def make(target: str, _: bool) -> None:
-        os.symlink(target_path, target)
+    def make(target: At, _: bool) -> None:
+        os.symlink(target_path, target[1], dir_fd=target[0])
         _chown(target, uid, gid)
-        if ov.upper.meta.active:
-            ov.upper.meta.clear_side(target)
-            ov.upper.meta.record(target, mode=0o777, uid=uid, gid=gid, fresh=True)
+        _record_special(ov, target, 0o777, uid, gid)
 
     _place(ov, parent, name, make)
     return _new_node(ov, parent, name, is_dir=False)
+
+
+def _record_special(ov: Overlay, at: At, mode: int, uid: int, gid: int) -> None:
+    """The metadata of a new entry without user xattrs, where cowfs keeps it (cowfs.meta)."""
+    if ov.upper.meta.active:
+        ov.upper.meta.clear_side(proc(at))
+        ov.upper.meta.record(proc(at), mode=mode, uid=uid, gid=gid, fresh=True)
 
 
 def link(ov: Overlay, node: Node, parent: Node, name: str) -> Node:
@@ -148,11 +153,15 @@ def link(ov: Overlay, node: Node, parent: Node, name: str) -> Node:
         raise oserror(errno.EPERM)
     ov.copy_up(node)
 
-    def source() -> str:  # named when used: copying up parent may walk many directories
-        return ov.upper.path(ov.path(node))
+    def make(target: At, _: bool) -> None:
+        # The source named now: copying up parent may have walked many directories.
+        src_fd, src = ov.upper.at(ov.path(node))
+        os.link(src, target[1], src_dir_fd=src_fd, dst_dir_fd=target[0],
+                follow_symlinks=False)  # (a symlink itself, as link(2) does)
 
-    _place(ov, parent, name, lambda target, _: os.link(source(), target))
-    st = os.lstat(source())
+    _place(ov, parent, name, make)
+    dir_fd, placed = ov.upper.at(ov.path(node))
+    st = os.lstat(placed, dir_fd=dir_fd)
     ov.table.by_upper_id[(st.st_dev, st.st_ino)] = node
     ov.table.add_link(node, parent, name)
     return node
@@ -173,7 +182,7 @@ def _remove(ov: Overlay, parent: Node, name: str, want_dir: bool) -> None:
     if node.upper and not is_dir:
         ov.removing_name(node, ov.path(parent))
         if ov.upper.meta.active:
-            ov.upper.meta.forget(ov.upper.path(path))
+            ov.upper.meta.forget(ov.upper.xpath(path))
     if node.upper and needs_whiteout:
         # Whiteouts inside a directory go with it (atomically): clearing them first would
         # let its lower content show through if we crashed before the whiteout is in place.
@@ -255,18 +264,17 @@ def rename(ov: Overlay, parent: Node, name: str, new_parent: Node, new_name: str
         ov.copy_up(src)
     ov.copy_up(new_parent)
     dst_path = join(ov.path(new_parent), new_name)
-    dst_upper = ov.upper.path(dst_path)
     st = ov.upper.lstat(dst_path)
     if st is not None and stat.S_ISDIR(st.st_mode):
         if ov.upper.xattrs and dst is not None and dst.lower is not None:
             ov.upper.make_opaque(dst_path)  # a crash before the rename must not expose it
         ov.upper.clear_markers(dst_path)  # merged-empty: only whiteouts may be left in it
     elif st is not None and src_dir:
-        os.unlink(dst_upper)  # a whiteout file; the renamed dir is opaque already
+        ov.upper.remove(dst_path, is_dir=False)  # a whiteout file; the dir is opaque already
     elif st is None:
         ov.upper.remove_whiteout(dst_path)  # prefix-format marker, if any
     elif ov.upper.meta.active:
-        ov.upper.meta.forget(dst_upper)  # replaced: its side record, if any, goes
+        ov.upper.meta.forget(ov.upper.xpath(dst_path))  # replaced: its side record goes
     if src_whiteout:
         ov.upper.rename_leaving_whiteout(src_path, dst_path)
     else:

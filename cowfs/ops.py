@@ -28,6 +28,7 @@ import pyfuse3
 import trio
 
 from cowfs import fuse_shim, namespace
+from cowfs.dirfd import lexists
 from cowfs.inode import Node
 from cowfs.overlay import Attr, Overlay
 from cowfs.passthrough import Passthrough, daemon_fh
@@ -204,7 +205,7 @@ class CowfsOperations(pyfuse3.Operations):
             return
         lower = node.lower
         if with_data and self.lazy is not None and lower is not None and lower.source \
-                and not os.path.exists(lower.source):
+                and not lexists(lower.at()):
             await self._fetched(node)  # a copy-up reads the store object
         if not with_data or lower is None or lower.size < THREAD_COPY_UP_BYTES \
                 or node.parent is None:
@@ -368,7 +369,7 @@ class CowfsOperations(pyfuse3.Operations):
         # Namespace changes that involve lower content are fsynced when made; the others
         # (cowfs.namespace._durable) by this. The kernel opens directories itself (no handle
         # names the directory), so the whole upper filesystem is synced, in a worker.
-        await trio.to_thread.run_sync(syncfs, self.ov.upper.work)
+        await trio.to_thread.run_sync(syncfs, self.ov.upper.xpath(""))
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,

@@ -17,7 +17,8 @@ import stat
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from cowfs import copy_up, dirfd
+from cowfs import copy_up
+from cowfs.dirfd import At, opendir, proc
 from cowfs.inode import Node, NodeTable
 from cowfs.lower import Lower, LowerEntry, join
 from cowfs.meta import ACL_ACCESS, mode_from_acl
@@ -78,8 +79,9 @@ class Overlay:
         self.root = self.table.root
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
-        # node ino -> upper dirs where libfuse may hold .fuse_hidden names of its inode
-        self._hidden_in: dict[int, set[str]] = {}
+        # node ino -> upper dirs where libfuse may hold .fuse_hidden names of its inode (by
+        # path in the upper; None: the work dir)
+        self._hidden_in: dict[int, set[str | None]] = {}
         # Kernel opens send no OPEN (see cowfs/ops.py): files are read and written through
         # one implicit handle per inode, opened on first use. Those of reachable files can be
         # reopened any time, so only the most recently used stay open; a file unlinked while
@@ -173,9 +175,9 @@ class Overlay:
         except FileNotFoundError:
             return self._detached_attr(node)
         if node.upper:
-            upath = self.upper.path(path)
-            st = os.lstat(upath)
-            attr = self._upper_attr(upath, st)
+            at = self.upper.at(path)
+            st = os.lstat(at[1], dir_fd=at[0])
+            attr = self._upper_attr(at, st)
             if node.ino in self._hidden_in:
                 attr.nlink -= self._hidden_links(node, st)
             if node.children is not None and (node.lower is not None or st.st_nlink < 2):
@@ -190,11 +192,11 @@ class Overlay:
             return _attr_from_lower(node.lower, 2 + self.lower.subdir_count(path))
         return _attr_from_lower(node.lower, 1)
 
-    def _upper_attr(self, path: str | None, st: os.stat_result, fd: int | None = None) -> Attr:
+    def _upper_attr(self, at: At | None, st: os.stat_result, fd: int | None = None) -> Attr:
         attr = _attr_from_stat(st)
         if self.upper.meta.active:
             attr.mode, attr.uid, attr.gid, attr.atime_ns, attr.mtime_ns = \
-                self.upper.meta.attr(path, st, fd)
+                self.upper.meta.attr(None if at is None else proc(at), st, fd)
         return attr
 
     def removing_name(self, node: Node, parent_path: str) -> None:
@@ -207,13 +209,13 @@ class Overlay:
             self._pin(node)  # the kernel may have it open: keep its data reachable
         if self.upper.fuse_hidden and node.handles and node.children is None:
             # (Upper.clear_markers may park hidden names in the work dir.)
-            self._hidden_in.setdefault(node.ino, {self.upper.work}).add(
-                f"{self.upper.root}/{parent_path}" if parent_path else self.upper.root)
+            self._hidden_in.setdefault(node.ino, {None}).add(parent_path)
 
     def _hidden_links(self, node: Node, st: os.stat_result) -> int:
         count = 0
         for parent in self._hidden_in.get(node.ino, ()):
-            with contextlib.suppress(OSError), os.scandir(dirfd.short(parent)) as it:
+            at = self.upper.work_at("") if parent is None else self.upper.at(parent)
+            with contextlib.suppress(OSError), opendir(at) as fd, os.scandir(fd) as it:
                 count += sum(1 for de in it if de.name.startswith(".fuse_hidden")
                              and de.inode() == st.st_ino)
         return count
@@ -268,11 +270,12 @@ class Overlay:
     def readlink(self, node: Node) -> str:
         path = self.path(node)
         if node.upper:
-            return os.readlink(self.upper.path(path))
+            fd, name = self.upper.at(path)
+            return os.readlink(name, dir_fd=fd)
         return self.lower.readlink(path)
 
     def statfs(self) -> os.statvfs_result:
-        return os.statvfs(self.upper.root)
+        return self.upper.statvfs()
 
     # -- copy-up ------------------------------------------------------------------------
 
@@ -309,12 +312,12 @@ class Overlay:
             node.upper, node.lower = True, None
             self._redirect_handles(node, tmp)
             if node.implicit is None:
-                fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+                fd = os.open(tmp[1], os.O_RDWR | os.O_CLOEXEC, dir_fd=tmp[0])
                 node.implicit = self.add_handle(node, fd, writable=True, on_lower=False)
         finally:
-            os.unlink(tmp)
+            os.unlink(tmp[1], dir_fd=tmp[0])
 
-    def copy_up_prepare(self, node: Node, with_data: bool = True) -> str:
+    def copy_up_prepare(self, node: Node, with_data: bool = True) -> At:
         """Parents first, then the entry itself into the work dir (data copy included)."""
         self.copy_up_parents(node)
         meta = node.lower
@@ -324,21 +327,22 @@ class Overlay:
         target = self.lower.readlink(self.path(node)) if stat.S_ISLNK(meta.mode) else None
         return copy_up.prepare_other(self.upper, meta, target)
 
-    def copy_up_commit(self, node: Node, tmp: str) -> None:
+    def copy_up_commit(self, node: Node, tmp: At) -> None:
         copy_up.publish(self.upper, tmp, self.path(node))
         node.upper = True
         if node.children is None:
             node.lower = None
         self._redirect_handles(node)
 
-    def _redirect_handles(self, node: Node, copy: str | None = None) -> None:
+    def _redirect_handles(self, node: Node, copy: At | None = None) -> None:
         """Handles opened on the lower file now read (writers: and write) the upper copy
         (same fd number)."""
         for fh in node.handles or ():
             h = self.handles[fh]
             if h.on_lower:
-                new = os.open(copy or self.upper.path(self.path(node)),
-                              (os.O_RDWR if h.writable else os.O_RDONLY) | os.O_CLOEXEC)
+                dir_fd, name = copy or self.upper.at(self.path(node))
+                new = os.open(name, (os.O_RDWR if h.writable else os.O_RDONLY) | os.O_CLOEXEC,
+                              dir_fd=dir_fd)
                 os.dup2(new, h.fd)
                 os.close(new)
                 h.on_lower = False
@@ -373,11 +377,12 @@ class Overlay:
         if (writable and not defer_copy_up) or flags & os.O_TRUNC:
             self.copy_up(node, with_data=not flags & os.O_TRUNC)
         if node.upper:
-            fd = os.open(self.upper.path(self.path(node)),
-                         (flags & ~STRIP_OPEN) | os.O_CLOEXEC)
+            dir_fd, name = self.upper.at(self.path(node))
+            fd = os.open(name, (flags & ~STRIP_OPEN) | os.O_CLOEXEC, dir_fd=dir_fd)
             return self.add_handle(node, fd, writable, on_lower=False)
         assert node.lower is not None and node.lower.source is not None
-        fd = os.open(dirfd.short(node.lower.source), os.O_RDONLY | os.O_CLOEXEC)  # never writable
+        dir_fd, name = node.lower.at()
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)  # never writable
         return self.add_handle(node, fd, writable, on_lower=True)
 
     def implicit_handle(self, node: Node, writable: bool) -> int:
@@ -463,51 +468,50 @@ class Overlay:
         if node.parent is not None or node is self.root:
             self.copy_up(node, with_data=size != 0)
         h = self.handles.get(fh) if fh is not None else None
-        target: int | str
+        fd: int | None = None  # an open file, or else...
+        at: At | None = None  # ...the upper entry, acted on by *at calls
         if h is not None and h.writable:
-            target = h.fd
+            fd = h.fd
         elif node.parent is not None or node is self.root:
-            target = self.upper.path(self.path(node))
+            at = self.upper.at(self.path(node))
         else:  # unlinked but still open: act on the open file
             fd = self._any_fd(node)
             if fd is None or not node.upper:
                 raise oserror(errno.ENOENT)
-            target = fd
-        is_link = isinstance(target, str) and stat.S_ISLNK(os.lstat(target).st_mode)
+        target, dir_fd = (fd, None) if at is None else (at[1], at[0])
+        nofollow = {} if at is None else {"follow_symlinks": False}  # (fds: not allowed)
+        is_link = at is not None and stat.S_ISLNK(os.lstat(at[1], dir_fd=at[0]).st_mode)
         if size is not None:
             if is_link or node.children is not None:
                 raise oserror(errno.EISDIR if node.children is not None else errno.EINVAL)
-            os.truncate(target, size)
+            # (No truncateat; an open would block on a fifo, or touch a device.)
+            os.truncate(fd if at is None else proc(at), size)
         if mode is not None and not is_link:
-            os.chmod(target, stat.S_IMODE(mode))
+            os.chmod(target, stat.S_IMODE(mode), dir_fd=dir_fd)
         if uid is not None or gid is not None:
             os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid,
-                     **({"follow_symlinks": False} if isinstance(target, str) else {}))
+                     dir_fd=dir_fd, **nofollow)
         times = None
         if atime_ns is not None or mtime_ns is not None:
             cur = self.getattr(node)  # as shown: the upper may keep only coarser times
             times = (cur.atime_ns if atime_ns is None else atime_ns,
                      cur.mtime_ns if mtime_ns is None else mtime_ns)
-            if isinstance(target, str):
-                os.utime(target, ns=times, follow_symlinks=False)
-            else:
-                os.utime(target, ns=times)
+            os.utime(target, ns=times, dir_fd=dir_fd, **nofollow)
         if self.upper.meta.active and (mode is not None or uid is not None or
                                        gid is not None or times is not None):
             # What the upper filesystem dropped (ntfs-3g: modes, owners, 100 ns times).
-            self.upper.meta.record(
-                target if isinstance(target, str) else None,
-                fd=target if isinstance(target, int) else None,
-                mode=None if is_link else mode, uid=uid, gid=gid, times=times)
+            self.upper.meta.record(None if at is None else proc(at), fd=fd,
+                                   mode=None if is_link else mode, uid=uid, gid=gid,
+                                   times=times)
         return self.getattr(node)
 
     # -- xattrs -------------------------------------------------------------------------
 
     def _xattr_target(self, node: Node) -> str | None:
         if node.upper:
-            return self.upper.path(self.path(node))
-        source = node.lower.source if node.lower is not None else None
-        return None if source is None else dirfd.short(source)
+            return self.upper.xpath(self.path(node))
+        lower = node.lower
+        return None if lower is None or lower.source is None else proc(lower.at())
 
     def getxattr(self, node: Node, name: str) -> bytes:
         target = self._xattr_target(node)
@@ -529,7 +533,7 @@ class Overlay:
         if is_private_xattr(name):
             raise oserror(errno.EPERM)  # overlay markers cannot be forged through the mount
         self.copy_up(node)
-        path = self.upper.path(self.path(node))
+        path = self.upper.xpath(self.path(node))
         where, as_name = self.upper.meta.xattr_place(path, name)
         os.setxattr(where, as_name, value, flags, follow_symlinks=False)
         if name == ACL_ACCESS and self.upper.meta.keep_modes:
@@ -544,5 +548,5 @@ class Overlay:
             raise oserror(errno.ENODATA)
         self.getxattr(node, name)  # ENODATA before any copy-up
         self.copy_up(node)
-        where, as_name = self.upper.meta.xattr_place(self.upper.path(self.path(node)), name)
+        where, as_name = self.upper.meta.xattr_place(self.upper.xpath(self.path(node)), name)
         os.removexattr(where, as_name, follow_symlinks=False)

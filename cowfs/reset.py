@@ -24,24 +24,24 @@ Expectation = list[int] | str
 
 def upper_identity(upper: str | os.PathLike[str], rel: str) -> Expectation:
     """What the upper entry rel is now, for a reset that must not drop a newer one."""
-    return _identity(f"{os.fspath(upper)}/{rel}")
+    return _identity((dirfd.AT_FDCWD, dirfd.short(f"{os.fspath(upper)}/{rel}")))
 
 
-def _identity(path: str) -> Expectation:
+def _identity(at: dirfd.At) -> Expectation:
     try:
-        st = os.lstat(dirfd.short(path))
+        st = os.lstat(at[1], dir_fd=at[0])
     except (FileNotFoundError, NotADirectoryError):  # (below a whiteout)
         return ABSENT
     return DIR if stat.S_ISDIR(st.st_mode) else [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def _as_expected(upath: str, want: Expectation | None) -> bool:
+def _as_expected(at: dirfd.At, want: Expectation | None) -> bool:
     if want == DIR:  # dropped once empty: what is in it was examined, or is new
         try:
-            return not os.listdir(dirfd.short(upath))
+            return not dirfd.listdir(at)
         except (FileNotFoundError, NotADirectoryError):
             return False
-    return want is not None and _identity(upath) == want
+    return want is not None and _identity(at) == want
 
 
 def reset_paths(ov: Overlay, paths: list[str], expect: dict[str, Expectation] | None = None
@@ -55,18 +55,18 @@ def reset_paths(ov: Overlay, paths: list[str], expect: dict[str, Expectation] | 
     removed: list[str] = []
     for raw in paths:
         path = check_relpath(raw.strip("/"))
-        upath = ov.upper.path(path)
-        if expect is not None and not _as_expected(upath, expect.get(raw)):
+        if expect is not None and not _as_expected(ov.upper.at(path), expect.get(raw)):
             continue
         st = ov.upper.lstat(path)
         if st is None and not ov.upper.remove_whiteout(path):
             continue
         if st is not None:
             if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(upath)
+                dir_fd, name = ov.upper.at(path)
+                shutil.rmtree(name, dir_fd=dir_fd)
                 ov.upper.moved(path)
             else:
-                os.unlink(upath)
+                ov.upper.remove(path, is_dir=False)
         removed.append(path)
         parent = _known_parent(ov, path)
         if parent is not None:
@@ -106,7 +106,8 @@ def _revalidate(ov: Overlay, parent: Node, name: str, node: Node, path: str,
     for h in (ov.handles[fh] for fh in node.handles or ()):
         if not h.writable and entry.source is not None:
             # Readers see the pristine file on their next read, as on their next open.
-            new = os.open(dirfd.short(entry.source), os.O_RDONLY | os.O_CLOEXEC)
+            dir_fd, name = entry.at()
+            new = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
             os.dup2(new, h.fd)
             os.close(new)
             h.on_lower = True

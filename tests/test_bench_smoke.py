@@ -79,3 +79,29 @@ def test_bench_produces_every_figure_with_positive_ratios(tmp_path: Path) -> Non
     # Everything it mounted is gone, and so is its scratch directory.
     assert not _mounts_under(work)
     assert not any(work.iterdir())
+
+
+@pytest.mark.skipif(_uv() is None, reason="uv is not installed")
+def test_bench_scale_reports_daemon_rss_and_fds(tmp_path: Path) -> None:
+    """The scale run at a tiny N: daemon RSS and open fds after the walk, per case, and the
+    fd count of the workload's daemon (the handle budget stays bounded: no fd per file)."""
+    wheels, workload = wheelbuild.bench_workload(tmp_path, "benchscale")
+    out, work = tmp_path / "results", tmp_path / "scratch"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("COWFS_HOME", "COWFS_RUNTIME_DIR")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--workload", str(workload),
+         "--wheels", str(wheels), "--imports", "benchscale_a", "--figures", "daemon-rss",
+         "--peers", "cowfs", "--reps", "1", "--scale", "--scale-files", "2000",
+         "--out", str(out), "--workdir", str(work), "--no-chart"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (doc,) = [json.loads(p.read_text()) for p in out.glob("bench-*.json")]
+    assert doc["figures"]["daemon-rss"]["extra"]["cowfs.fds"] > 0
+    cases = doc["scale"]["cases"]
+    assert set(cases) == {"overlay-2k", "store-2k"}
+    for case in cases.values():
+        assert case["daemon_vmrss_mb"] > 0 and case["nodes"] > 2000
+        assert 0 < case["daemon_fds"] < 2000  # bounded, not one per file walked
+    assert "fds" in proc.stdout.split("scale run")[1]
+    assert not _mounts_under(work)

@@ -219,6 +219,14 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def fd_count(pid: int) -> int | None:
+    """Open file descriptors of a process (its /proc/PID/fd entries), None if unreadable."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, in seconds."""
     try:

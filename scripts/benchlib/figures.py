@@ -13,6 +13,7 @@ from benchlib.common import (
     cpu_seconds,
     drop_caches,
     du_added,
+    fd_count,
     log,
     median,
     proc_status,
@@ -230,13 +231,16 @@ def read_all_cold(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
 
 
 def daemon_rss(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
-    """Peak RSS (VmHWM) of each daemon so far, i.e. over import-warm and read-all."""
+    """Peak RSS (VmHWM) of each daemon so far, i.e. over import-warm and read-all; its
+    current RSS and open fds noted (the fd budget: layer roots, cached directory handles,
+    open files)."""
     for name, env in envs.items():
         if env.pid:
             st = proc_status(env.pid)
             if "VmHWM" in st:
                 res.add("daemon-rss", name, st["VmHWM"] / 1024)
                 res.note("daemon-rss", f"{name}.VmRSS_MB", round(st["VmRSS"] / 1024, 1))
+                res.note("daemon-rss", f"{name}.fds", fd_count(env.pid))
     if "cowfs" in envs and envs["cowfs"].pid:
         from cowfs import control
         from cowfs.spec import MountSpec

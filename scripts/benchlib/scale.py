@@ -8,7 +8,8 @@ torch          optional: the PyTorch CPU wheel installed with `cowfs install` (a
                the native import time)
 
 Each case: mount time (CLI process, and the API call), then `find -type f` + stat of every
-file (which makes the daemon hold a node per file), then the daemon's VmHWM. fuse-overlayfs
+file (which makes the daemon hold a node per file), then the daemon's VmHWM, VmRSS and open
+fds (bounded: layer roots + cached directory handles, not per file). fuse-overlayfs
 over the same synthetic lower is measured alongside for reference.
 """
 
@@ -22,7 +23,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib.common import Ctx, force_umount, log, median, mounted, proc_status, run, timed
+from benchlib.common import (
+    Ctx,
+    fd_count,
+    force_umount,
+    log,
+    median,
+    mounted,
+    proc_status,
+    run,
+    timed,
+)
 from benchlib.peers import Cowfs, Env, FuseOverlayfs, site_of
 
 TORCH_GLOB = ("/opt/wheels/torch-*+cpu-cp311-*.whl",)
@@ -73,6 +84,8 @@ def _measure(ctx: Ctx, mp: Path, mount_cmd: list[str | Path], umount_cmd: list[s
             "mount_time_api_s": round(median(api), 4), "walk_s": round(walk, 3),
             "walk_warm_s": round(walk2, 3),
             "daemon_rss_mb": round(st.get("VmHWM", 0) / 1024, 1) if st else None,
+            "daemon_vmrss_mb": round(st.get("VmRSS", 0) / 1024, 1) if st else None,
+            "daemon_fds": fd_count(pid) if pid else None,
             "nodes": status.get("nodes") if status else None}
 
 

@@ -16,7 +16,7 @@ def render(section: str, data: Any) -> str:
 def _scale(data: dict[str, Any]) -> str:
     lines = ["", "scale run (targets: daemon RSS <= 200 MB, mount <= 1.5 s):"]
     head = (f"  {'case':<16}{'files':>9}{'mount CLI':>11}{'mount API':>11}{'RSS after walk':>16}"
-            f"{'walk':>9}{'nodes':>9}")
+            f"{'walk':>9}{'nodes':>9}{'fds':>6}")
     lines.append(head)
     for case, d in data.get("cases", {}).items():
         def s(key: str, fmt: str = "{:.3f}s", d: dict[str, Any] = d) -> str:
@@ -25,7 +25,7 @@ def _scale(data: dict[str, Any]) -> str:
 
         lines.append(f"  {case:<16}{d.get('files', 0):>9}{s('mount_time_s'):>11}"
                      f"{s('mount_time_api_s'):>11}{s('daemon_rss_mb', '{:.1f}MB'):>16}"
-                     f"{s('walk_s'):>9}{d.get('nodes', '-'):>9}")
+                     f"{s('walk_s'):>9}{d.get('nodes', '-'):>9}{s('daemon_fds', '{}'):>6}")
         if d.get("fuse_overlayfs"):
             fo = d["fuse_overlayfs"]
             lines.append(f"    fuse-overlayfs, same lower: mount {fo['mount_time_s']:.3f}s, walk "
