@@ -9,6 +9,7 @@ holds open is dropped.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import TYPE_CHECKING
 
@@ -59,7 +60,8 @@ class NodeTable:
             parts.append(node.name)
             node = node.parent
         if node is not self.root:
-            raise FileNotFoundError(os.strerror(2))  # a detached (deleted) node
+            # a detached (deleted) node; with its errno, or the caller would see EIO
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
         return "/".join(reversed(parts))
 
     def is_attached(self, node: Node) -> bool:
