@@ -58,8 +58,8 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except pyfuse3.FUSEError:
             raise
         except OSError as exc:
-            if exc.errno is None or exc.errno == errno.EIO:  # a bug, or a layer failing
-                log.warning("%s: %r", fn.__name__, exc, exc_info=exc.errno is None)
+            if exc.errno is None:  # raised without one: a bug, found from the log
+                log.warning("%s: %r", fn.__name__, exc, exc_info=True)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("internal error in %s", fn.__name__)
