@@ -7,13 +7,16 @@ objects that hold them (the fd budget stays bounded however many overlays come a
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 from pathlib import Path
 
+import pytest
 from conftest import merged, node_at, populate, read
 
 from cowfs import dirfd, namespace
+from cowfs.inode import NodeTable
 from cowfs.lower import DirLower
 from cowfs.overlay import Overlay
 from cowfs.upper import Upper
@@ -84,3 +87,15 @@ def test_short_paths_are_one_call_from_the_root_and_deep_ones_from_a_parent(
     assert not dirfd.lexists(root.at(f"d/{deep}/f"))
     assert dirfd.lexists(root.at(f"e/{deep}/f"))
     dirfd.clear()
+
+
+def test_a_removed_node_has_no_path_enoent_not_an_errno_less_error() -> None:
+    """A listing racing a reset asks for a node just removed: its path lookup raised
+    FileNotFoundError without an errno, which the FUSE layer turned into EIO."""
+    table = NodeTable(None)
+    gone = table.new(table.root, "d", None, upper=True)
+    gone.nlookup = 1  # the kernel still knows it
+    table.unlink(table.root, "d")
+    with pytest.raises(FileNotFoundError) as err:
+        table.path(gone)
+    assert err.value.errno == errno.ENOENT
