@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from cowfs.errors import CowfsError, StoreError
-from cowfs.manifest import Dist
+from cowfs.manifest import Dist, Manifest, write_manifests
 from cowfs.store import Store
 from installer.interpreters import InterpreterInfo
 from installer.resolve import Pin
@@ -32,6 +32,7 @@ class Ingestor:
         self._futures: dict[str, Future[Dist]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._unwritten: list[Manifest] = []  # new manifests, written together by results()
 
     def submit(self, pin: Pin, path: Path) -> None:
         manifest = ingested_manifest(self.store, path, supported_tags=self.tags)
@@ -43,7 +44,8 @@ class Ingestor:
                 self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                                 thread_name_prefix="cowfs-ingest")
             self._futures[pin.name] = self._pool.submit(ingest_wheel, self.store, path,
-                                                        supported_tags=self.tags)
+                                                        supported_tags=self.tags,
+                                                        unwritten=self._unwritten)
 
     def results(self, pins: Sequence[Pin], progress: bool = True) -> dict[str, Dist]:
         """Every pin's manifest, once all are ingested (a bar on a terminal while it waits).
@@ -65,6 +67,9 @@ class Ingestor:
             raise CowfsError(f"the store {self.store.root} is read-only and does not hold "
                              f"{', '.join(lacking)}: install that where the store is "
                              "writable (a read-only store serves only what it holds)")
+        if self._unwritten:  # only once every wheel is in: a failure above writes none
+            write_manifests(self.store, self._unwritten)
+            self._unwritten.clear()
         return {p.name: self._known[p.name] for p in pins if p.name in self._known}
 
     def _show_progress(self) -> None:
