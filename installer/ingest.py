@@ -8,6 +8,7 @@ the same time. No threads at all when every wheel is warm: they would only add o
 
 from __future__ import annotations
 
+import heapq
 import os
 import sys
 import threading
@@ -33,9 +34,11 @@ class Ingestor:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._unwritten: list[Manifest] = []  # new manifests, written together by results()
+        self._waiting: list[tuple[int, int, Path, Future[Dist]]] = []  # heap, largest first
 
     def submit(self, pin: Pin, path: Path) -> None:
         manifest = ingested_manifest(self.store, path, supported_tags=self.tags)
+        size = path.stat().st_size
         with self._lock:
             if manifest is not None:
                 self._known[pin.name] = manifest
@@ -43,9 +46,23 @@ class Ingestor:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                                 thread_name_prefix="cowfs-ingest")
-            self._futures[pin.name] = self._pool.submit(ingest_wheel, self.store, path,
-                                                        supported_tags=self.tags,
-                                                        unwritten=self._unwritten)
+            future: Future[Dist] = Future()
+            heapq.heappush(self._waiting, (-size, len(self._futures), path, future))
+            self._futures[pin.name] = future
+            self._pool.submit(self._ingest_largest)
+
+    def _ingest_largest(self) -> None:
+        """Ingest the largest wheel waiting, not the first to arrive: the long ingests start
+        first (local wheels all arrive at once), so the last to finish is a short one."""
+        with self._lock:
+            _, _, path, future = heapq.heappop(self._waiting)
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(ingest_wheel(self.store, path, supported_tags=self.tags,
+                                           unwritten=self._unwritten))
+        except BaseException as exc:  # as ThreadPoolExecutor's workers do: results() raises it
+            future.set_exception(exc)
 
     def results(self, pins: Sequence[Pin], progress: bool = True) -> dict[str, Dist]:
         """Every pin's manifest, once all are ingested (a bar on a terminal while it waits).
@@ -88,6 +105,8 @@ class Ingestor:
         those not started: after a failed download nothing more is written."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            for *_, future in self._waiting:
+                future.cancel()
 
 
 __all__ = ["Ingestor"]

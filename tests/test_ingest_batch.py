@@ -84,3 +84,46 @@ def test_write_batch_leaves_nothing_when_it_fails(tmp_path: Path) -> None:
         store.write_batch([(store.dists / "a.json", b"{}"), (blocker / "b.json", b"{}")])
     assert not (store.dists / "a.json").exists()
     assert not list(store.tmp.iterdir())
+
+
+def test_the_largest_waiting_wheel_is_ingested_first(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local wheels arrive all at once: the longest ingests go first, not the first named."""
+    import threading
+
+    from installer import ingest as ingest_mod
+
+    started: list[str] = []
+    busy = threading.Barrier(3)
+    release = threading.Event()
+
+    def fake_ingest(store: Store, path: Path, **kw: object) -> object:
+        started.append(path.name.split("-")[0])
+        if path.name.startswith("block"):
+            busy.wait(5)
+            release.wait(5)
+        return SimpleNamespace(id=path.name)
+
+    monkeypatch.setattr(ingest_mod, "ingest_wheel", fake_ingest)
+    monkeypatch.setattr(ingest_mod.os, "cpu_count", lambda: 2)
+
+    def wheel(name: str, size: int) -> Path:
+        path = tmp_path / f"{name}-1.0-py3-none-any.whl"
+        path.write_bytes(b"x" * size)
+        return path
+
+    ingest = Ingestor(Store(tmp_path / "store").ensure(),
+                      SimpleNamespace(tags=TAGS))  # type: ignore[arg-type]
+    sizes = {"block1": 1, "block2": 1, "small": 10, "large": 1000, "tiny": 1, "medium": 100}
+    pins = {name: _pin(wheel(name, size)) for name, size in sizes.items()}
+    try:
+        for name, pin in pins.items():
+            ingest.submit(pin, tmp_path / pin.filename)
+            if name == "block2":
+                busy.wait(5)  # both workers busy until released: the rest wait together
+        release.set()
+        assert len(ingest.results(list(pins.values()), progress=False)) == len(pins)
+    finally:
+        release.set()
+        ingest.close()
+    assert started[2:] == ["large", "medium", "small", "tiny"]
