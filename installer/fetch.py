@@ -149,6 +149,8 @@ def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: thre
     import tempfile
     import urllib.error
 
+    from installer.http_pool import RedirectError
+
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{pin.filename}.", suffix=".part")
     tmp = Path(name)
     try:
@@ -169,6 +171,9 @@ def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: thre
                 if exc.code in RETRY_STATUS:
                     raise _Transient(_reason(exc)) from None
                 raise CowfsError(f"{pin.filename}: download failed: {_reason(exc)} "
+                                 f"({redact(pin.url)})") from None
+            except RedirectError as exc:
+                raise CowfsError(f"{pin.filename}: download failed: {exc} "
                                  f"({redact(pin.url)})") from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 raise _Transient(_reason(exc)) from None

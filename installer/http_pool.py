@@ -32,6 +32,10 @@ _STALE = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
 _Key = tuple[str, str, int]
 
 
+class RedirectError(Exception):
+    """Too many redirects, or one to what is not http(s)."""
+
+
 class Pool:
     """Idle connections by (scheme, host, port); `get` is safe to call from any thread."""
 
@@ -68,6 +72,8 @@ class Pool:
                 if resp.status in _REDIRECTS and location:
                     resp.read()  # drained, the connection can serve the next request
                     url = urljoin(url, location)
+                    if urlsplit(url).scheme not in ("http", "https"):
+                        raise RedirectError(f"redirected to {url}")
                     continue
                 if resp.status >= 400:
                     raise urllib.error.HTTPError(url, resp.status, resp.reason, resp.headers,
@@ -76,7 +82,7 @@ class Pool:
                 return
             finally:
                 self._release(key, conn, resp)
-        raise http.client.HTTPException(f"more than {MAX_REDIRECTS} redirects")
+        raise RedirectError(f"more than {MAX_REDIRECTS} redirects")
 
     def close(self) -> None:
         with self._lock:

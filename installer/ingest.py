@@ -4,6 +4,7 @@
 knows already is a lookup, any other is unzipped, hashed and written by a worker thread
 (zlib, hashing and file creation release the GIL), so the network and the disk work at
 the same time. No threads at all when every wheel is warm: they would only add overhead.
+The new manifests are written together once every wheel is in (one syncfs for all).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import trio
 from cowfs import tls as cowfs_tls
 from cowfs.errors import CowfsError
 from installer import fetch as fetch_mod
+from installer import http_pool
 from installer.fetch import fetch, fetch_async
 from installer.resolve import Pin
 from tests.conftest import serving
@@ -390,6 +391,21 @@ def test_redirects_are_followed_and_credentials_stay_with_their_host(server: Ser
     assert fetch([other], tmp_path / "b", progress=False)["other"].read_bytes() == data
     assert server.auth[other.filename] is not None
     assert server.auth[target.filename] is None  # not sent on to another host
+
+
+def test_a_redirect_loop_or_to_another_scheme_fails(server: Server, tmp_path: Path) -> None:
+    server.keep_alive()
+    loop = pin("loop", f"{server.url}/{wheel_name('loop')}")
+    server.redirect[loop.filename] = f"/{loop.filename}"
+    with pytest.raises(CowfsError, match=r"^loop-1.0-py3-none-any.whl: download failed: "
+                                         r"more than \d+ redirects"):
+        fetch([loop], tmp_path, progress=False)
+    assert server.hits[loop.filename] == 1 + http_pool.MAX_REDIRECTS  # not retried
+    away = pin("away", f"{server.url}/{wheel_name('away')}")
+    server.redirect[away.filename] = "file:///etc/passwd"
+    with pytest.raises(CowfsError, match=r"redirected to file:///etc/passwd"):
+        fetch([away], tmp_path, progress=False)
+    assert leftovers(tmp_path) == []
 
 
 def test_a_proxy_is_used_through_urllib(server: Server, tmp_path: Path,
