@@ -105,7 +105,8 @@ def plan(request: Request, info: InterpreterInfo, store: Store, python: Path) ->
         plan_cache.record(store, *key, wheels=wheels, read=read, pins=pins)
         return pins, "local"
     kind, _ = choose_resolver(None)
-    warm_up()  # downloads follow the resolution: prepare them while the resolver runs
+    if not request.offline:  # downloads follow the resolution: prepare them meanwhile
+        warm_up()
     return resolve(list(request.requirements), python=python,
                    requirement_files=request.requirement_files,
                    find_links=request.find_links, no_index=request.no_index,
