@@ -6,8 +6,8 @@ an idle list per (scheme, host, port), and the next download from that host reus
 
 A server may close an idle connection at any time; a request on a reused connection that
 fails before any response arrived is sent once more on a new connection (as urllib3 does).
-Redirects are followed (credentials only to the same host). Where urllib would use a proxy
-(http_proxy / https_proxy / no_proxy), urllib is used as before.
+Redirects are followed (credentials only to the same scheme and host). Where urllib would
+use a proxy (http_proxy / https_proxy / no_proxy), also after a redirect, urllib does.
 """
 
 from __future__ import annotations
@@ -50,17 +50,17 @@ class Pool:
     def get(self, url: str, headers: Mapping[str, str]) -> Iterator[Any]:
         """The response to GET url, redirects followed: `status`, `headers`, `read1`. An error
         status raises urllib.error.HTTPError, like urlopen."""
-        if self._proxied(url):
-            request = urllib.request.Request(url, headers=dict(headers))
-            with urllib.request.urlopen(request, timeout=self.timeout,
-                                        context=ssl_context()) as resp:
-                yield resp
-            return
-        origin = urlsplit(url).netloc
+        origin = urlsplit(url)[:2]
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
-            if parts.netloc != origin:  # credentials are for the host they were given for
+            if parts[:2] != origin:  # credentials only where they were given, and as safely
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            if self._proxied(url):
+                request = urllib.request.Request(url, headers=dict(headers))
+                with urllib.request.urlopen(request, timeout=self.timeout,
+                                            context=ssl_context()) as resp:
+                    yield resp
+                return
             key = (parts.scheme, parts.hostname or "", parts.port or
                    (443 if parts.scheme == "https" else 80))
             target = parts.path or "/"
@@ -75,7 +75,7 @@ class Pool:
                     if urlsplit(url).scheme not in ("http", "https"):
                         raise RedirectError(f"redirected to {url}")
                     continue
-                if resp.status >= 400:
+                if not 200 <= resp.status < 300:  # a 3xx without Location too, as urllib
                     raise urllib.error.HTTPError(url, resp.status, resp.reason, resp.headers,
                                                  None)
                 yield resp

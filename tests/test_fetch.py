@@ -405,6 +405,11 @@ def test_a_redirect_loop_or_to_another_scheme_fails(server: Server, tmp_path: Pa
     server.redirect[away.filename] = "file:///etc/passwd"
     with pytest.raises(CowfsError, match=r"redirected to file:///etc/passwd"):
         fetch([away], tmp_path, progress=False)
+    nowhere = server.add("nowhere", b"n")
+    server.plan[nowhere.filename] = [300]  # a redirect status without a Location
+    with pytest.raises(CowfsError, match=r"^nowhere-1.0-py3-none-any.whl: download failed: "
+                                         r"HTTP 300"):
+        fetch([nowhere], tmp_path, progress=False)
     assert leftovers(tmp_path) == []
 
 
