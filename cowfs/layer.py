@@ -215,8 +215,12 @@ def source_digest(data: bytes) -> str:
 def write_layer(store: Store, dist_id: str, source: bytes, layer: Layer,
                 head: dict[str, Any]) -> None:
     """Write a manifest's sidecar (atomically, like every store file)."""
-    store.write_bytes(layer_path(store, dist_id),
-                      encode(dist_id, source_digest(source), layer, head))
+    store.write_bytes(layer_path(store, dist_id), layer_bytes(dist_id, source, layer, head))
+
+
+def layer_bytes(dist_id: str, source: bytes, layer: Layer, head: dict[str, Any]) -> bytes:
+    """The sidecar of the manifest whose bytes are source."""
+    return encode(dist_id, source_digest(source), layer, head)
 
 
 def ensure_layer(store: Store, dist_id: str) -> None:

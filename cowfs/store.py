@@ -34,7 +34,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -91,6 +91,11 @@ def sha256_file(path: Path | str) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def json_bytes(doc: Any) -> bytes:
+    """A store document's JSON encoding."""
+    return json.dumps(doc, indent=1, sort_keys=True).encode()
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -379,11 +384,12 @@ class Store:
                 self._tmpfile = False
         return self.temp_file()
 
-    def sync_objects(self) -> None:
+    def sync_objects(self, *, always: bool = False) -> None:
         """Make every object written so far durable (data and names: one syncfs of the
-        store's filesystem); called before anything that references them is written."""
+        store's filesystem); called before anything that references them is written.
+        always: sync even without new objects (for other files written without fsync)."""
         with _sync_lock:  # held throughout: a caller returns only once its objects are safe
-            if self.root in _unsynced:
+            if always or self.root in _unsynced:
                 syncfs(self.objects)
                 _unsynced.discard(self.root)
 
@@ -403,24 +409,53 @@ class Store:
 
     # -- small JSON documents (manifests, roots) ----------------------------------------
 
-    def write_json(self, path: Path, doc: Any) -> bytes:
+    def write_json(self, path: Path, doc: Any, *, durable: bool = True) -> bytes:
         """Atomic JSON write (see write_bytes); returns the bytes written."""
-        data = json.dumps(doc, indent=1, sort_keys=True).encode()
-        self.write_bytes(path, data, suffix=".json")
+        data = json_bytes(doc)
+        self.write_bytes(path, data, suffix=".json", durable=durable)
         return data
 
-    def write_bytes(self, path: Path, data: bytes, *, suffix: str = "") -> None:
-        """Atomic write: tmp in the store, fsync, rename, fsync the directory."""
+    def write_bytes(self, path: Path, data: bytes, *, suffix: str = "",
+                    durable: bool = True) -> None:
+        """Atomic write: tmp in the store, fsync, rename, fsync the directory.
+        durable=False (a cache that checks what it reads): no fsync, the rename alone."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._write_temp(data, suffix, fsync=durable)
+        os.replace(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
+
+    def write_batch(self, docs: Sequence[tuple[Path, bytes]]) -> None:
+        """write_bytes for many documents and the objects they name, with one syncfs and one
+        fsync per directory instead of two fsyncs per document (and a syncfs per batch of
+        objects): each document is complete and durable before its name appears."""
+        temps = []
+        try:
+            for path, data in docs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temps.append(self._write_temp(data, "", fsync=False))
+            self.sync_objects(always=True)
+            for (path, _), tmp in zip(docs, temps, strict=True):
+                os.replace(tmp, path)
+        finally:
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)
+        for parent in dict.fromkeys(path.parent for path, _ in docs):
+            fsync_dir(parent)
+
+    def _write_temp(self, data: bytes, suffix: str, *, fsync: bool) -> Path:
         fd, tmp = self.temp_file(suffix)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
             os.fchmod(fd, 0o644)
-            os.fsync(fd)
+            if fsync:
+                os.fsync(fd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        return tmp
 

@@ -1,9 +1,9 @@
 """Parallel, hash-checked wheel downloads into the store's wheels/ directory.
 
-trio runs one task per wheel; each blocking download runs in a worker thread (urllib, stdlib
-only) under a CapacityLimiter. Threads cannot be cancelled from outside, so a shared Event
-tells the others to stop at their next chunk once one download has failed: the first error
-is reported without waiting for large downloads to finish.
+trio runs one task per wheel; each blocking download runs in a worker thread (http.client
+over kept-alive connections: installer.http_pool) under a CapacityLimiter. Threads cannot be
+cancelled from outside, so a shared Event tells the others to stop at their next chunk once
+one download has failed: the first error is reported without waiting for large downloads.
 
 A download is written to a temporary file next to its destination, hashed while it streams,
 fsynced and renamed into place, so `dest` only ever holds complete wheels that matched their
@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cowfs import __version__
 from cowfs.errors import CowfsError
@@ -28,6 +29,9 @@ from cowfs.store import fsync_dir, sha256_file
 from cowfs.tls import ssl_context
 from installer.index_config import netrc_credentials, redact, split_credentials
 from installer.resolve import Pin, local_path
+
+if TYPE_CHECKING:  # imported by fetch_async: a warm install downloads nothing
+    from installer.http_pool import Pool
 
 CHUNK = 1 << 18
 TIMEOUT = 60.0  # seconds without data before a connection is given up
@@ -139,12 +143,13 @@ def _authorized(url: str) -> tuple[str, dict[str, str]]:
 
 
 def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: threading.Event,
-                   meter: _Progress, timeout: float) -> None:
+                   meter: _Progress, pool: Pool) -> None:
     # Imported here: a warm install downloads nothing and should not pay ~12 ms for them.
     import http.client
     import tempfile
     import urllib.error
-    import urllib.request
+
+    from installer.http_pool import RedirectError
 
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{pin.filename}.", suffix=".part")
     tmp = Path(name)
@@ -152,10 +157,8 @@ def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: thre
         with os.fdopen(fd, "wb") as out:
             h, size = hashlib.sha256(), 0
             url, headers = _authorized(pin.url)
-            request = urllib.request.Request(url, headers=headers)
             try:
-                with urllib.request.urlopen(request, timeout=timeout,
-                                            context=ssl_context()) as resp:
+                with pool.get(url, headers) as resp:
                     length = int(resp.headers.get("Content-Length") or -1)
                     while chunk := resp.read1(CHUNK):  # what has arrived: abort stays prompt
                         if abort.is_set():
@@ -168,6 +171,9 @@ def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: thre
                 if exc.code in RETRY_STATUS:
                     raise _Transient(_reason(exc)) from None
                 raise CowfsError(f"{pin.filename}: download failed: {_reason(exc)} "
+                                 f"({redact(pin.url)})") from None
+            except RedirectError as exc:
+                raise CowfsError(f"{pin.filename}: download failed: {exc} "
                                  f"({redact(pin.url)})") from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 raise _Transient(_reason(exc)) from None
@@ -188,12 +194,12 @@ def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: thre
 
 
 def _download(pin: Pin, target: Path, expected: frozenset[str], abort: threading.Event,
-              meter: _Progress, timeout: float) -> None:
+              meter: _Progress, pool: Pool) -> None:
     for attempt in range(RETRIES + 1):
         if abort.is_set():
             raise _Aborted
         try:
-            _download_once(pin, target, expected, abort, meter, timeout)
+            _download_once(pin, target, expected, abort, meter, pool)
             return
         except _Transient as exc:
             if attempt == RETRIES:
@@ -204,7 +210,7 @@ def _download(pin: Pin, target: Path, expected: frozenset[str], abort: threading
 
 
 def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
-            timeout: float) -> Path:
+            pool: Pool | None) -> Path:
     """The local path of pin's wheel, downloading it into dest when it is remote."""
     if not pin.filename or Path(pin.filename).name != pin.filename or \
             not pin.filename.endswith(".whl"):
@@ -225,7 +231,8 @@ def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
         # version and build on an index) is all there is to go on.
         if target.is_file() and (not expected or sha256_file(target) in expected):
             return target
-        _download(pin, target, expected, abort, meter, timeout)
+        assert pool is not None, "remote wheels are fetched by fetch_async, with a pool"
+        _download(pin, target, expected, abort, meter, pool)
         return target
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
@@ -235,9 +242,29 @@ def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
 OnReady = Callable[[Pin, Path], None]
 
 
+def warm_up() -> None:
+    """Import what downloads need and load the TLS context in a thread while the resolver
+    runs (its subprocess leaves this process idle): ~60 ms less between the resolution and
+    the first download. Failures are left for the downloads to meet and report."""
+    threading.Thread(target=_warm, name="cowfs-warm-up", daemon=True).start()
+
+
+def _warm() -> None:
+    try:
+        import tempfile  # noqa: F401
+
+        import trio  # noqa: F401
+
+        import installer.http_pool  # noqa: F401
+
+        ssl_context()
+    except Exception:  # only a head start: the downloads meet and report any failure
+        pass
+
+
 def _obtain_and_hand_over(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
-                          timeout: float, on_ready: OnReady | None) -> Path:
-    path = _obtain(pin, dest, abort, meter, timeout)
+                          pool: Pool | None, on_ready: OnReady | None) -> Path:
+    path = _obtain(pin, dest, abort, meter, pool)
     if on_ready is not None and not abort.is_set():
         on_ready(pin, path)
     return path
@@ -249,6 +276,8 @@ async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
     """`fetch` for callers already inside trio."""
     import trio
 
+    from installer.http_pool import Pool
+
     dest = Path(dest)
     try:
         dest.mkdir(parents=True, exist_ok=True)
@@ -257,6 +286,7 @@ async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
     remote = sum(1 for p in pins if local_path(p.url) is None
                  and not (dest / p.filename).is_file())
     meter = _Progress(progress, remote)
+    pool = Pool(timeout)  # one kept-alive connection per download thread and host
     limiter = trio.CapacityLimiter(max(1, max_parallel))
     abort = threading.Event()
     result: dict[str, Path] = {}
@@ -265,7 +295,7 @@ async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
     async def one(pin: Pin) -> None:
         try:
             result[pin.name] = await trio.to_thread.run_sync(
-                _obtain_and_hand_over, pin, dest, abort, meter, timeout, on_ready,
+                _obtain_and_hand_over, pin, dest, abort, meter, pool, on_ready,
                 limiter=limiter)
         except CowfsError as exc:
             errors.append(exc)
@@ -280,6 +310,7 @@ async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
     finally:
         abort.set()  # on cancellation too: running threads stop at their next chunk
         meter.close()
+        pool.close()
     if errors:
         more = f" (and {len(errors) - 1} more failed)" if len(errors) > 1 else ""
         raise CowfsError(f"{errors[0]}{more}")
@@ -299,7 +330,7 @@ def fetch(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8, progress: b
     if all(local_path(p.url) is not None and not _expected(p) for p in pins):
         # Nothing to download or hash (the warm path): no event loop, no threads.
         return {p.name: _obtain_and_hand_over(p, Path(dest), threading.Event(),
-                                              _Progress(False, 0), timeout, on_ready)
+                                              _Progress(False, 0), None, on_ready)
                 for p in pins}
     import trio  # only when there is real work: importing it costs ~50 ms
 

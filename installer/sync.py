@@ -29,7 +29,7 @@ from cowfs.spec import VenvState
 from cowfs.store import Store
 from installer import plan_cache
 from installer.bytecode import bytecode_if_compiled, ensure_bytecode
-from installer.fetch import fetch
+from installer.fetch import fetch, warm_up
 from installer.ingest import Ingestor
 from installer.interpreters import InterpreterInfo
 from installer.locks import pins_from_local_wheels
@@ -105,6 +105,8 @@ def plan(request: Request, info: InterpreterInfo, store: Store, python: Path) ->
         plan_cache.record(store, *key, wheels=wheels, read=read, pins=pins)
         return pins, "local"
     kind, _ = choose_resolver(None)
+    if not request.offline:  # downloads follow the resolution: prepare them meanwhile
+        warm_up()
     return resolve(list(request.requirements), python=python,
                    requirement_files=request.requirement_files,
                    find_links=request.find_links, no_index=request.no_index,

@@ -284,12 +284,15 @@ def ingest_wheel(
     *,
     supported_tags: Sequence[str] | None = None,
     force: bool = False,
+    unwritten: list[Manifest] | None = None,
 ) -> Manifest:
     """Validate a wheel and make it installable from the store; returns its manifest.
 
     supported_tags: the interpreter's tags ("cp311-cp311-manylinux_2_28_x86_64", ...); a
     wheel with none of them is refused. A wheel already ingested (same name, version and
     sha256) is answered from its manifest without being read again, unless force is set.
+    unwritten: a new manifest is appended there instead of written, for the caller to write
+    with others (cowfs.manifest.write_manifests); its objects are stored but not synced.
     """
     wheel_path = Path(wheel_path)
     wheel = wheel_path.name
@@ -326,7 +329,10 @@ def ingest_wheel(
                 tags=tags,
                 wheel_sha256=wheel_sha256,
             )
-    write_manifest(store, manifest)  # last: every object it names is already stored
+    if unwritten is not None:
+        unwritten.append(manifest)
+    else:
+        write_manifest(store, manifest)  # last: every object it names is already stored
     return manifest
 
 

@@ -48,7 +48,9 @@ def put(store: Store, path: Path, st: os.stat_result, **facts: Any) -> None:
     merged = {**get(store, path, st), **facts}
     try:
         store.ensure()
+        # not fsynced: a torn entry is unreadable JSON, which get() takes for no entry
         store.write_json(_entry(store, path), {"path": str(path.absolute()),
-                                               "fp": fingerprint(st), "facts": merged})
+                                               "fp": fingerprint(st), "facts": merged},
+                         durable=False)
     except (OSError, StoreError):
         pass  # a cache: a read-only store just means no caching

@@ -17,6 +17,7 @@ import trio
 from cowfs import tls as cowfs_tls
 from cowfs.errors import CowfsError
 from installer import fetch as fetch_mod
+from installer import http_pool
 from installer.fetch import fetch, fetch_async
 from installer.resolve import Pin
 from tests.conftest import serving
@@ -43,6 +44,10 @@ class Server:
         self.truncate: set[str] = set()
         self.trickle: set[str] = set()  # sent in 20 pieces, 0.1 s apart
         self.delay = 0.0
+        self.redirect: dict[str, str] = {}  # name -> Location of a 302
+        self.drop_idle = False  # close kept-alive connections after each response, unsaid
+        self.connections = 0
+        self.auth: dict[str, str | None] = {}  # name -> Authorization header last received
         self.hits: Counter[str] = Counter()
         self.active = self.max_active = 0
         self.lock = threading.Lock()
@@ -54,16 +59,27 @@ class Server:
             def log_message(self, *args: object) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                with server.lock:
+                    server.connections += 1
+
             def do_GET(self) -> None:
                 name = self.path.lstrip("/")
                 with server.lock:
                     server.hits[name] += 1
                     server.active += 1
                     server.max_active = max(server.max_active, server.active)
+                    server.auth[name] = self.headers.get("Authorization")
                 try:
                     time.sleep(server.delay)
                     planned = server.plan.get(name)
-                    if planned:
+                    if name in server.redirect:
+                        self.send_response(302)
+                        self.send_header("Location", server.redirect[name])
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                    elif planned:
                         self.send_error(planned.pop(0))
                     elif name not in server.files:
                         self.send_error(404)
@@ -83,6 +99,8 @@ class Server:
                                 pass  # the client gave up, as it should
                         else:
                             self.wfile.write(body[:10] if name in server.truncate else body)
+                        if name in server.truncate or server.drop_idle:
+                            self.close_connection = True
                 finally:
                     with server.lock:
                         server.active -= 1
@@ -90,6 +108,10 @@ class Server:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def keep_alive(self) -> None:
+        """HTTP/1.1: connections stay open between requests (http.server's default is 1.0)."""
+        self.httpd.RequestHandlerClass.protocol_version = "HTTP/1.1"
 
     def add(self, name: str, data: bytes) -> Pin:
         self.files[wheel_name(name)] = data
@@ -316,3 +338,90 @@ def test_https_downloads_share_one_tls_context(server: Server, tmp_path: Path,
         cowfs_tls.new_ssl_context.cache_clear()  # not this test's certificate for later ones
     assert all(sha(got[p.name].read_bytes()) == p.sha256 for p in pins)
     assert len(made) == 1, "one TLS context for every download"
+
+
+# -- kept-alive connections (installer.http_pool) --------------------------------------------
+
+
+def test_connections_are_kept_alive_and_reused(server: Server, tmp_path: Path) -> None:
+    server.keep_alive()
+    pins = [server.add(f"k{i}", bytes([i]) * 5000) for i in range(8)]
+    got = fetch(pins, tmp_path, progress=False, max_parallel=2)
+    assert all(sha(got[p.name].read_bytes()) == p.sha256 for p in pins)
+    assert server.connections <= 2
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced(server: Server,
+                                                               tmp_path: Path) -> None:
+    server.keep_alive()
+    server.drop_idle = True  # each connection serves one response, then goes away unsaid
+    pins = [server.add(f"d{i}", bytes([i]) * 5000) for i in range(3)]
+    got = fetch(pins, tmp_path, progress=False, max_parallel=1)
+    assert all(sha(got[p.name].read_bytes()) == p.sha256 for p in pins)
+    assert all(server.hits[p.filename] == 1 for p in pins)  # no retry of a failed download
+    assert server.connections == 3
+
+
+def test_a_truncated_body_on_a_kept_alive_connection_fails_cleanly(server: Server,
+                                                                   tmp_path: Path) -> None:
+    server.keep_alive()
+    short = server.add("short", b"y" * 1000)
+    server.truncate.add(short.filename)
+    with pytest.raises(CowfsError, match=r"^short-1.0-py3-none-any.whl: download failed: "
+                                         r"connection closed after 10 of 1000 bytes"):
+        fetch([short], tmp_path, progress=False)
+    assert server.hits[short.filename] == 1 + fetch_mod.RETRIES
+    assert leftovers(tmp_path) == []
+    fine = server.add("fine", b"f" * 1000)  # what follows is not served from a broken one
+    assert fetch([fine], tmp_path, progress=False)["fine"].read_bytes() == b"f" * 1000
+
+
+def test_redirects_are_followed_and_credentials_stay_with_their_host(server: Server,
+                                                                     tmp_path: Path) -> None:
+    server.keep_alive()
+    data = b"moved" * 100
+    target = server.add("moved", data)
+    port = server.url.rsplit(":", 1)[1]
+    same = pin("same", f"http://u:pw@127.0.0.1:{port}/{wheel_name('same')}", sha(data))
+    other = pin("other", f"http://u:pw@127.0.0.1:{port}/{wheel_name('other')}", sha(data))
+    server.redirect[same.filename] = f"/{target.filename}"
+    server.redirect[other.filename] = f"http://localhost:{port}/{target.filename}"
+    assert fetch([same], tmp_path / "a", progress=False)["same"].read_bytes() == data
+    assert server.auth[target.filename] is not None
+    assert fetch([other], tmp_path / "b", progress=False)["other"].read_bytes() == data
+    assert server.auth[other.filename] is not None
+    assert server.auth[target.filename] is None  # not sent on to another host
+
+
+def test_a_redirect_loop_or_to_another_scheme_fails(server: Server, tmp_path: Path) -> None:
+    server.keep_alive()
+    loop = pin("loop", f"{server.url}/{wheel_name('loop')}")
+    server.redirect[loop.filename] = f"/{loop.filename}"
+    with pytest.raises(CowfsError, match=r"^loop-1.0-py3-none-any.whl: download failed: "
+                                         r"more than \d+ redirects"):
+        fetch([loop], tmp_path, progress=False)
+    assert server.hits[loop.filename] == 1 + http_pool.MAX_REDIRECTS  # not retried
+    away = pin("away", f"{server.url}/{wheel_name('away')}")
+    server.redirect[away.filename] = "file:///etc/passwd"
+    with pytest.raises(CowfsError, match=r"redirected to file:///etc/passwd"):
+        fetch([away], tmp_path, progress=False)
+    nowhere = server.add("nowhere", b"n")
+    server.plan[nowhere.filename] = [300]  # a redirect status without a Location
+    with pytest.raises(CowfsError, match=r"^nowhere-1.0-py3-none-any.whl: download failed: "
+                                         r"HTTP 300"):
+        fetch([nowhere], tmp_path, progress=False)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_proxy_is_used_through_urllib(server: Server, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With http_proxy set, downloads go where urllib sends them: here the proxy is the
+    test server itself, which answers the absolute URL's path."""
+    p = server.add("viaproxy", b"proxied")
+    monkeypatch.setenv("http_proxy", server.url)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    url = f"http://wheels.invalid/{p.filename}"
+    proxied = pin("viaproxy", url, p.sha256)
+    server.files[f"http://wheels.invalid/{p.filename}".lstrip("/")] = b"proxied"
+    assert fetch([proxied], tmp_path, progress=False)["viaproxy"].read_bytes() == b"proxied"

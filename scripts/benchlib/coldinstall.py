@@ -155,9 +155,19 @@ def render(rows: list[dict[str, object]]) -> str:
     return "\n".join(out)
 
 
+def compile_sources() -> None:
+    """Bytecode for cowfs's own modules, as an installed cowfs has: from a checkout run with
+    PYTHONDONTWRITEBYTECODE, every command would compile ~30 modules first (~70 ms)."""
+    import compileall
+
+    for package in ("cowfs", "installer"):
+        compileall.compile_dir(ROOT / package, quiet=1)
+
+
 def run(wheels: Path, workload: Path, python: str, uv: str, reps: int,
         remote: bool = True) -> list[dict[str, object]]:
     """The local-index row, and (remote) the flask set from the configured index."""
+    compile_sources()
     parent = Path(tempfile.mkdtemp(prefix="cowfs-cold-"))
     server = None
     rows = []
