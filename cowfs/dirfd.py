@@ -151,6 +151,14 @@ def clear() -> None:
             _retire(_cache.popitem()[1])
 
 
+def close_retired() -> None:
+    """Close the retired handles now, not after RETIRED_MAX more: only where no operation
+    can still be using one (a test about to unmount the filesystem they are on)."""
+    while _retired:
+        with contextlib.suppress(IndexError):
+            os.close(_retired.popleft())
+
+
 def _forget(root: int, key: bytes) -> None:
     if not _cache:
         return

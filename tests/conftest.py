@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import gc
 import hashlib
 import os
 import pwd
@@ -28,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from cowfs import control
+from cowfs import control, dirfd
 from cowfs import mount as mounting
 from cowfs.inode import Node
 from cowfs.overlay import Overlay
@@ -383,6 +384,11 @@ def device_dir(tmp_path: Path) -> Iterator[Path]:
         assert _takes_device_whiteouts(mnt)
         yield mnt
     finally:
+        # In-process overlays hold their layer roots open, and a dropped one's handles are
+        # closed late (cowfs.dirfd): all of them, now, or the tmpfs is busy.
+        gc.collect()
+        dirfd.clear()
+        dirfd.close_retired()
         subprocess.run(["umount", str(mnt)], check=True)
 
 
