@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import os
 import threading
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 
@@ -51,6 +52,7 @@ _lock = threading.Lock()
 _cache: OrderedDict[tuple[int, bytes], int] = OrderedDict()  # (root id, dir path) -> fd
 _retired: deque[int] = deque()
 _ids = itertools.count(_ABSOLUTE + 1)
+_live: weakref.WeakSet[Root] = weakref.WeakSet()  # (for release_under)
 
 
 def _is_short(path: str) -> bool:
@@ -62,15 +64,17 @@ class Root:
     """A layer's root directory, held open as long as this object (roots of layers that are
     replaced, a reloaded lower say, are retired with the object)."""
 
-    __slots__ = ("_id", "fd", "path")
+    __slots__ = ("__weakref__", "_id", "fd", "path")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.path.abspath(path)  # for messages, and whoever must name it to others
         self.fd = os.open(self.path, _DIR)
         self._id = next(_ids)
+        _live.add(self)
 
     def __del__(self) -> None:
-        _retire(self.fd)
+        if self.fd >= 0:
+            _retire(self.fd)
 
     def at(self, rel: str) -> At:
         """The entry at rel ("" is the root itself) for an *at syscall. Never fails itself:
@@ -151,9 +155,16 @@ def clear() -> None:
             _retire(_cache.popitem()[1])
 
 
-def close_retired() -> None:
-    """Close the retired handles now, not after RETIRED_MAX more: only where no operation
-    can still be using one (a test about to unmount the filesystem they are on)."""
+def release_under(path: str | os.PathLike[str]) -> None:
+    """Close now every held root at or below path, every cached handle and every retired
+    one: only where nothing can still be using them (a test about to unmount the filesystem
+    they are on, while pytest still holds its in-process overlays)."""
+    prefix = os.path.join(os.path.abspath(path), "")
+    for root in list(_live):
+        if root.fd >= 0 and os.path.join(root.path, "").startswith(prefix):
+            fd, root.fd = root.fd, -1
+            os.close(fd)
+    clear()
     while _retired:
         with contextlib.suppress(IndexError):
             os.close(_retired.popleft())

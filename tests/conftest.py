@@ -9,7 +9,6 @@ import contextlib
 import ctypes
 import errno
 import functools
-import gc
 import hashlib
 import os
 import pwd
@@ -384,11 +383,10 @@ def device_dir(tmp_path: Path) -> Iterator[Path]:
         assert _takes_device_whiteouts(mnt)
         yield mnt
     finally:
-        # In-process overlays hold their layer roots open, and a dropped one's handles are
-        # closed late (cowfs.dirfd): all of them, now, or the tmpfs is busy.
-        gc.collect()
-        dirfd.clear()
-        dirfd.close_retired()
+        # In-process overlays (pytest keeps a test's fixture values until every teardown
+        # ran) hold their layer roots open, and dropped handles are closed late: now, or
+        # the tmpfs is busy.
+        dirfd.release_under(mnt)
         subprocess.run(["umount", str(mnt)], check=True)
 
 

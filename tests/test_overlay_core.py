@@ -26,6 +26,7 @@ import pytest
 from conftest import fingerprint, merged, node_at, populate, read, real_tree
 
 from cowfs import copy_up, namespace
+from cowfs import meta as meta_module
 from cowfs import upper as upper_module
 from cowfs.inode import Node
 from cowfs.lower import DirLower, ManifestLower
@@ -480,7 +481,7 @@ def as_unprivileged_daemon(build: Callable[[Path], None],
             try:
                 os.setgid(NOBODY)
                 os.setuid(NOBODY)
-                for module in (copy_up, namespace, upper_module):  # decided at import
+                for module in (copy_up, namespace, upper_module, meta_module):  # at import
                     module.IS_ROOT = False  # type: ignore[attr-defined]
                 act(Overlay(DirLower([base / "lower"]),
                             Upper(str(base / "upper"), str(base / "work"))))
