@@ -23,6 +23,7 @@
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,8 +35,9 @@
 #define RING 16
 #define FUSE_IOCTL_OPCODE 39
 #define IOCTL_DIR_FLAG (1U << 4) /* FUSE_IOCTL_DIR: libfuse decides those by its capabilities */
-/* libfuse 3.14's receive buffer: FUSE_MAX_MAX_PAGES pages of data plus a page of headers. */
-#define BUFSIZE ((size_t)256 * 4096 + 4096)
+/* libfuse 3.14's receive buffer (what it negotiates max_write from): FUSE_MAX_MAX_PAGES pages
+ * of data plus a page of headers. */
+#define BUFSIZE ((size_t)(256 + 1) * (size_t)sysconf(_SC_PAGESIZE))
 
 struct in_header { /* fuse_in_header */
     uint32_t len, opcode;
@@ -163,7 +165,14 @@ int fuse_session_fd(struct fuse_session *se)
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    if (dev_fd < 0 || event_fd < 0 || pthread_create(&thread, &attr, reader_main, NULL) != 0) {
+    /* Signals stay with Python's main thread: the reader starts with all of them blocked. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int failed = dev_fd < 0 || event_fd < 0 ||
+                 pthread_create(&thread, &attr, reader_main, NULL) != 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (failed) {
         if (dev_fd >= 0)
             close(dev_fd);
         if (event_fd >= 0)
