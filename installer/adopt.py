@@ -28,6 +28,7 @@ from pathlib import Path
 
 from cowfs import mount as mounting
 from cowfs import roots
+from cowfs.dirfd import proc
 from cowfs.errors import CowfsError
 from cowfs.manifest import (
     Manifest,
@@ -155,7 +156,7 @@ def _build(venv: Path, site: Path, store: Store, staging: Path, info: Interprete
             copier.copy(path)
             result.private += 1
         for d in empty_dirs:
-            os.close(tree.open_dir(copier.dst_root, d, create=True))
+            os.close(tree.descend(copier.dst_root, d, create=True))
         copier.copy_dir_stats()
     result.shared = len(sorter.shared())
     for m in sorter.manifests():
@@ -199,9 +200,9 @@ class _Copier:
     def _dirs(self, parent: str) -> tuple[int, int]:
         if self._parent is None or self._parent[0] != parent:
             self._drop()
-            src = tree.open_dir(self.src_root, parent)
+            src = tree.descend(self.src_root, parent)
             try:
-                dst = tree.open_dir(self.dst_root, parent, create=True)
+                dst = tree.descend(self.dst_root, parent, create=True)
             except BaseException:
                 os.close(src)
                 raise
@@ -222,7 +223,7 @@ class _Copier:
                 shutil.copyfileobj(fi, fo, CHUNK)
                 fo.flush()
                 os.fsync(fo.fileno())
-            shutil.copystat(tree.proc(src, name), tree.proc(dst, name))
+            shutil.copystat(proc((src, name)), proc((dst, name)))
         else:
             return  # sockets, fifos, devices: nothing a package ships
         if os.geteuid() == 0:
@@ -231,12 +232,12 @@ class _Copier:
     def copy_dir_stats(self) -> None:
         """Upper directories get the mode and times of the originals (children first)."""
         self._drop()
-        for rel, _, _, fd in tree.walk(tree.proc(self.dst_root), topdown=False):
+        for rel, _, _, fd in tree.walk(proc((self.dst_root, ".")), topdown=False):
             if rel:
-                src = tree.open_dir(self.src_root, rel)
+                src = tree.descend(self.src_root, rel)
                 try:
                     with contextlib.suppress(OSError):
-                        shutil.copystat(tree.proc(src), tree.proc(fd))
+                        shutil.copystat(proc((src, ".")), proc((fd, ".")))
                 finally:
                     os.close(src)
 

@@ -34,13 +34,7 @@ def walk(root: str | os.PathLike[str], topdown: bool = True
         yield ("" if rel == "." else rel), dirnames, names, fd
 
 
-def proc(fd: int, name: str = "") -> str:
-    """A path naming the entry through a handle, for calls that take no dir_fd (xattrs,
-    shutil.copystat): the kernel resolves /proc/self/fd/N to the directory itself."""
-    return f"/proc/self/fd/{fd}/{name}" if name else f"/proc/self/fd/{fd}"
-
-
-def open_dir(root_fd: int, rel: str, create: bool = False, mode: int = 0o755) -> int:
+def descend(root_fd: int, rel: str, create: bool = False, mode: int = 0o755) -> int:
     """An O_PATH handle of root/rel, one component at a time (any depth); with create, the
     missing directories are made on the way (as `mkdir -p`). The caller closes it."""
     fd = os.dup(root_fd)
