@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cowfs import control, roots
+from cowfs import control, dirfd, roots
 from cowfs import mount as mounting
 from cowfs.dirfd import short
 from cowfs.errors import CowfsError
@@ -158,7 +158,7 @@ def _missing(site: Path, info_dir: str) -> bool:
 
 def _in_view(site: Path, path: str) -> bool:
     """lexists at any depth (os.path.lexists says False past PATH_MAX)."""
-    return os.path.lexists(short(f"{site}/{path}"))
+    return dirfd.lexists((dirfd.AT_FDCWD, short(f"{site}/{path}")))
 
 
 def _still_there(store: Store, dist: str, site: Path, others: set[str]) -> bool:
