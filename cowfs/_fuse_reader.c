@@ -22,11 +22,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -39,22 +41,11 @@
  * of data plus a page of headers. */
 #define BUFSIZE ((size_t)(256 + 1) * (size_t)sysconf(_SC_PAGESIZE))
 
-struct in_header { /* fuse_in_header */
-    uint32_t len, opcode;
-    uint64_t unique, nodeid;
-    uint32_t uid, gid, pid;
-    uint16_t total_extlen, padding;
-};
 struct ioctl_in { /* fuse_ioctl_in */
     uint64_t fh;
     uint32_t flags, cmd;
     uint64_t arg;
     uint32_t in_size, out_size;
-};
-struct reply_header { /* fuse_out_header */
-    uint32_t len;
-    int32_t error;
-    uint64_t unique;
 };
 
 static int wanted, started; /* one reader per process: the daemon has one session */
@@ -87,17 +78,45 @@ int cowfs_real_session_fd(struct fuse_session *se)
 /* Answered here: an ioctl on a file (what isatty() sends), with libfuse's answer. */
 static int answer_here(const void *mem, ssize_t n)
 {
-    const struct in_header *in = mem;
+    const struct cowfs_in_header *in = mem;
     if ((size_t)n < sizeof *in + sizeof(struct ioctl_in) || in->opcode != FUSE_IOCTL_OPCODE)
         return 0;
     const struct ioctl_in *arg = (const struct ioctl_in *)(in + 1);
     if (arg->flags & IOCTL_DIR_FLAG)
         return 0;
-    struct reply_header out = {sizeof out, -ENOSYS, in->unique};
+    struct cowfs_out_header out = {sizeof out, -ENOSYS, in->unique};
     if (write(dev_fd, &out, sizeof out) < 0 && errno != ENOENT)
         return 0; /* (ENOENT: the caller was interrupted meanwhile) let libfuse try */
     __atomic_add_fetch(&answered, 1, __ATOMIC_RELAXED);
     return 1;
+}
+
+/* After a request answered here, poll /dev/fuse for a while before sleeping in read(): waking
+ * a sleeping thread costs tens of microseconds on VMs that halt idle vCPUs (more than the C
+ * answer itself), and an import or a tree walk sends the next request within microseconds.
+ * Up to spin_max_ns per request (COWFS_READER_SPIN_US, 0: off); after POLL_MISSES polls in a
+ * row that waited in vain, none until requests come close together again. */
+#define POLL_MISSES 8
+static long spin_max_ns;
+
+static long elapsed_ns(const struct timespec *t0)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (t.tv_sec - t0->tv_sec) * 1000000000L + (t.tv_nsec - t0->tv_nsec);
+}
+
+/* 1 when a request came within ns. */
+static int poll_busy(long ns)
+{
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    struct pollfd p = {dev_fd, POLLIN, 0};
+    do {
+        if (poll(&p, 1, 0) != 0)
+            return 1;
+    } while (elapsed_ns(&t0) < ns);
+    return 0;
 }
 
 static void end_reading(int err)
@@ -113,20 +132,38 @@ static void end_reading(int err)
 static void *reader_main(void *unused)
 {
     (void)unused;
+    const char *env = getenv("COWFS_READER_SPIN_US");
+    spin_max_ns = (env != NULL ? atol(env) : 50) * 1000L;
+    int misses = 0; /* polls in a row that waited in vain */
     void *mem = malloc(BUFSIZE);
     if (mem == NULL) {
         end_reading(ENOMEM);
         return NULL;
     }
+    int spin = 0; /* the last request was answered here: the next one may come right away */
     for (;;) {
+        int slept = 0;
+        struct timespec t0;
+        if (spin && spin_max_ns > 0) {
+            if (misses < POLL_MISSES && poll_busy(spin_max_ns)) {
+                misses = 0;
+            } else {
+                misses += misses < POLL_MISSES;
+                slept = 1;
+                clock_gettime(CLOCK_MONOTONIC, &t0);
+            }
+        }
         ssize_t n = read(dev_fd, mem, BUFSIZE);
+        if (slept && misses == POLL_MISSES && n > 0 && elapsed_ns(&t0) < 2 * spin_max_ns)
+            misses = 0; /* requests come close together again */
         if (n < 0) {
             if (errno == EINTR || errno == EAGAIN || errno == ENOENT)
                 continue; /* ENOENT: a request interrupted before it was read */
             end_reading(errno);
             break;
         }
-        if (answer_here(mem, n))
+        spin = answer_here(mem, n) || cowfs_fast_answer(dev_fd, mem, (size_t)n);
+        if (spin)
             continue;
         pthread_mutex_lock(&mu);
         while (count == RING)

@@ -2,6 +2,10 @@
 #ifndef COWFS_FUSE_READER_H
 #define COWFS_FUSE_READER_H
 
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+
 struct fuse_session;
 
 /* libfuse's own fuse_session_fd(): the /dev/fuse fd (the interposed one may return the
@@ -11,5 +15,36 @@ int cowfs_real_session_fd(struct fuse_session *se);
 void cowfs_reader_want(int on);
 int cowfs_reader_running(void);
 unsigned long cowfs_reader_answered(void);
+
+/* The kernel's request and reply headers (fuse_in_header, fuse_out_header). */
+struct cowfs_in_header {
+    uint32_t len, opcode;
+    uint64_t unique, nodeid;
+    uint32_t uid, gid, pid;
+    uint16_t total_extlen, padding;
+};
+struct cowfs_out_header {
+    uint32_t len;
+    int32_t error;
+    uint64_t unique;
+};
+
+/* Passthrough (include/uapi/linux/fuse.h 7.40; libfuse 3.14 knows 7.36). */
+#define FOPEN_PASSTHROUGH_FLAG (1U << 7)
+#define BACKING_CLOSE _IOW(229, 2, uint32_t)
+
+/* Passthrough opens of published store objects (_fuse_fastopen.c). */
+#define COWFS_FAST_NONE (-1)     /* cowfs_fast_stop: no entry */
+#define COWFS_FAST_BUSY (-2)     /* ... opens use it: not stopped */
+#define COWFS_FAST_DRAINING (-3) /* ... stopped; its last release closes the backing id */
+/* 1 when the reader answered the request (OPEN, RELEASE, GETATTR of a published node). */
+int cowfs_fast_answer(int dev_fd, const void *mem, size_t n);
+#define COWFS_ATTR_OUT_SIZE 104 /* fuse_attr_out */
+int cowfs_fast_publish(uint64_t nodeid, int32_t backing_id, uint32_t pid,
+                       const unsigned char attr_out[COWFS_ATTR_OUT_SIZE]);
+int32_t cowfs_fast_hold(uint64_t nodeid, uint32_t pid);
+int64_t cowfs_fast_stop(uint64_t nodeid, int force, uint32_t pid);
+void cowfs_fast_totals(unsigned long *n_entries, unsigned long *n_opens,
+                       unsigned long *answered, unsigned long *attrs);
 
 #endif

@@ -62,7 +62,6 @@ typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
 #define FUSE_WRITEBACK_CACHE_FLAG (1U << 16)
 #define FUSE_INIT_EXT_FLAG (1U << 30)
 #define FOPEN_DIRECT_IO_FLAG (1U << 0)
-#define FOPEN_PASSTHROUGH_FLAG (1U << 7)
 /* Backing files may sit on a filesystem of stack depth 0 (ext4, xfs, tmpfs...), not on an
  * overlay: that keeps this mount stackable under an overlay itself. */
 #define MAX_STACK_DEPTH 1
@@ -73,7 +72,6 @@ struct backing_map {
     uint64_t padding;
 };
 #define BACKING_OPEN _IOW(229, 1, struct backing_map)
-#define BACKING_CLOSE _IOW(229, 2, uint32_t)
 
 /* A handle the daemon marks for a passthrough reply: PT_FLAG | [PT_DIRECT] | id << 32 | fh */
 #define PT_FLAG (1ULL << 62)
@@ -86,12 +84,6 @@ struct init_out { /* fuse_init_out, 64 bytes since 7.23 */
     uint16_t max_pages, map_alignment;
     uint32_t flags2, max_stack_depth;
     uint32_t unused[6];
-};
-
-struct out_header {
-    uint32_t len;
-    int32_t error;
-    uint64_t unique;
 };
 
 static struct fuse_session *session;
@@ -193,7 +185,7 @@ static void init_with_passthrough(struct fuse_session *se, const struct fuse_buf
     close(sp[1]);
     if (n <= 0)
         return; /* libfuse sent nothing: the kernel waits for nothing either */
-    struct out_header *oh = (struct out_header *)reply;
+    struct cowfs_out_header *oh = (struct cowfs_out_header *)reply;
     struct init_out *out = (struct init_out *)(reply + sizeof *oh);
     if (oh->error == 0 && (size_t)n >= sizeof *oh + sizeof *out &&
         (out->flags & FUSE_INIT_EXT_FLAG) && !(out->flags & FUSE_WRITEBACK_CACHE_FLAG)) {
@@ -334,6 +326,55 @@ static PyObject *reader_state(PyObject *self, PyObject *unused)
     return Py_BuildValue("(ik)", cowfs_reader_running(), cowfs_reader_answered());
 }
 
+static PyObject *fast_publish(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long ino;
+    int id;
+    unsigned int pid;
+    const char *attr;
+    Py_ssize_t attr_len;
+    if (!PyArg_ParseTuple(args, "KiIy#", &ino, &id, &pid, &attr, &attr_len))
+        return NULL;
+    if (attr_len != COWFS_ATTR_OUT_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "fuse_attr_out is 104 bytes");
+        return NULL;
+    }
+    if (cowfs_fast_publish(ino, id, pid, (const unsigned char *)attr) != 0)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *fast_hold(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long ino;
+    unsigned int pid;
+    if (!PyArg_ParseTuple(args, "KI", &ino, &pid))
+        return NULL;
+    return PyLong_FromLong(cowfs_fast_hold(ino, pid));
+}
+
+static PyObject *fast_stop(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long ino;
+    int force;
+    unsigned int pid;
+    if (!PyArg_ParseTuple(args, "KpI", &ino, &force, &pid))
+        return NULL;
+    return PyLong_FromLongLong(cowfs_fast_stop(ino, force, pid));
+}
+
+static PyObject *fast_totals(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    unsigned long entries, opens, answered, attrs;
+    cowfs_fast_totals(&entries, &opens, &answered, &attrs);
+    return Py_BuildValue("(kkkk)", entries, opens, answered, attrs);
+}
+
 static PyMethodDef methods[] = {
     {"active", active, METH_NOARGS,
      "True when the live session's handlers receive inode numbers for zero handles."},
@@ -346,6 +387,13 @@ static PyMethodDef methods[] = {
     {"want_reader", want_reader, METH_O,
      "Read /dev/fuse in a C thread that answers ioctls (see _fuse_reader.c)."},
     {"reader_state", reader_state, METH_NOARGS, "(running, ioctls answered by the reader)"},
+    {"fast_publish", fast_publish, METH_VARARGS,
+     "(ino, backing id, pid, fuse_attr_out): the reader answers read-only opens (one counted) "
+     "and GETATTR of ino."},
+    {"fast_hold", fast_hold, METH_VARARGS, "(ino, pid): count one more open; its backing id or -1."},
+    {"fast_stop", fast_stop, METH_VARARGS,
+     "(ino, force, pid): its backing id when idle (removed), else -1 none, -2 busy, -3 draining."},
+    {"fast_totals", fast_totals, METH_NOARGS, "(entries, counted opens, opens answered, GETATTRs answered)"},
     {NULL, NULL, 0, NULL},
 };
 

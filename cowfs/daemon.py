@@ -126,6 +126,7 @@ class Daemon:
                 if n.lower is not None and n.lower.source is not None
                 and "".join(n.lower.source.rsplit("/", 2)[-2:]) in wanted])
             self.ops.forget_caches()
+            self.ops.pt.drop_unused()  # (passthrough opens must not reach the old file)
             await self.invalidate(inv)
             return {"ok": True, "invalidated": len(inv.inodes)}
         if op == "unmount":

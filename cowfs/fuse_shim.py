@@ -80,3 +80,41 @@ def reader_state() -> tuple[bool, int]:
         return False, 0
     running, answered = _shim.reader_state()
     return bool(running), int(answered)
+
+
+# Passthrough opens the reader thread answers (cowfs/_fuse_fastopen.c); only while it runs.
+FAST_NONE, FAST_BUSY, FAST_DRAINING = -1, -2, -3  # fast_stop's answers besides a backing id
+
+
+def fast_available() -> bool:
+    return reader_state()[0] and os.environ.get("COWFS_FAST_OPENS", "1") != "0"
+
+
+def fast_publish(ino: int, backing_id: int, pid: int, attr_out: bytes) -> None:
+    """The reader answers read-only opens of ino with backing_id from now on (the open being
+    answered counts as the first), and its GETATTR with attr_out (a fuse_attr_out)."""
+    assert _shim is not None
+    _shim.fast_publish(ino, backing_id, pid, attr_out)
+
+
+def fast_hold(ino: int, pid: int) -> int:
+    """Count one more open of ino's entry: its backing id, or -1 when there is none."""
+    assert _shim is not None
+    return int(_shim.fast_hold(ino, pid))
+
+
+def fast_stop(ino: int, force: bool, pid: int = 0) -> int:
+    """Stop answering opens of ino: its backing id when no open used it (the entry is gone,
+    the id is the caller's), FAST_NONE, FAST_BUSY (opens use it; not stopped unless force,
+    or the one open is pid's), or FAST_DRAINING (stopped; the reader closes the id at the
+    last release)."""
+    assert _shim is not None
+    return int(_shim.fast_stop(ino, force, pid))
+
+
+def fast_totals() -> tuple[int, int, int, int]:
+    """(published entries, opens they count, opens and GETATTRs the reader answered)."""
+    if _shim is None:
+        return 0, 0, 0, 0
+    entries, opens, answered, attrs = _shim.fast_totals()
+    return int(entries), int(opens), int(answered), int(attrs)

@@ -31,7 +31,7 @@ from cowfs import fuse_shim, namespace
 from cowfs.dirfd import lexists
 from cowfs.inode import Node
 from cowfs.overlay import Attr, Overlay
-from cowfs.passthrough import Passthrough, daemon_fh
+from cowfs.passthrough import Passthrough, attr_reply, daemon_fh
 from cowfs.store import syncfs
 
 if TYPE_CHECKING:
@@ -96,6 +96,7 @@ class CowfsOperations(pyfuse3.Operations):
         self.by_inode = False  # the shim is in place (known once the session is live)
         self.pt = Passthrough()  # FUSE passthrough, when the kernel takes it (first OPEN)
         self.pt.ask()
+        overlay.before_copy_up = lambda node: self.pt.changed(node.ino)
         # Requests served, for `status`: listings (READDIRPLUS at offset 0), OPEN, READ.
         self.served = {"listings": 0, "opens": 0, "reads": 0}
         self.teardown: VenvTeardown | None = None  # set by the daemon for a venv mount
@@ -186,6 +187,14 @@ class CowfsOperations(pyfuse3.Operations):
         e.attr_timeout = timeout
         return e
 
+    def attr_reply(self, node: Node) -> bytes:
+        """The node's GETATTR answer as the kernel receives it (for the C reader)."""
+        e = self.entry(node)
+        return attr_reply(node.ino, e.attr_timeout, size=e.st_size, blocks=e.st_blocks,
+                          atime_ns=e.st_atime_ns, mtime_ns=e.st_mtime_ns,
+                          ctime_ns=e.st_ctime_ns, mode=e.st_mode, nlink=e.st_nlink,
+                          uid=e.st_uid, gid=e.st_gid, rdev=e.st_rdev, blksize=e.st_blksize)
+
     def _looked_up(self, node: Node) -> pyfuse3.EntryAttributes:
         e = self.entry(node)
         node.nlookup += 1
@@ -244,8 +253,10 @@ class CowfsOperations(pyfuse3.Operations):
         for ino, count in inode_list:
             node = self.ov.table.by_ino.get(ino)
             if node is not None:
-                if node.nlookup <= count and node.implicit is not None:
-                    self.ov.release(node.implicit)  # no kernel open can outlive its inode
+                if node.nlookup <= count:
+                    self.pt.changed(ino)  # (inode numbers are not reused; its entry is idle)
+                    if node.implicit is not None:
+                        self.ov.release(node.implicit)  # no kernel open outlives its inode
                 self.ov.table.forget(node, count)
 
     @fuse_errors
@@ -268,8 +279,7 @@ class CowfsOperations(pyfuse3.Operations):
         node = self.node(inode)
         self.last_change = time.monotonic()
         size = attr.st_size if fields.update_size else None
-        if size is not None and self.pt.live_on_lower(node.ino) \
-                and not self.pt.only_opener(node.ino, ctx.pid):  # O_RDONLY|O_TRUNC
+        if size is not None and self.pt.writer_refused(node.ino, ctx.pid):
             raise pyfuse3.FUSEError(errno.ETXTBSY)  # see cowfs.passthrough
         # (A detached lower file may still be open: the kernel did not tell us, see open.)
         if node.parent is not None or (self.by_inode and node.children is None):
@@ -413,8 +423,11 @@ class CowfsOperations(pyfuse3.Operations):
         if await self.venv_deleted():
             return  # a view being thrown away: nothing to record
         parent = self.node(parent_inode)
-        await self.settle(parent, (parent.children or {}).get(_name(name)))
+        victim = (parent.children or {}).get(_name(name))
+        await self.settle(parent, victim)
         namespace.unlink(self.ov, parent, _name(name))
+        if victim is not None:
+            self.pt.changed(victim.ino)  # its link count is no longer the C reader's
         self._noticed(parent, _name(name))  # a RECORD deleted: another tool uninstalled
 
     @fuse_errors
@@ -431,8 +444,11 @@ class CowfsOperations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         await self.settle()
         new_parent = self.node(parent_inode_new)
+        victim = (new_parent.children or {}).get(_name(name_new))
         namespace.rename(self.ov, self.node(parent_inode_old), _name(name_old),
                          new_parent, _name(name_new), flags)
+        if victim is not None:
+            self.pt.changed(victim.ino)
         self._noticed(new_parent, _name(name_new))
 
     # -- files --------------------------------------------------------------------------
@@ -451,7 +467,7 @@ class CowfsOperations(pyfuse3.Operations):
             # the first read or write of an inode opens it here, a write copies it up.
             raise pyfuse3.FUSEError(errno.ENOSYS)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
-        if pt and writable and self.pt.live_on_lower(node.ino):
+        if pt and writable and self.pt.writer_refused(node.ino):
             raise pyfuse3.FUSEError(errno.ETXTBSY)  # before any copy-up: cowfs.passthrough
         # With the shim, O_TRUNC comes as a SETATTR after the OPEN: copy up at the first
         # write or truncation (cowfs.overlay.Overlay.open), not the data at the open.
@@ -465,7 +481,8 @@ class CowfsOperations(pyfuse3.Operations):
         reply = None
         try:
             if self.pt.enabled or self.pt.decide(h.fd):
-                reply = self.pt.reply(fh, h.fd, node.ino, writable, h.on_lower, ctx.pid)
+                reply = self.pt.reply(fh, h.fd, node.ino, writable, h.on_lower, ctx.pid,
+                                      lambda: self.attr_reply(node))
         except OSError:
             self.ov.release(fh)
             raise
@@ -476,6 +493,8 @@ class CowfsOperations(pyfuse3.Operations):
                 self.ov.release(fh)
                 raise pyfuse3.FUSEError(errno.ENOSYS)
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        if not daemon_fh(reply):  # the C reader counts this open: the kernel reads alone
+            self.ov.release(fh)
         # A cached open drops the inode's pages: writes of passthrough times bypassed them.
         return pyfuse3.FileInfo(fh=reply, keep_cache=False)
 

@@ -15,6 +15,7 @@ import errno
 import os
 import stat
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from cowfs import copy_up
@@ -88,6 +89,9 @@ class Overlay:
         # the kernel knows it is pinned open until the kernel forgets the inode.
         self.pin_unlinked = False
         self._implicit_lru: OrderedDict[int, Node] = OrderedDict()
+        # Told before a node stops being its lower file (passthrough opens served by the
+        # kernel from that file must not be handed out any more: cowfs.passthrough).
+        self.before_copy_up: Callable[[Node], None] = lambda node: None
 
     # -- names --------------------------------------------------------------------------
 
@@ -308,6 +312,7 @@ class Overlay:
                 or not stat.S_ISREG(node.lower.mode):
             raise oserror(errno.ENOENT)
         tmp = copy_up.prepare_file(self.upper, node.lower, with_data=with_data)
+        self.before_copy_up(node)
         try:
             node.upper, node.lower = True, None
             self._redirect_handles(node, tmp)
@@ -328,6 +333,7 @@ class Overlay:
         return copy_up.prepare_other(self.upper, meta, target)
 
     def copy_up_commit(self, node: Node, tmp: At) -> None:
+        self.before_copy_up(node)
         copy_up.publish(self.upper, tmp, self.path(node))
         node.upper = True
         if node.children is None:

@@ -26,6 +26,13 @@ Backing ids are registered per backing inode (st_dev, st_ino); those of store ob
 files) are kept in a bounded LRU while no open uses them, dropped at a reload; the kernel holds
 the backing file itself, the daemon no fd for it. Those of upper files are closed with their
 last open (the file may be deleted next: its space must come back).
+
+Fast opens: once the daemon answered a read-only OPEN of a lower file, it publishes the node
+to the C reader thread (cowfs/_fuse_fastopen.c), which answers that node's next read-only
+opens and their releases itself and counts them. The rules above still hold: a writer or a
+truncation stops the entry first (refused while counted opens remain), and a node that changes
+(copy-up, reload, forget) stops its entry for good; its counted opens drain there, and opens
+that arrive meanwhile join them with FOPEN_DIRECT_IO, as with live opens above.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cowfs import fuse_shim, mount_errors
@@ -42,10 +51,15 @@ log = logging.getLogger("cowfs.passthrough")
 
 PT_FLAG = 1 << 62  # the handle asks the shim for a passthrough reply (see _fuse_shim.c)
 PT_DIRECT = 1 << 61  # ... with FOPEN_DIRECT_IO: reads and writes still come to the daemon
-FH_MASK = (1 << 32) - 1  # the daemon's own handle number
+FAST_FH = 1 << 31  # the reader counts this open (_fuse_fastopen.c)
+FH_MASK = FAST_FH - 1  # the daemon's own handle number (0: none)
 ID_SHIFT = 32  # where the backing id sits in a handle (_fuse_shim.c masks it)
 # Registered backing files kept while unused (kernel files, not daemon fds).
 BACKING_IDS_MAX = int(os.environ.get("COWFS_BACKING_IDS", "1024"))
+# Nodes whose opens the reader answers (each holds a backing id): a warm import of a big
+# workload opens a few thousand files, reading all of it 13k; the kernel forgetting an inode
+# drops its entry too.
+PUBLISHED_MAX = int(os.environ.get("COWFS_FAST_OPENS_MAX", "65536"))
 
 
 def wanted() -> str:
@@ -86,15 +100,20 @@ class Passthrough:
         self._cached: dict[int, int] = {}  # node ino -> live cached opens
         self.failures = 0  # backing files the kernel refused (opens served cached instead)
         self.lower_ok = False  # a store object (lower file) was taken as a backing file
+        self.fast: bool | None = None  # the reader answers opens (known at the first open)
+        self._published: OrderedDict[int, tuple[int, int]] = OrderedDict()  # ino -> key
+        self._draining: set[int] = set()  # inos whose stopped entry may still count opens
 
     def ask(self) -> None:
         if self.enabled is None:
             fuse_shim.want_passthrough()
 
     def status(self) -> dict[str, object]:
-        return {"backing_ids": len(self._ids) + len(self._live),
-                "passthrough_opens": sum(v.count for v in self._live.values()),
-                "backing_refused": self.failures}
+        entries, opens, answered, attrs = fuse_shim.fast_totals()
+        return {"backing_ids": len(self._ids) + len(self._live) + entries,
+                "passthrough_opens": sum(v.count for v in self._live.values()) + opens,
+                "backing_refused": self.failures, "fast_opens": bool(self.fast),
+                "opens_in_c": answered, "getattrs_in_c": attrs}
 
     def decide(self, fd: int) -> bool:
         """At the first open: did the kernel take passthrough? Registers fd on success."""
@@ -112,23 +131,63 @@ class Passthrough:
         self.enabled = True
         return True
 
-    def live_on_lower(self, ino: int) -> bool:
+    def writer_refused(self, ino: int, pid: int = 0) -> bool:
+        """Must a writer (or truncation) of the node get ETXTBSY: is its store object open by
+        passthrough? An idle published entry is stopped first. pid: the process truncating;
+        the kernel sends the truncation of its own O_RDONLY|O_TRUNC open as a SETATTR without
+        its handle, so that one open of the node does not stand in the way."""
+        if ino in self._published or ino in self._draining:
+            answer = fuse_shim.fast_stop(ino, False, pid)
+            if answer == fuse_shim.FAST_BUSY:
+                return True
+            self._stopped(ino, answer)
         live = self._live.get(ino)
-        return live is not None and live.on_lower
+        return live is not None and live.on_lower and not (
+            pid and live.count == 1 and live.pid == pid)
 
-    def only_opener(self, ino: int, pid: int) -> bool:
-        """Is the node's one passthrough open pid's? (The kernel sends the truncation of an
-        O_RDONLY|O_TRUNC open as a SETATTR without its handle.)"""
-        live = self._live.get(ino)
-        return live is not None and live.count == 1 and live.pid == pid
+    def changed(self, ino: int) -> None:
+        """The node no longer is the store object its published entry serves (copy-up,
+        reload, forget): the reader must not answer its opens any more."""
+        if ino in self._published or ino in self._draining:
+            self._stopped(ino, fuse_shim.fast_stop(ino, True))
+
+    def _stopped(self, ino: int, answer: int) -> None:
+        key = self._published.pop(ino, None)
+        if answer == fuse_shim.FAST_DRAINING:
+            self._draining.add(ino)
+            return
+        self._draining.discard(ino)
+        if answer >= 0 and key is not None:
+            self._keep(key, answer)
+
+    def _keep(self, key: tuple[int, int], backing_id: int) -> None:
+        """An unused backing id of a store object, for the next open of it."""
+        if key in self._ids:  # (two nodes of one store object registered it twice)
+            self._close(backing_id)
+            return
+        self._ids[key] = backing_id
+        while len(self._ids) > BACKING_IDS_MAX:
+            self._close(self._ids.popitem(last=False)[1])
 
     def reply(self, fh: int, fd: int, ino: int, writable: bool, on_lower: bool,
-              pid: int = 0) -> int | None:
+              pid: int = 0, attr_out: Callable[[], bytes] | None = None) -> int | None:
         """The handle to answer an OPEN with (see the module docstring); raises ETXTBSY.
-        None: the kernel refuses the lower layer's files, passthrough is off from now on."""
-        live = self._live.get(ino)
-        if writable and live is not None and live.on_lower:  # (began while the open awaited)
+        None: the kernel refuses the lower layer's files, passthrough is off from now on.
+        A handle without daemon part (daemon_fh 0) needs no daemon handle: the caller
+        releases its own. attr_out: the node's GETATTR answer (attr_reply), for the reader."""
+        if writable and self.writer_refused(ino):  # (began while the open awaited)
             raise OSError(errno.ETXTBSY, os.strerror(errno.ETXTBSY))
+        if not writable and (ino in self._published or ino in self._draining):
+            # Not answered by the reader: it raced the publishing, or the node changed since
+            # (draining: the kernel keeps the entry's backing, the daemon serves the I/O).
+            backing_id = fuse_shim.fast_hold(ino, pid)
+            if backing_id >= 0:
+                if ino in self._published:
+                    return PT_FLAG | backing_id << ID_SHIFT | FAST_FH
+                return PT_FLAG | PT_DIRECT | backing_id << ID_SHIFT | FAST_FH | fh
+            self._published.pop(ino, None)
+            self._draining.discard(ino)
+        live = self._live.get(ino)
         if live is None and (writable or self._cached.get(ino)):
             return self._cached_open(fh, ino)
         key = _key(fd)
@@ -142,12 +201,27 @@ class Passthrough:
             if backing_id is None:
                 return self._cached_open(fh, ino)
             self.lower_ok |= on_lower
+            if on_lower and not writable and attr_out is not None and self._fast():
+                fuse_shim.fast_publish(ino, backing_id, pid, attr_out())
+                self._published[ino] = key
+                self._trim_published()
+                return PT_FLAG | backing_id << ID_SHIFT | FAST_FH
             live = self._live[ino] = Live(backing_id, key, on_lower)
         live.count += 1
         live.pid = pid
         self._opens[fh] = (ino, True)
         direct = writable or live.key != key
         return PT_FLAG | (PT_DIRECT if direct else 0) | live.backing_id << ID_SHIFT | fh
+
+    def _fast(self) -> bool:
+        if self.fast is None:
+            self.fast = fuse_shim.fast_available()
+        return self.fast
+
+    def _trim_published(self) -> None:
+        """Stop the oldest entries beyond PUBLISHED_MAX (those in use drain)."""
+        while len(self._published) > PUBLISHED_MAX:
+            self.changed(next(iter(self._published)))
 
     def _cached_open(self, fh: int, ino: int) -> int:
         self._cached[ino] = self._cached.get(ino, 0) + 1
@@ -193,13 +267,13 @@ class Passthrough:
         if not live.on_lower or live.key in self._ids:
             self._close(live.backing_id)
             return
-        self._ids[live.key] = live.backing_id
-        while len(self._ids) > BACKING_IDS_MAX:
-            self._close(self._ids.popitem(last=False)[1])
+        self._keep(live.key, live.backing_id)
 
     def drop_unused(self) -> None:
         """After a reload: files of the old layer need not stay open in the kernel (gc may
         delete them; their space comes back once nothing holds them)."""
+        for ino in [*self._published, *self._draining]:
+            self.changed(ino)
         while self._ids:
             self._close(self._ids.popitem()[1])
 
@@ -208,6 +282,21 @@ class Passthrough:
             fuse_shim.backing_close(backing_id)
         except OSError as exc:
             log.warning("closing backing id %d: %s", backing_id, exc)
+
+
+_ATTR_OUT = struct.Struct("<QII3Q3q10I")  # fuse_attr_out, as libfuse's fuse_reply_attr fills it
+
+
+def attr_reply(ino: int, timeout: float, *, size: int, blocks: int, atime_ns: int,
+               mtime_ns: int, ctime_ns: int, mode: int, nlink: int, uid: int, gid: int,
+               rdev: int, blksize: int) -> bytes:
+    """A GETATTR answer, byte for byte what the daemon's own answer would be."""
+    (a_s, a_ns), (m_s, m_ns), (c_s, c_ns) = (divmod(t, 10**9)
+                                             for t in (atime_ns, mtime_ns, ctime_ns))
+    valid_ns = int(timeout * 1e9)
+    return _ATTR_OUT.pack(valid_ns // 10**9, valid_ns % 10**9, 0, ino, size, blocks,
+                          a_s, m_s, c_s, a_ns, m_ns, c_ns, mode, nlink, uid, gid,
+                          rdev & 0xFFFFFFFF, blksize, 0)
 
 
 def _key(fd: int) -> tuple[int, int]:

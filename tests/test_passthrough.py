@@ -10,6 +10,7 @@ import ctypes
 import errno
 import mmap
 import os
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -105,13 +106,20 @@ def test_mounts_share_the_lower_files_pages(lower: Path, overlay_mount: Any,
         assert min(left) > 0.9, left  # each mount's own copy survives the lower's eviction
 
 
-def test_writer_of_a_store_object_open_by_passthrough(lower: Path, overlay_mount: Any) -> None:
+@pytest.mark.parametrize("answered_by", ["daemon", "reader"])
+def test_writer_of_a_store_object_open_by_passthrough(lower: Path, overlay_mount: Any,
+                                                      answered_by: str) -> None:
     """The one semantic change (README, "Kernel opens and passthrough"): while a lower file is
     open read-only by passthrough, opening it to write or truncating it is ETXTBSY; once it is
-    closed, the copy-up works and every later open reads the new data."""
+    closed, the copy-up works and every later open reads the new data. The read-only open is
+    the node's first (answered by the daemon) or a later one (by the C reader)."""
     m = overlay_mount(lower)
     path = m.mnt / "pkg" / "mod.py"
+    if answered_by == "reader":
+        path.read_bytes()
+    in_c = status(m.spec)["opens_in_c"]
     ro = os.open(path, os.O_RDONLY)
+    assert status(m.spec)["opens_in_c"] == in_c + (answered_by == "reader")
     try:
         for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
             with pytest.raises(OSError) as exc:
@@ -216,9 +224,12 @@ def test_lower_on_an_overlay_falls_back_to_kernel_opens(tmp_path: Path, lower: P
         subprocess.run(["umount", "-l", str(ovl / "merged")], check=False)
 
 
+@pytest.mark.parametrize("fast", [True, False])
 def test_backing_ids_are_bounded_and_closed(lower: Path, overlay_mount: Any,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                            monkeypatch: pytest.MonkeyPatch, fast: bool) -> None:
     monkeypatch.setenv("COWFS_BACKING_IDS", "8")  # kept while unused: 8 at most
+    monkeypatch.setenv("COWFS_FAST_OPENS_MAX", "16")  # answered by the C reader: 16 at most
+    monkeypatch.setenv("COWFS_FAST_OPENS", "1" if fast else "0")
     n = 40
     for i in range(n):
         (lower / "pkg" / f"f{i}").write_text(str(i))
@@ -227,13 +238,60 @@ def test_backing_ids_are_bounded_and_closed(lower: Path, overlay_mount: Any,
     try:
         st = status(m.spec)
         assert st["passthrough_opens"] == n and st["backing_ids"] == n
-        assert st["open_files"] == n  # one daemon fd per open file, none per backing id
+        # One daemon fd per open file answered by Python, none per backing id (fast opens:
+        # none at all, the kernel reads alone).
+        assert st["open_files"] == (0 if fast else n)
+        assert st["fast_opens"] is fast
     finally:
         for fd in fds:
             os.close(fd)
-    for i in range(n):
+    for i in reversed(range(n)):
         assert (m.mnt / "pkg" / f"f{i}").read_text() == str(i)
     st = released(m.spec)
     assert st["passthrough_opens"] == 0 and st["open_files"] == 0
-    assert st["backing_ids"] == 8
+    assert st["backing_ids"] == (16 + 8 if fast else 8)
+    if fast:  # the 16 published last, read first: answered in C
+        assert st["opens_in_c"] == 16
     assert st["served"]["reads"] == 0  # every one of them read by passthrough
+
+
+def test_the_reader_answers_opens_and_stats_until_the_file_changes(
+        lower: Path, overlay_mount: Any) -> None:
+    """Once the daemon answered a store object's first open, the C reader answers its next
+    opens and GETATTRs (a passthrough read makes the kernel ask for the atime again at every
+    fstat); a copy-up, an unlink or a reload makes the daemon answer again, never the reader
+    with what it was told before."""
+    m = overlay_mount(lower)
+    path = m.mnt / "pkg" / "mod.py"
+    first = os.stat(lower / "pkg" / "mod.py")
+    assert path.read_bytes() == b"VALUE = 1\n"  # the daemon's open: published
+    before = status(m.spec)
+    for _ in range(5):
+        with open(path, "rb") as f:
+            assert f.read() == b"VALUE = 1\n"
+            st = os.fstat(f.fileno())
+            assert (st.st_size, st.st_mode, st.st_nlink) == (10, first.st_mode, 1)
+            assert st.st_mtime_ns == first.st_mtime_ns
+    after = status(m.spec)
+    assert after["opens_in_c"] - before["opens_in_c"] == 5
+    assert after["getattrs_in_c"] - before["getattrs_in_c"] >= 4
+    assert after["served"]["opens"] == before["served"]["opens"]
+
+    os.chmod(path, 0o600)  # a copy-up: the reader stops answering for it
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with open(path, "rb") as f:
+        assert stat.S_IMODE(os.fstat(f.fileno()).st_mode) == 0o600
+        assert f.read() == b"VALUE = 1\n"
+    assert status(m.spec)["opens_in_c"] == after["opens_in_c"]
+
+    big = m.mnt / "pkg" / "big.bin"
+    big.read_bytes()
+    fd = os.open(big, os.O_RDONLY)  # answered by the reader
+    try:
+        os.unlink(big)
+        assert os.fstat(fd).st_nlink == 0  # as on a disk, not the reader's stale 1
+        assert len(os.pread(fd, BIG, 0)) == BIG
+    finally:
+        os.close(fd)
+    assert released(m.spec)["passthrough_opens"] == 0
+
