@@ -47,6 +47,8 @@ class Daemon:
         lower, self.lease = build_lower(spec)  # held while the daemon runs (cowfs.lease)
         self.ov = build_overlay(spec, lower)
         self.ops = CowfsOperations(self.ov)
+        # Auto passthrough: worth it where other mounts read the same store files.
+        self.ops.pt.sharing = lambda: self.lease is not None and self.lease.shared()
         self.ops.teardown = VenvTeardown.for_spec(spec)  # before the mount hides the hook
         self._dists_changed = trio.Event()
         if spec.venv is not None:

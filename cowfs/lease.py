@@ -7,6 +7,11 @@ one kernel, so gc sees it whether the mount is in a container, another mount nam
 on a read-only view of the store that could record no gc root: a file gc cannot lock
 exclusively is in use, and is kept. Leases are taken under the store lock (shared) and gc
 runs under it exclusively, so no lease can start halfway through a collection.
+
+Each lease also holds an open-file-description read lock (F_OFD_SETLK) on its files, which
+flock does not see: a test for a conflicting write lock through the same descriptions ignores
+the daemon's own and finds any other live mount's, in whatever namespace (`shared()`: is
+sharing the store's page cache by passthrough worth it here).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -43,6 +49,7 @@ class StoreLease:
                                          "it") from None
                     fds.append(fd)
                     fcntl.flock(fd, fcntl.LOCK_SH)
+                    _ofd_lock(fd, fcntl.F_RDLCK)
         except BaseException:
             cls(fds).release()
             raise
@@ -50,6 +57,10 @@ class StoreLease:
 
     def __len__(self) -> int:
         return len(self._fds)
+
+    def shared(self) -> bool:
+        """Does another live mount serve any of these store files?"""
+        return any(_ofd_lock(fd, fcntl.F_WRLCK, test=True) for fd in self._fds)
 
     def release(self) -> None:
         fds, self._fds = self._fds, []
@@ -66,6 +77,20 @@ def _store_lock(store: Store) -> Iterator[None]:
         except (FileNotFoundError, PermissionError):
             pass
         yield
+
+
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock (x86-64 and aarch64 layouts)
+
+
+def _ofd_lock(fd: int, kind: int, test: bool = False) -> bool:
+    """Take an OFD lock of the whole file; with test, whether another holds a conflicting one
+    (False where OFD locks are not supported)."""
+    try:
+        out = fcntl.fcntl(fd, fcntl.F_OFD_GETLK if test else fcntl.F_OFD_SETLK,
+                          _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
+    except OSError:
+        return False
+    return test and _FLOCK.unpack(out)[0] != fcntl.F_UNLCK
 
 
 def in_use(path: Path) -> bool:

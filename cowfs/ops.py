@@ -149,7 +149,7 @@ class CowfsOperations(pyfuse3.Operations):
         if self.pt.enabled:
             return "passthrough", ""
         if self.pt.enabled is None:
-            return "passthrough (at the first open)", ""
+            return "decided at the first open", ""
         return ("kernel" if self.by_inode else "daemon"), self.pt.why_not
 
     # -- helpers ------------------------------------------------------------------------

@@ -62,12 +62,17 @@ BACKING_IDS_MAX = int(os.environ.get("COWFS_BACKING_IDS", "1024"))
 PUBLISHED_MAX = int(os.environ.get("COWFS_FAST_OPENS_MAX", "65536"))
 
 
+def setting() -> str:
+    """COWFS_PASSTHROUGH: "1" always (where the kernel takes it), "0" never, else "auto"."""
+    value = os.environ.get("COWFS_PASSTHROUGH", "auto")
+    return value if value in ("0", "1") else "auto"
+
+
 def wanted() -> str:
-    """Why passthrough is not asked for at INIT, or "" when it is. Opt-in: on this 2-vCPU VM
-    the OPEN round trip cost more than shared pages saved in every timed figure (README,
-    Benchmarks), while the page cache of one more venv went from +319 MB to +2.5 MB."""
-    if os.environ.get("COWFS_PASSTHROUGH", "0") != "1":
-        return "not asked for (COWFS_PASSTHROUGH=1)"
+    """Why passthrough is not asked for at INIT, or "" when it is. Auto mode asks for it and
+    decides at the first open (Passthrough.decide)."""
+    if setting() == "0":
+        return "turned off (COWFS_PASSTHROUGH=0)"
     if not fuse_shim.loaded():
         return "the C shim is not loaded"
     if not mount_errors.Facts.here().direct:  # (CAP_SYS_ADMIN)
@@ -101,6 +106,8 @@ class Passthrough:
         self.failures = 0  # backing files the kernel refused (opens served cached instead)
         self.lower_ok = False  # a store object (lower file) was taken as a backing file
         self.fast: bool | None = None  # the reader answers opens (known at the first open)
+        # Auto mode: does another live mount serve the same store files (cowfs.lease)?
+        self.sharing: Callable[[], bool] = lambda: False
         self._published: OrderedDict[int, tuple[int, int]] = OrderedDict()  # ino -> key
         self._draining: set[int] = set()  # inos whose stopped entry may still count opens
 
@@ -122,6 +129,11 @@ class Passthrough:
             self.enabled = False
             self.why_not = "the kernel did not offer FUSE_PASSTHROUGH at INIT"
             return False
+        why_not = self._auto_declines()
+        if why_not:
+            self.enabled = False
+            self.why_not = why_not
+            return False
         key = _key(fd)
         backing_id = self._backing(key, fd)
         if backing_id is None:
@@ -130,6 +142,20 @@ class Passthrough:
         self._ids[key] = backing_id
         self.enabled = True
         return True
+
+    def _auto_declines(self) -> str:
+        """Auto mode takes passthrough where it pays (README, "Kernel opens and passthrough"):
+        the pages of store files other mounts read too are shared, at the price of an OPEN
+        and a GETATTR answered by the C reader per open (a warm import costs about the same,
+        reading every file of a tree 3x more than with kernel opens)."""
+        if setting() == "1":
+            return ""
+        if not self._fast():
+            return "auto: the C reader is off (COWFS_FUSE_READER=0), opens would be slow"
+        if not self.sharing():
+            return ("auto: no other live mount serves these store files "
+                    "(COWFS_PASSTHROUGH=1 forces passthrough)")
+        return ""
 
     def writer_refused(self, ino: int, pid: int = 0) -> bool:
         """Must a writer (or truncation) of the node get ETXTBSY: is its store object open by

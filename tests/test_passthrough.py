@@ -168,6 +168,28 @@ def test_upper_file_readers_and_writers_stay_coherent(lower: Path, overlay_mount
     assert (m.upper / "pkg" / "new.txt").read_bytes() == b"xyza"
 
 
+def test_auto_takes_passthrough_where_another_mount_serves_the_same_store_files(
+        venvs: Callable[[str], Path], wheels: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default (auto): a venv alone on its store keeps kernel opens (warm opens cost no
+    round trip); one whose store files another live mount serves too shares their pages."""
+    monkeypatch.setenv("COWFS_PASSTHROUGH", "auto")
+    alone = venvs("a")
+    install(alone, wheels)
+    assert cow(alone).startswith("||")
+    out = cowfs("status", "--venv", str(alone)).stdout
+    assert "; opens kernel (auto: no other live mount serves these store files" in out, out
+    second = venvs("b")
+    install(second, wheels)
+    assert cow(second).startswith("||")
+    assert "; opens passthrough" in cowfs("status", "--venv", str(second)).stdout
+    assert "; opens kernel" in cowfs("status", "--venv", str(alone)).stdout  # (decided once)
+    monkeypatch.setenv("COWFS_PASSTHROUGH", "0")
+    third = venvs("c")
+    install(third, wheels)
+    assert cow(third).startswith("||")
+    assert "; opens kernel (turned off" in cowfs("status", "--venv", str(third)).stdout
+
+
 def test_venv_runs_on_passthrough_and_reset_reaches_new_opens(
         venvs: Callable[[str], Path], wheels: Path) -> None:
     venv = venvs("a")
