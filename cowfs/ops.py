@@ -31,7 +31,7 @@ from cowfs import fuse_shim, namespace
 from cowfs.dirfd import lexists
 from cowfs.inode import Node
 from cowfs.overlay import Attr, Overlay
-from cowfs.passthrough import Passthrough, attr_reply, daemon_fh
+from cowfs.passthrough import Passthrough, attr_reply, daemon_fh, setting
 from cowfs.store import syncfs
 
 if TYPE_CHECKING:
@@ -148,8 +148,8 @@ class CowfsOperations(pyfuse3.Operations):
         """How this mount serves opens (for `status`), and why not by passthrough."""
         if self.pt.enabled:
             return "passthrough", ""
-        if self.pt.enabled is None:
-            return "decided at the first open", ""
+        if self.pt.enabled is None:  # (auto: decided then, see cowfs.passthrough)
+            return f"{'passthrough' if setting() == '1' else 'auto'} (at the first open)", ""
         return ("kernel" if self.by_inode else "daemon"), self.pt.why_not
 
     # -- helpers ------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from benchlib.common import (
 )
 
 PEERS = ("native", "uv-copy", "fuse-overlayfs", "kernel-overlay", "cowfs")
-EXTRA_PEERS = ("cowfs-pt",)  # only when named: cowfs with FUSE passthrough
+EXTRA_PEERS = ("cowfs-pt", "cowfs-kernel")  # only when named: cowfs, passthrough forced on/off
 INSTALLERS = ("native", "uv-copy", "cowfs")  # the peers that are installers
 
 
@@ -325,26 +325,36 @@ class Cowfs(Peer):
 
 
 class CowfsPassthrough(Cowfs):
-    """cowfs with FUSE passthrough (COWFS_PASSTHROUGH=1, opt-in), side by side."""
+    """cowfs with FUSE passthrough forced (COWFS_PASSTHROUGH=1), side by side. (Plain cowfs
+    decides per mount: passthrough where another live mount serves the same store files,
+    which in a run with this peer or page-cache's two venvs is every mount.)"""
 
     name = "cowfs-pt"
+    setting = "1"
 
     @property
     def cmd(self) -> list[str | Path]:
-        return ["env", "COWFS_PASSTHROUGH=1", *self.ctx.cowfs]
+        return ["env", f"COWFS_PASSTHROUGH={self.setting}", *self.ctx.cowfs]
 
     def remount_time_api(self, env: Env) -> float:
-        os.environ["COWFS_PASSTHROUGH"] = "1"
+        os.environ["COWFS_PASSTHROUGH"] = self.setting
         try:
             return super().remount_time_api(env)
         finally:
             del os.environ["COWFS_PASSTHROUGH"]
 
 
+class CowfsKernelOpens(CowfsPassthrough):
+    """cowfs with passthrough off (COWFS_PASSTHROUGH=0): the kernel opens files itself."""
+
+    name = "cowfs-kernel"
+    setting = "0"
+
+
 def make_peers(ctx: Ctx, names: list[str]) -> tuple[dict[str, Peer], dict[str, str]]:
     classes = {"native": Native, "uv-copy": UvCopy, "fuse-overlayfs": FuseOverlayfs,
                "kernel-overlay": KernelOverlay, "cowfs": Cowfs,
-               "cowfs-pt": CowfsPassthrough}
+               "cowfs-pt": CowfsPassthrough, "cowfs-kernel": CowfsKernelOpens}
     peers: dict[str, Peer] = {}
     skipped: dict[str, str] = {}
     for name in names:
