@@ -18,7 +18,9 @@ from cowfs.manifest import check_relpath
 from cowfs.overlay import Overlay
 from cowfs.super import Invalidation
 
-ABSENT, DIR = "absent", "dir"  # expectations besides a file's identity
+# Expectations besides a file's identity: ABSENT; DIR, any directory; a directory's own
+# identity, DIR:inode:birth (a directory uv removed and made again is another one).
+ABSENT, DIR = "absent", "dir"
 Expectation = list[int] | str
 
 
@@ -32,13 +34,17 @@ def _identity(at: dirfd.At) -> Expectation:
         st = os.lstat(at[1], dir_fd=at[0])
     except (FileNotFoundError, NotADirectoryError):  # (below a whiteout)
         return ABSENT
-    return DIR if stat.S_ISDIR(st.st_mode) else [st.st_ino, st.st_size, st.st_mtime_ns]
+    if stat.S_ISDIR(st.st_mode):
+        return f"{DIR}:{st.st_ino}:{dirfd.birth_ns(at)}"
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def _as_expected(at: dirfd.At, want: Expectation | None) -> bool:
-    if want == DIR:  # dropped once empty: what is in it was examined, or is new
+    if isinstance(want, str) and want.startswith(DIR):
+        # Dropped once empty (what was in it was examined) if it is still the one examined:
+        # a new empty one is another installer's, about to be filled.
         try:
-            return not dirfd.listdir(at)
+            return (want == DIR or _identity(at) == want) and not dirfd.listdir(at)
         except (FileNotFoundError, NotADirectoryError):
             return False
     return want is not None and _identity(at) == want

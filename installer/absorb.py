@@ -27,7 +27,7 @@ from cowfs.dirfd import short
 from cowfs.errors import CowfsError
 from cowfs.layer import ensure_layer, read_head
 from cowfs.manifest import Manifest, write_manifest
-from cowfs.reset import ABSENT, DIR, upper_identity
+from cowfs.reset import ABSENT, DIR, Expectation, upper_identity
 from cowfs.spec import VenvState
 from cowfs.store import Store
 from cowfs.upper import foreign_dist_infos
@@ -94,7 +94,9 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
                   if not _in_view(site, p)}
     # What each upper entry to be dropped was when examined: the daemon drops it only if it
     # still is (pip or uv may start again at any moment, e.g. writing the next version).
-    seen = {p: upper_identity(state.upper, p) for p in old_hidden | gone_extra}
+    seen: dict[str, Expectation] = {}
+    for p in old_hidden | gone_extra:
+        _look(seen, state.upper, p)
     with store.lock():  # from the first object until the root names the manifests
         # The gone ones' per-venv files (REQUESTED, RECORD...) go with them; a replacement's
         # own arrive below.
@@ -106,7 +108,7 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
                 st = os.lstat(short(f"{site}/{path}"))  # (any depth)
             except FileNotFoundError:
                 continue  # listed but not installed (pip lists pycs it may not write)
-            seen[path] = upper_identity(state.upper, path)  # before its content is read
+            _look(seen, state.upper, path)  # before its content is read
             sorter.take(path, st, owner)
         stale = sorter.stale_pycs()
         result.manifests = sorter.manifests()
@@ -138,7 +140,7 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
     drop = sorted(sorter.shared() | set(stale) | old_hidden | per_venv
                   | (gone_extra - per_venv))
     dirs = emptied_dirs(state.upper, drop)
-    expect = {**{p: seen.get(p, ABSENT) for p in drop}, **{d: DIR for d in dirs}}
+    expect = {**{p: seen.get(p, ABSENT) for p in drop}, **{d: seen.get(d, DIR) for d in dirs}}
     deepest_first = sorted(drop, key=lambda p: -p.count("/")) + dirs
     control.request(socket, "reset", paths=deepest_first, expect=expect)
     return result
@@ -182,6 +184,15 @@ def paths_of(store: Store, ids: list[str]) -> set[str]:
         parts = path.split("/")
         paths.update("/".join(parts[:n]) for n in range(1, len(parts) + 1))
     return paths
+
+
+def _look(seen: dict[str, Expectation], upper: Path, path: str) -> None:
+    """What path and its directories in the upper layer are now, for the reset's check."""
+    seen[path] = upper_identity(upper, path)
+    d = path.rpartition("/")[0]
+    while d and d not in seen:
+        seen[d] = upper_identity(upper, d)
+        d = d.rpartition("/")[0]
 
 
 def emptied_dirs(upper: Path, dropped: list[str]) -> list[str]:

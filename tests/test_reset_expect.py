@@ -31,7 +31,7 @@ def test_a_changed_entry_is_kept_an_unchanged_one_dropped(ov: Overlay, layers: L
 def test_absent_means_absent_and_a_directory_goes_only_once_empty(
         ov: Overlay, layers: Layers) -> None:
     write(ov, "pkg/sub/data.bin", b"mine")  # copies pkg/ and pkg/sub/ up
-    assert upper_identity(layers.upper, "pkg/sub") == DIR
+    assert str(upper_identity(layers.upper, "pkg/sub")).startswith(f"{DIR}:")
     assert upper_identity(layers.upper, "nothing/here") == ABSENT
     (layers.upper / "late.txt").write_text("written after the look\n")
     _, removed = reset_paths(ov, ["late.txt", "pkg/sub", "pkg"],
@@ -46,3 +46,22 @@ def test_absent_means_absent_and_a_directory_goes_only_once_empty(
     assert Path(layers.lower / "pkg" / "sub" / "data.bin").read_bytes() == \
         bytes(range(256)) * 64
     assert os.listdir(layers.upper) == ["late.txt"]
+
+
+def test_a_directory_made_again_after_the_look_is_kept(ov: Overlay, layers: Layers) -> None:
+    """uv's upgrade removes pkg/ and makes it again, then fills it: an absorb that examined
+    the old pkg/ must not drop the new one while it is still empty (uv then failed with
+    ENOENT creating its temporary file in it). Even with the old inode number reused."""
+    write(ov, "pkg/sub/data.bin", b"mine")
+    seen = {p: upper_identity(layers.upper, p) for p in ("pkg/sub/data.bin", "pkg/sub", "pkg")}
+    sub = layers.upper / "pkg" / "sub"
+    (sub / "data.bin").unlink()
+    sub.rmdir()
+    sub.mkdir()  # the next version's directory, empty for now
+    _, removed = reset_paths(ov, ["pkg/sub/data.bin", "pkg/sub", "pkg"], seen)
+    assert removed == [] and sub.is_dir()
+    # The directory examined, emptied meanwhile: it goes.
+    seen["pkg/sub"] = upper_identity(layers.upper, "pkg/sub")
+    _, removed = reset_paths(ov, ["pkg/sub"], seen)
+    assert removed == ["pkg/sub"]
+
