@@ -116,7 +116,7 @@ int cowfs_fast_answer(int dev_fd, const void *mem, size_t n)
             attrs_answered++;
         }
         pthread_mutex_unlock(&mu);
-        return answered;
+        return answered || cowfs_lookup_getattr(dev_fd, in);
     }
     if (in->opcode == FUSE_OPEN_OPCODE && n >= sizeof *in + sizeof(struct open_in)) {
         const struct open_in *arg = (const struct open_in *)(in + 1);

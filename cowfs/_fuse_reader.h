@@ -47,4 +47,16 @@ int64_t cowfs_fast_stop(uint64_t nodeid, int force, uint32_t pid);
 void cowfs_fast_totals(unsigned long *n_entries, unsigned long *n_opens,
                        unsigned long *answered, unsigned long *attrs);
 
+/* LOOKUP and GETATTR of files in published lower-only directories (_fuse_fastlookup.c). */
+#define COWFS_ENTRY_OUT_SIZE 128 /* fuse_entry_out */
+int cowfs_lookup_answer(int dev_fd, const void *mem, size_t n);
+int cowfs_lookup_getattr(int dev_fd, const struct cowfs_in_header *in);
+int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
+                  const unsigned char entry_out[COWFS_ENTRY_OUT_SIZE]);
+void cowfs_dir_stop(uint64_t parent);
+void cowfs_dir_stop_all(void);
+uint64_t cowfs_lookups_of(uint64_t ino, int take);
+void cowfs_lookup_totals(unsigned long *published, unsigned long *lookups,
+                         unsigned long *attrs);
+
 #endif

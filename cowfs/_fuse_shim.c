@@ -375,6 +375,68 @@ static PyObject *fast_totals(PyObject *self, PyObject *unused)
     return Py_BuildValue("(kkkk)", entries, opens, answered, attrs);
 }
 
+static PyObject *dir_publish(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long parent;
+    PyObject *items;
+    if (!PyArg_ParseTuple(args, "KO!", &parent, &PyList_Type, &items))
+        return NULL;
+    Py_ssize_t added = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        const char *name, *entry;
+        Py_ssize_t name_len, entry_len;
+        unsigned long long ino;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(items, i), "y#Ky#", &name, &name_len, &ino,
+                              &entry, &entry_len))
+            return NULL;
+        if (entry_len != COWFS_ENTRY_OUT_SIZE) {
+            PyErr_SetString(PyExc_ValueError, "fuse_entry_out is 128 bytes");
+            return NULL;
+        }
+        added += cowfs_dir_add(parent, name, (size_t)name_len, ino,
+                               (const unsigned char *)entry);
+    }
+    return PyLong_FromSsize_t(added);
+}
+
+static PyObject *dir_stop(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    unsigned long long parent = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    cowfs_dir_stop(parent);
+    Py_RETURN_NONE;
+}
+
+static PyObject *dir_stop_all(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    cowfs_dir_stop_all();
+    Py_RETURN_NONE;
+}
+
+static PyObject *lookups_of(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long ino;
+    int take;
+    if (!PyArg_ParseTuple(args, "Kp", &ino, &take))
+        return NULL;
+    return PyLong_FromUnsignedLongLong(cowfs_lookups_of(ino, take));
+}
+
+static PyObject *lookup_totals(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    unsigned long published, lookups, attrs;
+    cowfs_lookup_totals(&published, &lookups, &attrs);
+    return Py_BuildValue("(kkk)", published, lookups, attrs);
+}
+
 static PyMethodDef methods[] = {
     {"active", active, METH_NOARGS,
      "True when the live session's handlers receive inode numbers for zero handles."},
@@ -394,6 +456,14 @@ static PyMethodDef methods[] = {
     {"fast_stop", fast_stop, METH_VARARGS,
      "(ino, force, pid): its backing id when idle (removed), else -1 none, -2 busy, -3 draining."},
     {"fast_totals", fast_totals, METH_NOARGS, "(entries, counted opens, opens answered, GETATTRs answered)"},
+    {"dir_publish", dir_publish, METH_VARARGS,
+     "(parent, [(name, ino, fuse_entry_out)]): the reader answers those LOOKUPs (and GETATTRs)."},
+    {"dir_stop", dir_stop, METH_O, "Stop answering lookups in a directory."},
+    {"dir_stop_all", dir_stop_all, METH_NOARGS, "Stop answering lookups anywhere."},
+    {"lookups_of", lookups_of, METH_VARARGS,
+     "(ino, take): lookups of ino the reader answered (taken: counted by the caller now)."},
+    {"lookup_totals", lookup_totals, METH_NOARGS,
+     "(published names, lookups answered, their GETATTRs answered)"},
     {NULL, NULL, 0, NULL},
 };
 

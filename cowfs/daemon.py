@@ -95,7 +95,8 @@ class Daemon:
                     "open_files": len(self.ov.handles), "max_rss_kb": usage.ru_maxrss,
                     "kernel_cache": self.ops.by_inode,
                     "served": {**self.ops.served, "ioctls_in_c": fuse_shim.reader_state()[1]},
-                    "opens": opens, "opens_why": why, **self.ops.pt.status()}
+                    "opens": opens, "opens_why": why, **self.ops.pt.status(),
+                    **self.ops.lookups.status()}
         if op == "reload":
             await self.ops.settle()
             # In a thread: taking the lease waits for a running gc to finish.

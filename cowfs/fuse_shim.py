@@ -118,3 +118,34 @@ def fast_totals() -> tuple[int, int, int, int]:
         return 0, 0, 0, 0
     entries, opens, answered, attrs = _shim.fast_totals()
     return int(entries), int(opens), int(answered), int(attrs)
+
+
+# Lookups the reader thread answers (cowfs/_fuse_fastlookup.c); only while it runs.
+def dir_publish(parent: int, items: list[tuple[bytes, int, bytes]]) -> int:
+    """The reader answers LOOKUP of these (name, ino, fuse_entry_out) in parent, and GETATTR
+    of those inos; how many were added."""
+    assert _shim is not None
+    return int(_shim.dir_publish(parent, items))
+
+
+def dir_stop(parent: int) -> None:
+    if _shim is not None:
+        _shim.dir_stop(parent)
+
+
+def dir_stop_all() -> None:
+    if _shim is not None:
+        _shim.dir_stop_all()
+
+
+def lookups_of(ino: int, take: bool) -> int:
+    """Lookups of ino the reader answered since last taken (take: the caller counts them)."""
+    return 0 if _shim is None else int(_shim.lookups_of(ino, take))
+
+
+def lookup_totals() -> tuple[int, int, int]:
+    """(published names, lookups answered, GETATTRs of them answered)."""
+    if _shim is None:
+        return 0, 0, 0
+    published, lookups, attrs = _shim.lookup_totals()
+    return int(published), int(lookups), int(attrs)

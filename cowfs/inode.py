@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cowfs.lower import LowerEntry
@@ -53,6 +54,8 @@ class NodeTable:
         self.by_ino: dict[int, Node] = {ROOT_INO: self.root}
         self.by_upper_id: dict[tuple[int, int], Node] = {}  # hard-linked upper files
         self._next_ino = ROOT_INO + 1
+        # Lookups the kernel got from elsewhere than the daemon's handlers (cowfs.fastlookup).
+        self.extra_lookups: Callable[[int], int] = lambda ino: 0
 
     def path(self, node: Node) -> str:
         parts = []
@@ -120,10 +123,14 @@ class NodeTable:
         node.nlookup = max(0, node.nlookup - count)
         self.maybe_drop(node)
 
+    def lookups(self, node: Node) -> int:
+        """How many lookups of node the kernel holds (its FORGETs will count them)."""
+        return node.nlookup + self.extra_lookups(node.ino)
+
     def maybe_drop(self, node: Node) -> None:
         """Drop a node nobody can reach: unlinked, forgotten, not open."""
-        if node.parent is None and node is not self.root and node.nlookup == 0 \
-                and not node.handles:
+        if node.parent is None and node is not self.root and not node.handles \
+                and self.lookups(node) == 0:
             self.by_ino.pop(node.ino, None)
             for key, n in list(self.by_upper_id.items()):
                 if n is node:

@@ -29,9 +29,11 @@ import trio
 
 from cowfs import fuse_shim, namespace
 from cowfs.dirfd import lexists
+from cowfs.fastlookup import FastLookups
 from cowfs.inode import Node
+from cowfs.kernel_replies import attr_out, entry_out
 from cowfs.overlay import Attr, Overlay
-from cowfs.passthrough import Passthrough, attr_reply, daemon_fh, setting
+from cowfs.passthrough import Passthrough, daemon_fh, setting
 from cowfs.store import syncfs
 
 if TYPE_CHECKING:
@@ -96,7 +98,9 @@ class CowfsOperations(pyfuse3.Operations):
         self.by_inode = False  # the shim is in place (known once the session is live)
         self.pt = Passthrough()  # FUSE passthrough, when the kernel takes it (first OPEN)
         self.pt.ask()
-        overlay.before_copy_up = lambda node: self.pt.changed(node.ino)
+        # Lookups in lower-only directories answered by the C reader (cowfs.fastlookup).
+        self.lookups = FastLookups(overlay, lambda node: entry_out(self.entry(node)))
+        overlay.before_copy_up = self._changing
         # Requests served, for `status`: listings (READDIRPLUS at offset 0), OPEN, READ.
         self.served = {"listings": 0, "opens": 0, "reads": 0}
         self.teardown: VenvTeardown | None = None  # set by the daemon for a venv mount
@@ -110,6 +114,11 @@ class CowfsOperations(pyfuse3.Operations):
         self.last_change = time.monotonic()
         # Fetches store objects a lazy install from a remote left out (cowfs.remote.lazy).
         self.lazy: LazyObjects | None = None
+
+    def _changing(self, node: Node) -> None:
+        """node is about to stop being its lower file: the C reader must not answer for it."""
+        self.pt.changed(node.ino)
+        self.lookups.changed(node)
 
     def _noticed(self, parent: Node, name: str) -> None:
         self.last_change = time.monotonic()
@@ -163,6 +172,7 @@ class CowfsOperations(pyfuse3.Operations):
     def forget_caches(self) -> None:
         """The lower layer changed (reload, reset, repair): derived answers are stale."""
         self._listings.clear()
+        self.lookups.changed_all()
 
     def entry(self, node: Node, attr: Attr | None = None) -> pyfuse3.EntryAttributes:
         # Not cached: the kernel keeps entries and attributes for long, so each is built about
@@ -186,14 +196,6 @@ class CowfsOperations(pyfuse3.Operations):
         e.entry_timeout = timeout
         e.attr_timeout = timeout
         return e
-
-    def attr_reply(self, node: Node) -> bytes:
-        """The node's GETATTR answer as the kernel receives it (for the C reader)."""
-        e = self.entry(node)
-        return attr_reply(node.ino, e.attr_timeout, size=e.st_size, blocks=e.st_blocks,
-                          atime_ns=e.st_atime_ns, mtime_ns=e.st_mtime_ns,
-                          ctime_ns=e.st_ctime_ns, mode=e.st_mode, nlink=e.st_nlink,
-                          uid=e.st_uid, gid=e.st_gid, rdev=e.st_rdev, blksize=e.st_blksize)
 
     def _looked_up(self, node: Node) -> pyfuse3.EntryAttributes:
         e = self.entry(node)
@@ -242,6 +244,7 @@ class CowfsOperations(pyfuse3.Operations):
         if name == b"..":
             return self._looked_up(parent.parent or parent)
         node = self.ov.lookup(parent, _name(name))
+        self.lookups.looked_in(parent)
         if node is None:
             e = pyfuse3.EntryAttributes()
             e.st_ino = 0  # negative entry: the kernel caches the absence
@@ -253,6 +256,7 @@ class CowfsOperations(pyfuse3.Operations):
         for ino, count in inode_list:
             node = self.ov.table.by_ino.get(ino)
             if node is not None:
+                node.nlookup += self.lookups.take(ino)  # (the C reader's answers count too)
                 if node.nlookup <= count:
                     self.pt.changed(ino)  # (inode numbers are not reused; its entry is idle)
                     if node.implicit is not None:
@@ -482,7 +486,7 @@ class CowfsOperations(pyfuse3.Operations):
         try:
             if self.pt.enabled or self.pt.decide(h.fd):
                 reply = self.pt.reply(fh, h.fd, node.ino, writable, h.on_lower, ctx.pid,
-                                      lambda: self.attr_reply(node))
+                                      lambda: attr_out(self.entry(node)))
         except OSError:
             self.ov.release(fh)
             raise

@@ -207,7 +207,7 @@ class Overlay:
         """An upper name of node in parent_path goes away. On a FUSE upper (ntfs-3g) the
         name survives as `.fuse_hidden*` while the daemon holds the file open: its link must
         not count (see _hidden_links)."""
-        if self.pin_unlinked and node.nlookup and node.children is None \
+        if self.pin_unlinked and self.table.lookups(node) and node.children is None \
                 and node.implicit is None and not node.extra_links \
                 and stat.S_ISREG(self.getattr(node).mode):
             self._pin(node)  # the kernel may have it open: keep its data reachable

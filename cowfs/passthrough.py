@@ -40,7 +40,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -308,21 +307,6 @@ class Passthrough:
             fuse_shim.backing_close(backing_id)
         except OSError as exc:
             log.warning("closing backing id %d: %s", backing_id, exc)
-
-
-_ATTR_OUT = struct.Struct("<QII3Q3q10I")  # fuse_attr_out, as libfuse's fuse_reply_attr fills it
-
-
-def attr_reply(ino: int, timeout: float, *, size: int, blocks: int, atime_ns: int,
-               mtime_ns: int, ctime_ns: int, mode: int, nlink: int, uid: int, gid: int,
-               rdev: int, blksize: int) -> bytes:
-    """A GETATTR answer, byte for byte what the daemon's own answer would be."""
-    (a_s, a_ns), (m_s, m_ns), (c_s, c_ns) = (divmod(t, 10**9)
-                                             for t in (atime_ns, mtime_ns, ctime_ns))
-    valid_ns = int(timeout * 1e9)
-    return _ATTR_OUT.pack(valid_ns // 10**9, valid_ns % 10**9, 0, ino, size, blocks,
-                          a_s, m_s, c_s, a_ns, m_ns, c_ns, mode, nlink, uid, gid,
-                          rdev & 0xFFFFFFFF, blksize, 0)
 
 
 def _key(fd: int) -> tuple[int, int]:

@@ -1,0 +1,254 @@
+/* LOOKUP (and GETATTR) of files in lower-only directories, answered by the reader thread.
+ *
+ * A first import in a fresh mount sends ~2 LOOKUPs per module (`__pycache__/`, then the
+ * .pyc: importlib never lists `__pycache__`), and reading a tree one LOOKUP per file: each
+ * a round trip through the trio loop, ~150 us of daemon CPU all in. A directory that only
+ * the lower layer fills cannot change without the daemon knowing (every change goes
+ * through it), so when the daemon answers the first LOOKUP in one it publishes the entries
+ * of all its files here, and the reader answers the next LOOKUPs (and the GETATTRs of those
+ * files) itself.
+ *
+ * The daemon stays in charge: it stops a directory before anything in it changes (create,
+ * unlink, rename, copy-up of a file or of the directory, reset, reload), and it adds the
+ * lookups the reader answered for a node to its own count when the kernel forgets it (the
+ * kernel's FORGET counts every LOOKUP answer, whoever gave it).
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "_fuse_reader.h"
+
+#define FUSE_LOOKUP_OPCODE 1
+#define BUCKETS 65536 /* a power of two */
+
+struct dentry { /* a published name */
+    struct dentry *next;    /* hash chain */
+    struct dentry *sibling; /* the directory's other published names */
+    uint64_t parent, ino;
+    struct {
+        struct cowfs_out_header h;
+        unsigned char entry_out[COWFS_ENTRY_OUT_SIZE];
+    } reply;
+    size_t namelen;
+    char name[];
+};
+struct pdir { /* a published directory */
+    uint64_t ino;
+    struct dentry *first;
+    struct pdir *next;
+};
+struct counted { /* a node the reader answered lookups of */
+    uint64_t ino;
+    uint64_t lookups;      /* not yet taken by the daemon */
+    struct dentry *dentry; /* while published: its attributes answer GETATTR */
+    struct counted *next;
+};
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static struct dentry *dentries[BUCKETS];
+static struct pdir *pdirs[BUCKETS];
+static struct counted *counts[BUCKETS];
+static unsigned long n_dentries, lookups_answered, attrs_answered;
+
+static unsigned ino_bucket(uint64_t ino)
+{
+    return (unsigned)((ino * UINT64_C(0x9e3779b97f4a7c15)) >> 48) & (BUCKETS - 1);
+}
+
+static unsigned name_bucket(uint64_t parent, const char *name, size_t len)
+{
+    uint64_t h = UINT64_C(1469598103934665603) ^ parent;
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (unsigned char)name[i]) * UINT64_C(1099511628211);
+    return (unsigned)(h >> 32) & (BUCKETS - 1);
+}
+
+static struct counted **count_slot(uint64_t ino)
+{
+    struct counted **c = &counts[ino_bucket(ino)];
+    while (*c != NULL && (*c)->ino != ino)
+        c = &(*c)->next;
+    return c;
+}
+
+static struct counted *counted(uint64_t ino) /* found or made; NULL: out of memory */
+{
+    struct counted **c = count_slot(ino);
+    if (*c == NULL) {
+        *c = calloc(1, sizeof **c);
+        if (*c != NULL)
+            (*c)->ino = ino;
+    }
+    return *c;
+}
+
+static void drop_counted_if_idle(uint64_t ino)
+{
+    struct counted **c = count_slot(ino);
+    if (*c != NULL && (*c)->lookups == 0 && (*c)->dentry == NULL) {
+        struct counted *gone = *c;
+        *c = gone->next;
+        free(gone);
+    }
+}
+
+static struct pdir **pdir_slot(uint64_t ino)
+{
+    struct pdir **p = &pdirs[ino_bucket(ino)];
+    while (*p != NULL && (*p)->ino != ino)
+        p = &(*p)->next;
+    return p;
+}
+
+static struct dentry *find(uint64_t parent, const char *name, size_t len)
+{
+    struct dentry *d = dentries[name_bucket(parent, name, len)];
+    while (d != NULL && !(d->parent == parent && d->namelen == len &&
+                          memcmp(d->name, name, len) == 0))
+        d = d->next;
+    return d;
+}
+
+int cowfs_lookup_answer(int dev_fd, const void *mem, size_t n)
+{
+    const struct cowfs_in_header *in = mem;
+    if (in->opcode == FUSE_LOOKUP_OPCODE && n > sizeof *in) {
+        const char *name = (const char *)(in + 1);
+        size_t len = strnlen(name, n - sizeof *in);
+        pthread_mutex_lock(&mu);
+        struct dentry *d = find(in->nodeid, name, len);
+        struct counted *c = d != NULL ? counted(d->ino) : NULL;
+        if (c != NULL) {
+            c->lookups++; /* before the answer: a FORGET can only follow it */
+            d->reply.h.unique = in->unique;
+            if (write(dev_fd, &d->reply, sizeof d->reply) < 0)
+                c->lookups--; /* interrupted: the kernel did not take it */
+            else
+                lookups_answered++;
+        }
+        pthread_mutex_unlock(&mu);
+        return c != NULL;
+    }
+    return 0;
+}
+
+int cowfs_lookup_getattr(int dev_fd, const struct cowfs_in_header *in)
+{
+    pthread_mutex_lock(&mu);
+    struct counted *c = *count_slot(in->nodeid);
+    struct dentry *d = c != NULL ? c->dentry : NULL;
+    if (d != NULL) {
+        struct {
+            struct cowfs_out_header h;
+            uint64_t attr_valid;
+            uint32_t attr_valid_nsec, dummy;
+            unsigned char attr[COWFS_ENTRY_OUT_SIZE - 40];
+        } out;
+        out.h = (struct cowfs_out_header){sizeof out, 0, in->unique};
+        memcpy(&out.attr_valid, d->reply.entry_out + 24, 8);      /* entry_out.attr_valid */
+        memcpy(&out.attr_valid_nsec, d->reply.entry_out + 36, 4); /* .attr_valid_nsec */
+        out.dummy = 0;
+        memcpy(out.attr, d->reply.entry_out + 40, sizeof out.attr);
+        if (write(dev_fd, &out, sizeof out) < 0) { /* ENOENT: interrupted */
+        }
+        attrs_answered++;
+    }
+    pthread_mutex_unlock(&mu);
+    return d != NULL;
+}
+
+int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
+                  const unsigned char entry_out[COWFS_ENTRY_OUT_SIZE])
+{
+    int ok = 0;
+    pthread_mutex_lock(&mu);
+    struct pdir **p = pdir_slot(parent);
+    if (*p == NULL && (*p = calloc(1, sizeof **p)) != NULL)
+        (*p)->ino = parent;
+    struct counted *c = *p != NULL ? counted(ino) : NULL;
+    struct dentry *d = c != NULL && find(parent, name, len) == NULL
+                           ? malloc(sizeof *d + len) : NULL;
+    if (d != NULL) {
+        unsigned b = name_bucket(parent, name, len);
+        d->next = dentries[b];
+        dentries[b] = d;
+        d->sibling = (*p)->first;
+        (*p)->first = d;
+        d->parent = parent;
+        d->ino = ino;
+        d->reply.h = (struct cowfs_out_header){sizeof d->reply, 0, 0};
+        memcpy(d->reply.entry_out, entry_out, COWFS_ENTRY_OUT_SIZE);
+        d->namelen = len;
+        memcpy(d->name, name, len);
+        c->dentry = d;
+        n_dentries++;
+        ok = 1;
+    }
+    pthread_mutex_unlock(&mu);
+    return ok;
+}
+
+static void unpublish(struct pdir **p) /* (mu held) */
+{
+    struct pdir *dir = *p;
+    for (struct dentry *d = dir->first, *next; d != NULL; d = next) {
+        next = d->sibling;
+        struct dentry **chain = &dentries[name_bucket(d->parent, d->name, d->namelen)];
+        while (*chain != d)
+            chain = &(*chain)->next;
+        *chain = d->next;
+        struct counted *c = *count_slot(d->ino);
+        if (c != NULL && c->dentry == d) {
+            c->dentry = NULL;
+            drop_counted_if_idle(d->ino);
+        }
+        free(d);
+        n_dentries--;
+    }
+    *p = dir->next;
+    free(dir);
+}
+
+void cowfs_dir_stop(uint64_t parent)
+{
+    pthread_mutex_lock(&mu);
+    struct pdir **p = pdir_slot(parent);
+    if (*p != NULL)
+        unpublish(p);
+    pthread_mutex_unlock(&mu);
+}
+
+void cowfs_dir_stop_all(void)
+{
+    pthread_mutex_lock(&mu);
+    for (unsigned i = 0; i < BUCKETS; i++)
+        while (pdirs[i] != NULL)
+            unpublish(&pdirs[i]);
+    pthread_mutex_unlock(&mu);
+}
+
+uint64_t cowfs_lookups_of(uint64_t ino, int take)
+{
+    pthread_mutex_lock(&mu);
+    struct counted *c = *count_slot(ino);
+    uint64_t n = c != NULL ? c->lookups : 0;
+    if (take && c != NULL) {
+        c->lookups = 0;
+        drop_counted_if_idle(ino);
+    }
+    pthread_mutex_unlock(&mu);
+    return n;
+}
+
+void cowfs_lookup_totals(unsigned long *published, unsigned long *lookups,
+                         unsigned long *attrs)
+{
+    pthread_mutex_lock(&mu);
+    *published = n_dentries;
+    *lookups = lookups_answered;
+    *attrs = attrs_answered;
+    pthread_mutex_unlock(&mu);
+}

@@ -1,0 +1,84 @@
+"""Lookups in lower-only directories, answered by the C reader (cowfs/_fuse_fastlookup.c).
+
+A directory that is not copied up holds only what the lower layer gives it, and nothing in
+it changes without a copy-up of it first (a create, unlink or rename in it) or of a file in
+it (a write, chmod, link): `Overlay.before_copy_up` is where the daemon stops it. So the first
+time the daemon answers a LOOKUP in such a directory, it hands the reader the entries of all
+its files (directories stay with the daemon: their link counts mean listing them); later
+LOOKUPs and GETATTRs of those files cost no Python. The kernel's FORGET counts the lookups
+the reader answered too: `NodeTable.lookups` adds them, `forget` takes them over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from cowfs import fuse_shim
+from cowfs.inode import Node
+from cowfs.overlay import Overlay
+
+log = logging.getLogger("cowfs.fastlookup")
+MAX_DIR = 4096  # bigger directories stay with the daemon (publishing one stalls the loop)
+
+
+class FastLookups:
+    def __init__(self, ov: Overlay, entry_out: Callable[[Node], bytes]) -> None:
+        self.ov = ov
+        self.entry_out = entry_out
+        self.on: bool | None = None  # known once the reader runs (the first lookup)
+        self._dirs: set[int] = set()  # published (or too big: looked at once)
+        ov.table.extra_lookups = self.lookups
+
+    def _on(self) -> bool:
+        if self.on is None:
+            self.on = fuse_shim.fast_available() and \
+                os.environ.get("COWFS_FAST_LOOKUPS", "1") != "0"
+        return self.on
+
+    def looked_in(self, parent: Node) -> None:
+        """The daemon answered a LOOKUP in parent: publish its files if it is lower-only."""
+        if parent.upper or parent.children is None or parent.ino in self._dirs \
+                or not self._on():
+            return
+        self._dirs.add(parent.ino)
+        try:
+            names = self.ov.listdir(parent)
+            if len(names) > MAX_DIR:
+                return
+            items = []
+            for name in names:
+                node = self.ov.lookup(parent, name)
+                if node is not None and node.children is None and node.parent is parent:
+                    items.append((os.fsencode(name), node.ino, self.entry_out(node)))
+        except OSError as exc:  # (detached meanwhile, a lazy object...): the daemon answers
+            log.debug("not publishing %d: %s", parent.ino, exc)
+            return
+        fuse_shim.dir_publish(parent.ino, items)
+
+    def changed(self, node: Node) -> None:
+        """node is about to be copied up: its directory (or itself) is no longer lower-only."""
+        for d in (node, node.parent):
+            if d is not None and d.ino in self._dirs:
+                self._dirs.discard(d.ino)
+                fuse_shim.dir_stop(d.ino)
+
+    def changed_all(self) -> None:
+        """The lower layer changed (reload, reset, repair)."""
+        if self._dirs:
+            self._dirs.clear()
+            fuse_shim.dir_stop_all()
+
+    def lookups(self, ino: int) -> int:
+        """Lookups of ino the reader answered that the daemon has not counted yet."""
+        return fuse_shim.lookups_of(ino, take=False) if self.on else 0
+
+    def take(self, ino: int) -> int:
+        """The same, counted by the caller from now on (at a FORGET)."""
+        return fuse_shim.lookups_of(ino, take=True) if self.on else 0
+
+    def status(self) -> dict[str, int]:
+        published, lookups, attrs = fuse_shim.lookup_totals()
+        return {"lookups_published": published, "lookups_in_c": lookups,
+                "lookup_getattrs_in_c": attrs}

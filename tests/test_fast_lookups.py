@@ -1,0 +1,96 @@
+"""Lookups answered by the C reader (cowfs/fastlookup.py, cowfs/_fuse_fastlookup.c).
+
+Once the daemon answered a LOOKUP in a lower-only directory, the reader answers the LOOKUPs
+and GETATTRs of that directory's files. These tests check that it gives the daemon's own
+answers, stops before anything in the directory changes, and that its lookups count when
+the kernel forgets a node or a file open in the kernel loses its last name. Each runs on
+kernel opens and on passthrough.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cowfs import control
+
+
+def status(spec: Any) -> dict[str, Any]:
+    return dict(control.request(spec.socket, "status"))
+
+
+@pytest.fixture(params=["kernel", "passthrough"])
+def mounted(request: pytest.FixtureRequest, tmp_path: Path, overlay_mount: Any,
+            monkeypatch: pytest.MonkeyPatch, passthrough_refused: str | None) -> Any:
+    if request.param == "passthrough" and passthrough_refused is not None:
+        pytest.skip(f"passthrough falls back here: {passthrough_refused}")
+    monkeypatch.setenv("COWFS_PASSTHROUGH", "1" if request.param == "passthrough" else "0")
+    lower = tmp_path / "lower"
+    (lower / "pkg" / "__pycache__").mkdir(parents=True)
+    for i in range(6):
+        (lower / "pkg" / f"m{i}.py").write_text(f"V = {i}\n")
+        (lower / "pkg" / "__pycache__" / f"m{i}.pyc").write_bytes(bytes([i]) * (100 + i))
+    os.chmod(lower / "pkg" / "m5.py", 0o600)
+    return overlay_mount(lower), lower
+
+
+def test_the_reader_answers_as_the_daemon_would(mounted: Any) -> None:
+    m, lower = mounted
+    cache = m.mnt / "pkg" / "__pycache__"
+    os.stat(cache / "m0.pyc")  # the daemon's answer: the directory is published
+    before = status(m.spec)
+    assert before["lookups_published"] >= 6
+    for i in range(1, 6):
+        mine, theirs = os.stat(cache / f"m{i}.pyc"), os.stat(lower / "pkg" / "__pycache__"
+                                                                  / f"m{i}.pyc")
+        assert (mine.st_size, mine.st_mode, mine.st_mtime_ns, mine.st_nlink) == \
+            (theirs.st_size, theirs.st_mode, theirs.st_mtime_ns, theirs.st_nlink)
+        assert (cache / f"m{i}.pyc").read_bytes() == bytes([i]) * (100 + i)
+    assert status(m.spec)["lookups_in_c"] - before["lookups_in_c"] == 5
+    os.stat(m.mnt / "pkg" / "m0.py")
+    assert stat.S_IMODE(os.stat(m.mnt / "pkg" / "m5.py").st_mode) == 0o600
+
+
+def test_a_change_in_the_directory_stops_it(mounted: Any) -> None:
+    m, lower = mounted
+    pkg = m.mnt / "pkg"
+    os.stat(pkg / "m0.py")
+    os.stat(pkg / "m1.py")  # (the reader)
+    in_c = status(m.spec)["lookups_in_c"]
+    (pkg / "m1.py").write_text("V = 'edited'\n")  # a copy-up in pkg/
+    os.chmod(pkg / "m0.py", 0o640)
+    os.unlink(pkg / "m2.py")
+    os.rename(pkg / "m3.py", pkg / "m4.py")
+    assert (pkg / "m1.py").read_text() == "V = 'edited'\n"
+    assert stat.S_IMODE(os.stat(pkg / "m0.py").st_mode) == 0o640
+    assert not (pkg / "m2.py").exists() and not (pkg / "m3.py").exists()
+    assert (pkg / "m4.py").read_text() == "V = 3\n"
+    assert os.stat(pkg / "m4.py").st_size == 6
+    assert stat.S_IMODE(os.stat(pkg / "m5.py").st_mode) == 0o600  # first asked now: daemon
+    assert status(m.spec)["lookups_in_c"] == in_c  # nothing answered from before the change
+    assert sorted(os.listdir(pkg)) == ["__pycache__", "m0.py", "m1.py", "m4.py", "m5.py"]
+    assert (lower / "pkg" / "m2.py").read_text() == "V = 2\n"  # the lower untouched
+
+
+def test_lookups_the_reader_answered_count_when_the_kernel_forgets(mounted: Any) -> None:
+    m, _ = mounted
+    cache = m.mnt / "pkg" / "__pycache__"
+    os.stat(cache / "m0.pyc")
+    fd = os.open(cache / "m1.pyc", os.O_RDONLY)  # looked up by the reader
+    try:
+        os.unlink(cache / "m1.pyc")  # the file's last name: the open must keep it
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2\n")  # dentries and inodes: FORGETs of everything not open
+        assert os.pread(fd, 1000, 0) == bytes([1]) * 101
+        assert os.fstat(fd).st_nlink == 0
+    finally:
+        os.close(fd)
+    for i in (0, 2, 3):  # looked up again after the forget: the same answers
+        assert (cache / f"m{i}.pyc").read_bytes() == bytes([i]) * (100 + i)
+    assert not (cache / "m1.pyc").exists()
+    assert status(m.spec)["lookups_in_c"] >= 1
