@@ -101,12 +101,13 @@ class Daemon:
             await self.ops.settle()
             # In a thread: taking the lease waits for a running gc to finish.
             lower, lease = await trio.to_thread.run_sync(build_lower, self.spec)
+            # The C reader must answer nothing from the old layer once it is swapped.
+            self.ops.forget_caches()
+            self.ops.pt.drop_unused()
             inv = swap_lower(self.ov, lower)
             if self.lease is not None:
                 self.lease.release()  # only now: the old layer was served until the swap
             self.lease = lease
-            self.ops.forget_caches()
-            self.ops.pt.drop_unused()
             await self.invalidate(inv)
             log.info("reloaded lower: %d inodes, %d entries invalidated", len(inv.inodes),
                      len(inv.entries))
