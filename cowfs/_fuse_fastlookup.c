@@ -168,9 +168,10 @@ int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
     struct pdir **p = pdir_slot(parent);
     if (*p == NULL && (*p = calloc(1, sizeof **p)) != NULL)
         (*p)->ino = parent;
-    struct counted *c = *p != NULL ? counted(ino) : NULL;
-    struct dentry *d = c != NULL && find(parent, name, len) == NULL
-                           ? malloc(sizeof *d + len) : NULL;
+    struct counted *c = *p != NULL && find(parent, name, len) == NULL ? counted(ino) : NULL;
+    struct dentry *d = c != NULL ? malloc(sizeof *d + len) : NULL;
+    if (c != NULL && d == NULL)
+        drop_counted_if_idle(ino);
     if (d != NULL) {
         unsigned b = name_bucket(parent, name, len);
         d->next = dentries[b];

@@ -134,12 +134,13 @@ int cowfs_fast_answer(int dev_fd, const void *mem, size_t n)
         (*e)->pid = in->pid;
         /* Written under the lock: a stop in between must see this open counted or not sent. */
         ssize_t w = write(dev_fd, &out, sizeof out);
+        int err = errno;
         if (w < 0)
             put(e, dev_fd); /* the opener was interrupted: the kernel holds nothing */
         else
             opens_answered++;
         pthread_mutex_unlock(&mu);
-        return w >= 0 || errno == ENOENT;
+        return w >= 0 || err == ENOENT;
     }
     if (in->opcode == FUSE_RELEASE_OPCODE && n >= sizeof *in + sizeof(struct release_in)) {
         const struct release_in *arg = (const struct release_in *)(in + 1);

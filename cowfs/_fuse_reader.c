@@ -94,9 +94,10 @@ static int answer_here(const void *mem, ssize_t n)
 /* After a request answered here, poll /dev/fuse for a while before sleeping in read(): waking
  * a sleeping thread costs tens of microseconds on VMs that halt idle vCPUs (more than the C
  * answer itself), and an import or a tree walk sends the next request within microseconds.
- * Up to spin_max_ns per request (COWFS_READER_SPIN_US, 0: off); after POLL_MISSES polls in a
- * row that waited in vain, none until requests come close together again. */
+ * Up to spin_max_ns per request (COWFS_READER_SPIN_US, 0: off; never with one CPU); after
+ * POLL_MISSES polls in a row that waited in vain, none for PAUSE_NS. */
 #define POLL_MISSES 8
+#define PAUSE_NS 10000000L /* 10 ms: at most 8 polls in vain (400 us) per pause, 4% of a CPU */
 static long spin_max_ns;
 
 static long elapsed_ns(const struct timespec *t0)
@@ -134,7 +135,10 @@ static void *reader_main(void *unused)
     (void)unused;
     const char *env = getenv("COWFS_READER_SPIN_US");
     spin_max_ns = (env != NULL ? atol(env) : 50) * 1000L;
-    int misses = 0; /* polls in a row that waited in vain */
+    if (sysconf(_SC_NPROCESSORS_ONLN) < 2)
+        spin_max_ns = 0; /* polling would only hold up the client it waits for */
+    int misses = 0;                                 /* polls in a row that waited in vain */
+    struct timespec paused = {0, 0};                /* when polling last gave up */
     void *mem = malloc(BUFSIZE);
     if (mem == NULL) {
         end_reading(ENOMEM);
@@ -142,20 +146,15 @@ static void *reader_main(void *unused)
     }
     int spin = 0; /* the last request was answered here: the next one may come right away */
     for (;;) {
-        int slept = 0;
-        struct timespec t0;
-        if (spin && spin_max_ns > 0) {
-            if (misses < POLL_MISSES && poll_busy(spin_max_ns)) {
+        if (spin && spin_max_ns > 0 &&
+            (misses < POLL_MISSES || elapsed_ns(&paused) > PAUSE_NS)) {
+            if (poll_busy(spin_max_ns)) {
                 misses = 0;
-            } else {
-                misses += misses < POLL_MISSES;
-                slept = 1;
-                clock_gettime(CLOCK_MONOTONIC, &t0);
+            } else if (++misses >= POLL_MISSES) {
+                clock_gettime(CLOCK_MONOTONIC, &paused); /* none for PAUSE_NS, then try again */
             }
         }
         ssize_t n = read(dev_fd, mem, BUFSIZE);
-        if (slept && misses == POLL_MISSES && n > 0 && elapsed_ns(&t0) < 2 * spin_max_ns)
-            misses = 0; /* requests come close together again */
         if (n < 0) {
             if (errno == EINTR || errno == EAGAIN || errno == ENOENT)
                 continue; /* ENOENT: a request interrupted before it was read */

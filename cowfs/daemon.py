@@ -116,6 +116,7 @@ class Daemon:
             from cowfs.reset import reset_paths  # only needed by this request
 
             await self.ops.settle()
+            self.ops.forget_caches()  # (the C reader's entries stop before anything changes)
             inv, removed = reset_paths(self.ov, list(req.get("paths", [])), req.get("expect"))
             self.ops.forget_caches()
             await self.invalidate(inv)

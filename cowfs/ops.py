@@ -429,9 +429,9 @@ class CowfsOperations(pyfuse3.Operations):
         parent = self.node(parent_inode)
         victim = (parent.children or {}).get(_name(name))
         await self.settle(parent, victim)
-        namespace.unlink(self.ov, parent, _name(name))
         if victim is not None:
-            self.pt.changed(victim.ino)  # its link count is no longer the C reader's
+            self.pt.changed(victim.ino)  # its link count is about to change: not the reader's
+        namespace.unlink(self.ov, parent, _name(name))
         self._noticed(parent, _name(name))  # a RECORD deleted: another tool uninstalled
 
     @fuse_errors
@@ -449,10 +449,10 @@ class CowfsOperations(pyfuse3.Operations):
         await self.settle()
         new_parent = self.node(parent_inode_new)
         victim = (new_parent.children or {}).get(_name(name_new))
-        namespace.rename(self.ov, self.node(parent_inode_old), _name(name_old),
-                         new_parent, _name(name_new), flags)
         if victim is not None:
             self.pt.changed(victim.ino)
+        namespace.rename(self.ov, self.node(parent_inode_old), _name(name_old),
+                         new_parent, _name(name_new), flags)
         self._noticed(new_parent, _name(name_new))
 
     # -- files --------------------------------------------------------------------------

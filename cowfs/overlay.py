@@ -68,6 +68,8 @@ def _attr_from_lower(e: LowerEntry, nlink: int) -> Attr:
                 e.ctime_ns or e.mtime_ns)
 
 
+# Handle numbers wrap below the bits cowfs.passthrough puts above them (FAST_FH: 1 << 31).
+MAX_FH = (1 << 31) - 1
 IMPLICIT_OPEN_MAX = 512  # implicit handles of reachable files kept open (reopenable)
 
 
@@ -366,7 +368,9 @@ class Overlay:
 
     def add_handle(self, node: Node, fd: int, writable: bool, on_lower: bool) -> int:
         fh = self._next_fh
-        self._next_fh += 1
+        while fh in self.handles:  # (after a wrap: one still open)
+            fh = fh % MAX_FH + 1
+        self._next_fh = fh % MAX_FH + 1
         self.handles[fh] = Handle(node, fd, writable, on_lower)
         if node.handles is None:
             node.handles = set()
