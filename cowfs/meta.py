@@ -59,8 +59,9 @@ _trusted_by_dev: dict[tuple[int, str], bool] = {}
 
 
 def _fs_key(directory: str) -> tuple[int, str]:
-    """Identifies one mounted filesystem: its device number plus the ids of the mounts of
-    that device (a loop or FUSE device number is reused by the next mount)."""
+    """Identifies one mounted filesystem: its device number plus the ids, types and sources
+    of the mounts of that device (a loop, tmpfs or FUSE device number is reused by the next
+    mount, and so is a mount id: a test's tmpfs and the ntfs-3g mounted after it had both)."""
     dev = os.stat(directory).st_dev
     majmin = f"{os.major(dev)}:{os.minor(dev)}"
     ids = []
@@ -68,7 +69,7 @@ def _fs_key(directory: str) -> tuple[int, str]:
         for line in f:
             fields = line.split(maxsplit=3)
             if len(fields) > 2 and fields[2] == majmin:
-                ids.append(fields[0])
+                ids.append(fields[0] + " " + line.partition(" - ")[2].strip())
     return dev, ",".join(ids)
 
 
