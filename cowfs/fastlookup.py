@@ -51,9 +51,7 @@ class FastLookups:
             for name in names:
                 node = self.ov.lookup(parent, name)
                 if node is not None and node.children is None and node.parent is parent:
-                    source = node.lower.source if node.lower is not None else None
-                    items.append((os.fsencode(name), node.ino, self.entry_out(node),
-                                  os.fsencode(source or "")))
+                    items.append((os.fsencode(name), node.ino, self.entry_out(node)))
         except OSError as exc:  # (detached meanwhile, a lazy object...): the daemon answers
             log.debug("not publishing %d: %s", parent.ino, exc)
             return
