@@ -32,7 +32,7 @@ struct dentry { /* a published name */
         struct cowfs_out_header h;
         unsigned char entry_out[COWFS_ENTRY_OUT_SIZE];
     } reply;
-    size_t namelen;
+    size_t namelen, sourcelen; /* source: the backing file's path, after the name */
     char name[];
 };
 struct pdir { /* a published directory */
@@ -135,6 +135,15 @@ int cowfs_lookup_answer(int dev_fd, const void *mem, size_t n)
     return 0;
 }
 
+/* fuse_attr_out from a published name's fuse_entry_out. */
+static void attr_of(const struct dentry *d, unsigned char attr_out[COWFS_ATTR_OUT_SIZE])
+{
+    memcpy(attr_out, d->reply.entry_out + 24, 8);      /* attr_valid */
+    memcpy(attr_out + 8, d->reply.entry_out + 36, 4);  /* attr_valid_nsec */
+    memset(attr_out + 12, 0, 4);                       /* dummy */
+    memcpy(attr_out + 16, d->reply.entry_out + 40, COWFS_ATTR_OUT_SIZE - 16); /* attr */
+}
+
 int cowfs_lookup_getattr(int dev_fd, const struct cowfs_in_header *in)
 {
     pthread_mutex_lock(&mu);
@@ -143,15 +152,10 @@ int cowfs_lookup_getattr(int dev_fd, const struct cowfs_in_header *in)
     if (d != NULL) {
         struct {
             struct cowfs_out_header h;
-            uint64_t attr_valid;
-            uint32_t attr_valid_nsec, dummy;
-            unsigned char attr[COWFS_ENTRY_OUT_SIZE - 40];
+            unsigned char attr_out[COWFS_ATTR_OUT_SIZE];
         } out;
         out.h = (struct cowfs_out_header){sizeof out, 0, in->unique};
-        memcpy(&out.attr_valid, d->reply.entry_out + 24, 8);      /* entry_out.attr_valid */
-        memcpy(&out.attr_valid_nsec, d->reply.entry_out + 36, 4); /* .attr_valid_nsec */
-        out.dummy = 0;
-        memcpy(out.attr, d->reply.entry_out + 40, sizeof out.attr);
+        attr_of(d, out.attr_out);
         if (write(dev_fd, &out, sizeof out) < 0) { /* ENOENT: interrupted */
         }
         attrs_answered++;
@@ -160,8 +164,25 @@ int cowfs_lookup_getattr(int dev_fd, const struct cowfs_in_header *in)
     return d != NULL;
 }
 
+int cowfs_lookup_source(uint64_t ino, char *path, size_t size,
+                        unsigned char attr_out[COWFS_ATTR_OUT_SIZE])
+{
+    pthread_mutex_lock(&mu);
+    struct counted *c = *count_slot(ino);
+    struct dentry *d = c != NULL ? c->dentry : NULL;
+    int found = d != NULL && d->sourcelen > 0 && d->sourcelen < size;
+    if (found) {
+        memcpy(path, d->name + d->namelen, d->sourcelen);
+        path[d->sourcelen] = '\0';
+        attr_of(d, attr_out);
+    }
+    pthread_mutex_unlock(&mu);
+    return found;
+}
+
 int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
-                  const unsigned char entry_out[COWFS_ENTRY_OUT_SIZE])
+                  const unsigned char entry_out[COWFS_ENTRY_OUT_SIZE], const char *source,
+                  size_t source_len)
 {
     int ok = 0;
     pthread_mutex_lock(&mu);
@@ -169,7 +190,7 @@ int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
     if (*p == NULL && (*p = calloc(1, sizeof **p)) != NULL)
         (*p)->ino = parent;
     struct counted *c = *p != NULL && find(parent, name, len) == NULL ? counted(ino) : NULL;
-    struct dentry *d = c != NULL ? malloc(sizeof *d + len) : NULL;
+    struct dentry *d = c != NULL ? malloc(sizeof *d + len + source_len) : NULL;
     if (c != NULL && d == NULL)
         drop_counted_if_idle(ino);
     if (d != NULL) {
@@ -184,6 +205,8 @@ int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
         memcpy(d->reply.entry_out, entry_out, COWFS_ENTRY_OUT_SIZE);
         d->namelen = len;
         memcpy(d->name, name, len);
+        d->sourcelen = source_len;
+        memcpy(d->name + len, source, source_len);
         c->dentry = d;
         n_dentries++;
         ok = 1;

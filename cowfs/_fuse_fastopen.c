@@ -69,7 +69,8 @@ struct entry {
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static struct entry *buckets[BUCKETS];
-static unsigned long entries, opens_answered, attrs_answered;
+static unsigned long entries, opens_answered, attrs_answered, first_opened;
+static int first_opens; /* the daemon allows first_open() */
 
 static struct entry **slot(uint64_t nodeid)
 {
@@ -100,6 +101,50 @@ static void put(struct entry **e, int dev_fd)
     }
 }
 
+/* An entry for a node whose store object was never opened here yet: its published name
+ * (_fuse_fastlookup.c) says which file; the reader registers it as a backing file itself.
+ * The daemon stops a node's name before its entry (cowfs.ops._changing), so checking the name
+ * again under the lock, after the slow open, makes an entry for a node that changed meanwhile
+ * impossible. 1 when the entry is there. */
+static int first_open(int dev_fd, uint64_t nodeid)
+{
+    char path[4096];
+    struct {
+        struct cowfs_out_header h;
+        unsigned char attr_out[COWFS_ATTR_OUT_SIZE];
+    } attr;
+    if (!cowfs_lookup_source(nodeid, path, sizeof path, attr.attr_out))
+        return 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0)
+        return 0; /* (a lazily installed object not fetched yet...): the daemon's to answer */
+    struct backing_map map = {fd, 0, 0};
+    int32_t id = ioctl(dev_fd, BACKING_OPEN, &map);
+    close(fd);
+    if (id < 0)
+        return 0;
+    char again[4096];
+    pthread_mutex_lock(&mu);
+    struct entry **e = slot(nodeid);
+    struct entry *new = NULL;
+    if (*e == NULL && cowfs_lookup_source(nodeid, again, sizeof again, attr.attr_out) &&
+        strcmp(path, again) == 0 && (new = calloc(1, sizeof *new)) != NULL) {
+        *new = (struct entry){nodeid, id, 0, 0, 1, NULL, {{0}, {0}}};
+        new->attr.h.len = sizeof new->attr;
+        memcpy(new->attr.attr_out, attr.attr_out, COWFS_ATTR_OUT_SIZE);
+        *e = new;
+        entries++;
+        first_opened++;
+    }
+    pthread_mutex_unlock(&mu);
+    if (new == NULL) {
+        uint32_t unused = (uint32_t)id;
+        if (ioctl(dev_fd, BACKING_CLOSE, &unused) < 0) { /* (the connection is gone) */
+        }
+    }
+    return 1;
+}
+
 int cowfs_fast_answer(int dev_fd, const void *mem, size_t n)
 {
     const struct cowfs_in_header *in = mem;
@@ -124,6 +169,13 @@ int cowfs_fast_answer(int dev_fd, const void *mem, size_t n)
             return 0;
         pthread_mutex_lock(&mu);
         struct entry **e = slot(in->nodeid);
+        if (*e == NULL && first_opens) {
+            pthread_mutex_unlock(&mu);
+            if (!first_open(dev_fd, in->nodeid))
+                return 0;
+            pthread_mutex_lock(&mu);
+            e = slot(in->nodeid);
+        }
         if (*e == NULL || !(*e)->serving) {
             pthread_mutex_unlock(&mu);
             return 0;
@@ -182,7 +234,7 @@ int cowfs_fast_publish(uint64_t nodeid, int32_t backing_id, uint32_t pid,
     return ok ? 0 : -1;
 }
 
-int32_t cowfs_fast_hold(uint64_t nodeid, uint32_t pid)
+int32_t cowfs_fast_hold(uint64_t nodeid, uint32_t pid, int *serving)
 {
     pthread_mutex_lock(&mu);
     struct entry **e = slot(nodeid);
@@ -191,6 +243,7 @@ int32_t cowfs_fast_hold(uint64_t nodeid, uint32_t pid)
         (*e)->count++;
         (*e)->pid = pid;
         id = (*e)->backing_id;
+        *serving = (*e)->serving;
     }
     pthread_mutex_unlock(&mu);
     return id;
@@ -216,8 +269,35 @@ int64_t cowfs_fast_stop(uint64_t nodeid, int force, uint32_t pid)
     return r;
 }
 
+void cowfs_fast_first_opens(int on)
+{
+    pthread_mutex_lock(&mu);
+    first_opens = on;
+    pthread_mutex_unlock(&mu);
+}
+
+void cowfs_fast_stop_all(int dev_fd)
+{
+    pthread_mutex_lock(&mu);
+    for (unsigned i = 0; i < BUCKETS; i++) {
+        struct entry **e = &buckets[i];
+        while (*e != NULL) {
+            (*e)->serving = 0;
+            if ((*e)->count == 0) {
+                uint32_t id = (uint32_t)(*e)->backing_id;
+                if (ioctl(dev_fd, BACKING_CLOSE, &id) < 0) { /* (the connection is gone) */
+                }
+                unlink_entry(e);
+            } else {
+                e = &(*e)->next;
+            }
+        }
+    }
+    pthread_mutex_unlock(&mu);
+}
+
 void cowfs_fast_totals(unsigned long *n_entries, unsigned long *n_opens,
-                       unsigned long *answered, unsigned long *attrs)
+                       unsigned long *answered, unsigned long *attrs, unsigned long *firsts)
 {
     unsigned long opens = 0;
     pthread_mutex_lock(&mu);
@@ -228,5 +308,6 @@ void cowfs_fast_totals(unsigned long *n_entries, unsigned long *n_opens,
     *n_opens = opens;
     *answered = opens_answered;
     *attrs = attrs_answered;
+    *firsts = first_opened;
     pthread_mutex_unlock(&mu);
 }

@@ -31,6 +31,12 @@ struct cowfs_out_header {
 
 /* Passthrough (include/uapi/linux/fuse.h 7.40; libfuse 3.14 knows 7.36). */
 #define FOPEN_PASSTHROUGH_FLAG (1U << 7)
+struct backing_map {
+    int32_t fd;
+    uint32_t flags;
+    uint64_t padding;
+};
+#define BACKING_OPEN _IOW(229, 1, struct backing_map)
 #define BACKING_CLOSE _IOW(229, 2, uint32_t)
 
 /* Passthrough opens of published store objects (_fuse_fastopen.c). */
@@ -42,17 +48,25 @@ int cowfs_fast_answer(int dev_fd, const void *mem, size_t n);
 #define COWFS_ATTR_OUT_SIZE 104 /* fuse_attr_out */
 int cowfs_fast_publish(uint64_t nodeid, int32_t backing_id, uint32_t pid,
                        const unsigned char attr_out[COWFS_ATTR_OUT_SIZE]);
-int32_t cowfs_fast_hold(uint64_t nodeid, uint32_t pid);
+int32_t cowfs_fast_hold(uint64_t nodeid, uint32_t pid, int *serving);
+/* From now on the reader registers the backing file of a published name's first open. */
+void cowfs_fast_first_opens(int on);
+void cowfs_fast_stop_all(int dev_fd);
 int64_t cowfs_fast_stop(uint64_t nodeid, int force, uint32_t pid);
 void cowfs_fast_totals(unsigned long *n_entries, unsigned long *n_opens,
-                       unsigned long *answered, unsigned long *attrs);
+                       unsigned long *answered, unsigned long *attrs, unsigned long *firsts);
 
 /* LOOKUP and GETATTR of files in published lower-only directories (_fuse_fastlookup.c). */
 #define COWFS_ENTRY_OUT_SIZE 128 /* fuse_entry_out */
 int cowfs_lookup_answer(int dev_fd, const void *mem, size_t n);
 int cowfs_lookup_getattr(int dev_fd, const struct cowfs_in_header *in);
 int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
-                  const unsigned char entry_out[COWFS_ENTRY_OUT_SIZE]);
+                  const unsigned char entry_out[COWFS_ENTRY_OUT_SIZE], const char *source,
+                  size_t source_len);
+/* 1 when ino has a published name with a backing file path (copied into path, its GETATTR
+ * answer into attr_out). */
+int cowfs_lookup_source(uint64_t ino, char *path, size_t size,
+                        unsigned char attr_out[COWFS_ATTR_OUT_SIZE]);
 void cowfs_dir_stop(uint64_t parent);
 void cowfs_dir_stop_all(void);
 uint64_t cowfs_lookups_of(uint64_t ino, int take);

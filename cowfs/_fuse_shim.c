@@ -66,12 +66,6 @@ typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
  * overlay: that keeps this mount stackable under an overlay itself. */
 #define MAX_STACK_DEPTH 1
 
-struct backing_map {
-    int32_t fd;
-    uint32_t flags;
-    uint64_t padding;
-};
-#define BACKING_OPEN _IOW(229, 1, struct backing_map)
 
 /* A handle the daemon marks for a passthrough reply: PT_FLAG | [PT_DIRECT] | id << 32 | fh */
 #define PT_FLAG (1ULL << 62)
@@ -352,7 +346,24 @@ static PyObject *fast_hold(PyObject *self, PyObject *args)
     unsigned int pid;
     if (!PyArg_ParseTuple(args, "KI", &ino, &pid))
         return NULL;
-    return PyLong_FromLong(cowfs_fast_hold(ino, pid));
+    int serving = 0;
+    int32_t id = cowfs_fast_hold(ino, pid, &serving);
+    return Py_BuildValue("(iO)", id, serving ? Py_True : Py_False);
+}
+
+static PyObject *fast_first_opens(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    cowfs_fast_first_opens(PyObject_IsTrue(arg) == 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *fast_stop_all(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    cowfs_fast_stop_all(session_fd());
+    Py_RETURN_NONE;
 }
 
 static PyObject *fast_stop(PyObject *self, PyObject *args)
@@ -370,9 +381,9 @@ static PyObject *fast_totals(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    unsigned long entries, opens, answered, attrs;
-    cowfs_fast_totals(&entries, &opens, &answered, &attrs);
-    return Py_BuildValue("(kkkk)", entries, opens, answered, attrs);
+    unsigned long entries, opens, answered, attrs, firsts;
+    cowfs_fast_totals(&entries, &opens, &answered, &attrs, &firsts);
+    return Py_BuildValue("(kkkkk)", entries, opens, answered, attrs, firsts);
 }
 
 static PyObject *dir_publish(PyObject *self, PyObject *args)
@@ -384,18 +395,18 @@ static PyObject *dir_publish(PyObject *self, PyObject *args)
         return NULL;
     Py_ssize_t added = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
-        const char *name, *entry;
-        Py_ssize_t name_len, entry_len;
+        const char *name, *entry, *source;
+        Py_ssize_t name_len, entry_len, source_len;
         unsigned long long ino;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(items, i), "y#Ky#", &name, &name_len, &ino,
-                              &entry, &entry_len))
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(items, i), "y#Ky#y#", &name, &name_len, &ino,
+                              &entry, &entry_len, &source, &source_len))
             return NULL;
         if (entry_len != COWFS_ENTRY_OUT_SIZE) {
             PyErr_SetString(PyExc_ValueError, "fuse_entry_out is 128 bytes");
             return NULL;
         }
         added += cowfs_dir_add(parent, name, (size_t)name_len, ino,
-                               (const unsigned char *)entry);
+                               (const unsigned char *)entry, source, (size_t)source_len);
     }
     return PyLong_FromSsize_t(added);
 }
@@ -452,12 +463,17 @@ static PyMethodDef methods[] = {
     {"fast_publish", fast_publish, METH_VARARGS,
      "(ino, backing id, pid, fuse_attr_out): the reader answers read-only opens (one counted) "
      "and GETATTR of ino."},
-    {"fast_hold", fast_hold, METH_VARARGS, "(ino, pid): count one more open; its backing id or -1."},
+    {"fast_hold", fast_hold, METH_VARARGS,
+     "(ino, pid): count one more open: (its backing id or -1, whether the reader serves it)."},
+    {"fast_first_opens", fast_first_opens, METH_O,
+     "The reader registers the backing file of a published name's first open itself."},
+    {"fast_stop_all", fast_stop_all, METH_NOARGS, "Stop every entry (idle ones: closed)."},
     {"fast_stop", fast_stop, METH_VARARGS,
      "(ino, force, pid): its backing id when idle (removed), else -1 none, -2 busy, -3 draining."},
-    {"fast_totals", fast_totals, METH_NOARGS, "(entries, counted opens, opens answered, GETATTRs answered)"},
+    {"fast_totals", fast_totals, METH_NOARGS, "(entries, counted opens, opens answered, GETATTRs answered, first opens registered)"},
     {"dir_publish", dir_publish, METH_VARARGS,
-     "(parent, [(name, ino, fuse_entry_out)]): the reader answers those LOOKUPs (and GETATTRs)."},
+     "(parent, [(name, ino, fuse_entry_out, backing path or b'')]): the reader answers those "
+     "LOOKUPs and GETATTRs (and first opens, see fast_first_opens)."},
     {"dir_stop", dir_stop, METH_O, "Stop answering lookups in a directory."},
     {"dir_stop_all", dir_stop_all, METH_NOARGS, "Stop answering lookups anywhere."},
     {"lookups_of", lookups_of, METH_VARARGS,

@@ -51,7 +51,9 @@ class FastLookups:
             for name in names:
                 node = self.ov.lookup(parent, name)
                 if node is not None and node.children is None and node.parent is parent:
-                    items.append((os.fsencode(name), node.ino, self.entry_out(node)))
+                    source = node.lower.source if node.lower is not None else None
+                    items.append((os.fsencode(name), node.ino, self.entry_out(node),
+                                  os.fsencode(source or "")))
         except OSError as exc:  # (detached meanwhile, a lazy object...): the daemon answers
             log.debug("not publishing %d: %s", parent.ino, exc)
             return

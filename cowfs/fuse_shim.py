@@ -97,10 +97,24 @@ def fast_publish(ino: int, backing_id: int, pid: int, attr_out: bytes) -> None:
     _shim.fast_publish(ino, backing_id, pid, attr_out)
 
 
-def fast_hold(ino: int, pid: int) -> int:
-    """Count one more open of ino's entry: its backing id, or -1 when there is none."""
+def fast_hold(ino: int, pid: int) -> tuple[int, bool]:
+    """Count one more open of ino's entry: (its backing id, or -1 when there is none;
+    whether the reader serves it, or it drains)."""
     assert _shim is not None
-    return int(_shim.fast_hold(ino, pid))
+    backing_id, serving = _shim.fast_hold(ino, pid)
+    return int(backing_id), bool(serving)
+
+
+def fast_first_opens() -> None:
+    """The reader registers the backing file of a published name's first open itself."""
+    assert _shim is not None
+    _shim.fast_first_opens(True)
+
+
+def fast_stop_all() -> None:
+    """Stop every entry: idle ones are closed, those in use drain."""
+    if _shim is not None:
+        _shim.fast_stop_all()
 
 
 def fast_stop(ino: int, force: bool, pid: int = 0) -> int:
@@ -112,18 +126,19 @@ def fast_stop(ino: int, force: bool, pid: int = 0) -> int:
     return int(_shim.fast_stop(ino, force, pid))
 
 
-def fast_totals() -> tuple[int, int, int, int]:
-    """(published entries, opens they count, opens and GETATTRs the reader answered)."""
+def fast_totals() -> tuple[int, int, int, int, int]:
+    """(published entries, opens they count, opens and GETATTRs the reader answered, entries
+    it made at a first open)."""
     if _shim is None:
-        return 0, 0, 0, 0
-    entries, opens, answered, attrs = _shim.fast_totals()
-    return int(entries), int(opens), int(answered), int(attrs)
+        return 0, 0, 0, 0, 0
+    return tuple(int(v) for v in _shim.fast_totals())  # type: ignore[return-value]
 
 
 # Lookups the reader thread answers (cowfs/_fuse_fastlookup.c); only while it runs.
-def dir_publish(parent: int, items: list[tuple[bytes, int, bytes]]) -> int:
-    """The reader answers LOOKUP of these (name, ino, fuse_entry_out) in parent, and GETATTR
-    of those inos; how many were added."""
+def dir_publish(parent: int, items: list[tuple[bytes, int, bytes, bytes]]) -> int:
+    """The reader answers LOOKUP of these (name, ino, fuse_entry_out, backing file path or
+    b"") in parent, and GETATTR of those inos (and, once allowed, their first opens); how
+    many were added."""
     assert _shim is not None
     return int(_shim.dir_publish(parent, items))
 

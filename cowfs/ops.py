@@ -116,9 +116,10 @@ class CowfsOperations(pyfuse3.Operations):
         self.lazy: LazyObjects | None = None
 
     def _changing(self, node: Node) -> None:
-        """node is about to stop being its lower file: the C reader must not answer for it."""
-        self.pt.changed(node.ino)
+        """node is about to stop being its lower file: the C reader must not answer for it.
+        Its published name first: the reader makes an entry only while the name is there."""
         self.lookups.changed(node)
+        self.pt.changed(node.ino)
 
     def _noticed(self, parent: Node, name: str) -> None:
         self.last_change = time.monotonic()
@@ -430,7 +431,7 @@ class CowfsOperations(pyfuse3.Operations):
         victim = (parent.children or {}).get(_name(name))
         await self.settle(parent, victim)
         if victim is not None:
-            self.pt.changed(victim.ino)  # its link count is about to change: not the reader's
+            self._changing(victim)  # its link count is about to change: not the reader's
         namespace.unlink(self.ov, parent, _name(name))
         self._noticed(parent, _name(name))  # a RECORD deleted: another tool uninstalled
 
@@ -450,7 +451,7 @@ class CowfsOperations(pyfuse3.Operations):
         new_parent = self.node(parent_inode_new)
         victim = (new_parent.children or {}).get(_name(name_new))
         if victim is not None:
-            self.pt.changed(victim.ino)
+            self._changing(victim)
         namespace.rename(self.ov, self.node(parent_inode_old), _name(name_old),
                          new_parent, _name(name_new), flags)
         self._noticed(new_parent, _name(name_new))

@@ -108,18 +108,18 @@ class Passthrough:
         # Auto mode: does another live mount serve the same store files (cowfs.lease)?
         self.sharing: Callable[[], bool] = lambda: False
         self._published: OrderedDict[int, tuple[int, int]] = OrderedDict()  # ino -> key
-        self._draining: set[int] = set()  # inos whose stopped entry may still count opens
+        self._first_opens = False  # the reader makes entries of published names itself
 
     def ask(self) -> None:
         if self.enabled is None:
             fuse_shim.want_passthrough()
 
     def status(self) -> dict[str, object]:
-        entries, opens, answered, attrs = fuse_shim.fast_totals()
+        entries, opens, answered, attrs, firsts = fuse_shim.fast_totals()
         return {"backing_ids": len(self._ids) + len(self._live) + entries,
                 "passthrough_opens": sum(v.count for v in self._live.values()) + opens,
                 "backing_refused": self.failures, "fast_opens": bool(self.fast),
-                "opens_in_c": answered, "getattrs_in_c": attrs}
+                "opens_in_c": answered, "getattrs_in_c": attrs, "first_opens_in_c": firsts}
 
     def decide(self, fd: int) -> bool:
         """At the first open: did the kernel take passthrough? Registers fd on success."""
@@ -161,7 +161,7 @@ class Passthrough:
         passthrough? An idle published entry is stopped first. pid: the process truncating;
         the kernel sends the truncation of its own O_RDONLY|O_TRUNC open as a SETATTR without
         its handle, so that one open of the node does not stand in the way."""
-        if ino in self._published or ino in self._draining:
+        if self.fast:  # (the reader may have made the node's entry itself)
             answer = fuse_shim.fast_stop(ino, False, pid)
             if answer == fuse_shim.FAST_BUSY:
                 return True
@@ -173,17 +173,16 @@ class Passthrough:
     def changed(self, ino: int) -> None:
         """The node no longer is the store object its published entry serves (copy-up,
         reload, forget): the reader must not answer its opens any more."""
-        if ino in self._published or ino in self._draining:
+        if self.fast:
             self._stopped(ino, fuse_shim.fast_stop(ino, True))
 
     def _stopped(self, ino: int, answer: int) -> None:
         key = self._published.pop(ino, None)
-        if answer == fuse_shim.FAST_DRAINING:
-            self._draining.add(ino)
-            return
-        self._draining.discard(ino)
-        if answer >= 0 and key is not None:
-            self._keep(key, answer)
+        if answer >= 0:  # (idle: the id is ours again; one the reader made has no key here)
+            if key is not None:
+                self._keep(key, answer)
+            else:
+                self._close(answer)
 
     def _keep(self, key: tuple[int, int], backing_id: int) -> None:
         """An unused backing id of a store object, for the next open of it."""
@@ -202,16 +201,14 @@ class Passthrough:
         releases its own. attr_out: the node's GETATTR answer (attr_reply), for the reader."""
         if writable and self.writer_refused(ino):  # (began while the open awaited)
             raise OSError(errno.ETXTBSY, os.strerror(errno.ETXTBSY))
-        if not writable and (ino in self._published or ino in self._draining):
+        if not writable and self.fast:
             # Not answered by the reader: it raced the publishing, or the node changed since
             # (draining: the kernel keeps the entry's backing, the daemon serves the I/O).
-            backing_id = fuse_shim.fast_hold(ino, pid)
+            backing_id, serving = fuse_shim.fast_hold(ino, pid)
             if backing_id >= 0:
-                if ino in self._published:
+                if serving:
                     return PT_FLAG | backing_id << ID_SHIFT | FAST_FH
                 return PT_FLAG | PT_DIRECT | backing_id << ID_SHIFT | FAST_FH | fh
-            self._published.pop(ino, None)
-            self._draining.discard(ino)
         live = self._live.get(ino)
         if live is None and (writable or self._cached.get(ino)):
             return self._cached_open(fh, ino)
@@ -228,6 +225,9 @@ class Passthrough:
             self.lower_ok |= on_lower
             if on_lower and not writable and attr_out is not None and self._fast():
                 fuse_shim.fast_publish(ino, backing_id, pid, attr_out())
+                if not self._published and not self._first_opens:
+                    fuse_shim.fast_first_opens()  # (the kernel takes store objects)
+                    self._first_opens = True
                 self._published[ino] = key
                 self._trim_published()
                 return PT_FLAG | backing_id << ID_SHIFT | FAST_FH
@@ -297,8 +297,9 @@ class Passthrough:
     def drop_unused(self) -> None:
         """After a reload: files of the old layer need not stay open in the kernel (gc may
         delete them; their space comes back once nothing holds them)."""
-        for ino in [*self._published, *self._draining]:
-            self.changed(ino)
+        if self.fast:
+            fuse_shim.fast_stop_all()  # (the reader's own entries too; idle ids closed)
+            self._published.clear()
         while self._ids:
             self._close(self._ids.popitem()[1])
 

@@ -271,9 +271,23 @@ def test_backing_ids_are_bounded_and_closed(lower: Path, overlay_mount: Any,
         assert (m.mnt / "pkg" / f"f{i}").read_text() == str(i)
     st = released(m.spec)
     assert st["passthrough_opens"] == 0 and st["open_files"] == 0
-    assert st["backing_ids"] == (16 + 8 if fast else 8)
-    if fast:  # the 16 published last, read first: answered in C
-        assert st["opens_in_c"] == 16
+    if fast:
+        # The daemon answered the first open; the reader all the others, making the entries of
+        # the other 39 itself (their names are published: cowfs.fastlookup). Those are not
+        # bounded by COWFS_FAST_OPENS_MAX but by the kernel: a forgotten inode's entry goes.
+        assert st["served"]["opens"] == 1
+        assert st["opens_in_c"] == 2 * n - 1 and st["first_opens_in_c"] == n - 1
+        assert st["backing_ids"] == n
+        if os.access("/proc/sys/vm/drop_caches", os.W_OK):
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("2\n")  # dentries and inodes: FORGETs
+            for _ in range(100):
+                if status(m.spec)["backing_ids"] <= 8:
+                    break
+                time.sleep(0.05)
+            assert status(m.spec)["backing_ids"] <= 8  # (the daemon's one, kept unused)
+    else:
+        assert st["backing_ids"] == 8
     assert st["served"]["reads"] == 0  # every one of them read by passthrough
 
 
