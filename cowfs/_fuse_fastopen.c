@@ -93,7 +93,7 @@ static void put(struct entry **e, int dev_fd)
 {
     if ((*e)->count > 0)
         (*e)->count--;
-    if ((*e)->count == 0 && !(*e)->serving) {
+    if ((*e)->count == 0 && !(*e)->serving && (*e)->backing_id >= 0) {
         uint32_t id = (uint32_t)(*e)->backing_id;
         if (ioctl(dev_fd, BACKING_CLOSE, &id) < 0) { /* the connection is gone: so is the id */
         }
@@ -239,7 +239,7 @@ int32_t cowfs_fast_hold(uint64_t nodeid, uint32_t pid, int *serving)
     pthread_mutex_lock(&mu);
     struct entry **e = slot(nodeid);
     int32_t id = -1;
-    if (*e != NULL) {
+    if (*e != NULL && (*e)->backing_id >= 0) {
         (*e)->count++;
         (*e)->pid = pid;
         id = (*e)->backing_id;
@@ -254,7 +254,10 @@ int64_t cowfs_fast_stop(uint64_t nodeid, int force, uint32_t pid)
     pthread_mutex_lock(&mu);
     struct entry **e = slot(nodeid);
     int64_t r = COWFS_FAST_NONE;
-    if (*e != NULL) {
+    if (*e != NULL && (*e)->backing_id < 0) { /* a block (cowfs_fast_block) */
+        if (force)
+            unlink_entry(e);
+    } else if (*e != NULL) {
         if ((*e)->count == 0) {
             r = (*e)->backing_id;
             unlink_entry(e);
@@ -267,6 +270,26 @@ int64_t cowfs_fast_stop(uint64_t nodeid, int force, uint32_t pid)
     }
     pthread_mutex_unlock(&mu);
     return r;
+}
+
+/* The daemon opened ino in cached mode (a writer, or a reader beside one): the kernel refuses
+ * a passthrough open of an inode with cached opens (EIO), so no first_open() until unblocked.
+ * A block is an entry without backing id that never serves. */
+void cowfs_fast_block(uint64_t nodeid, int on)
+{
+    pthread_mutex_lock(&mu);
+    struct entry **e = slot(nodeid);
+    if (on && *e == NULL) {
+        struct entry *new = calloc(1, sizeof *new);
+        if (new != NULL) {
+            *new = (struct entry){nodeid, -1, 0, 0, 0, NULL, {{0}, {0}}};
+            *e = new;
+            entries++;
+        }
+    } else if (!on && *e != NULL && (*e)->backing_id < 0) {
+        unlink_entry(e);
+    }
+    pthread_mutex_unlock(&mu);
 }
 
 void cowfs_fast_first_opens(int on)
@@ -283,7 +306,9 @@ void cowfs_fast_stop_all(int dev_fd)
         struct entry **e = &buckets[i];
         while (*e != NULL) {
             (*e)->serving = 0;
-            if ((*e)->count == 0) {
+            if ((*e)->backing_id < 0) {
+                e = &(*e)->next; /* a block: its cached opens are still live */
+            } else if ((*e)->count == 0) {
                 uint32_t id = (uint32_t)(*e)->backing_id;
                 if (ioctl(dev_fd, BACKING_CLOSE, &id) < 0) { /* (the connection is gone) */
                 }

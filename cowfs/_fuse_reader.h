@@ -51,6 +51,8 @@ int cowfs_fast_publish(uint64_t nodeid, int32_t backing_id, uint32_t pid,
 int32_t cowfs_fast_hold(uint64_t nodeid, uint32_t pid, int *serving);
 /* From now on the reader registers the backing file of a published name's first open. */
 void cowfs_fast_first_opens(int on);
+/* While the daemon has cached opens of nodeid, the reader makes no entry for it. */
+void cowfs_fast_block(uint64_t nodeid, int on);
 void cowfs_fast_stop_all(int dev_fd);
 int64_t cowfs_fast_stop(uint64_t nodeid, int force, uint32_t pid);
 void cowfs_fast_totals(unsigned long *n_entries, unsigned long *n_opens,

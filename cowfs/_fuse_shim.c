@@ -358,6 +358,17 @@ static PyObject *fast_first_opens(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *fast_block(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long ino;
+    int on;
+    if (!PyArg_ParseTuple(args, "Kp", &ino, &on))
+        return NULL;
+    cowfs_fast_block(ino, on);
+    Py_RETURN_NONE;
+}
+
 static PyObject *fast_stop_all(PyObject *self, PyObject *unused)
 {
     (void)self;
@@ -468,6 +479,8 @@ static PyMethodDef methods[] = {
     {"fast_first_opens", fast_first_opens, METH_O,
      "The reader registers the backing file of a published name's first open itself."},
     {"fast_stop_all", fast_stop_all, METH_NOARGS, "Stop every entry (idle ones: closed)."},
+    {"fast_block", fast_block, METH_VARARGS,
+     "(ino, on): the daemon has cached opens of ino: the reader makes no entry for it."},
     {"fast_stop", fast_stop, METH_VARARGS,
      "(ino, force, pid): its backing id when idle (removed), else -1 none, -2 busy, -3 draining."},
     {"fast_totals", fast_totals, METH_NOARGS, "(entries, counted opens, opens answered, GETATTRs answered, first opens registered)"},

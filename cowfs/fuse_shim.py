@@ -111,6 +111,13 @@ def fast_first_opens() -> None:
     _shim.fast_first_opens(True)
 
 
+def fast_block(ino: int, on: bool) -> None:
+    """While the daemon has cached opens of ino (on), the reader makes no entry for it: the
+    kernel refuses a passthrough open of an inode with cached opens."""
+    if _shim is not None:
+        _shim.fast_block(ino, on)
+
+
 def fast_stop_all() -> None:
     """Stop every entry: idle ones are closed, those in use drain."""
     if _shim is not None:

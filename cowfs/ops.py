@@ -353,6 +353,8 @@ class CowfsOperations(pyfuse3.Operations):
             listing = self.listing(parent, fresh=start_id == 0)
         else:
             parent, listing = self._dirs.get(fh, (self.ov.root, []))
+        if start_id == 0:
+            self.lookups.looked_in(parent)  # (a walk opens what it lists, looking up nothing)
         # "." and ".." first, as on disk filesystems. They also keep the kernel's cached
         # listing non-empty: it revalidates an empty one by mtime only, which a daemon-side
         # change (install, reset) does not touch, while a dropped page forces a re-read.

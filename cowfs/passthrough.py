@@ -225,7 +225,9 @@ class Passthrough:
             self.lower_ok |= on_lower
             if on_lower and not writable and attr_out is not None and self._fast():
                 fuse_shim.fast_publish(ino, backing_id, pid, attr_out())
-                if not self._published and not self._first_opens:
+                if not self._first_opens:
+                    for blocked in self._cached:  # (opened before: see fast_block)
+                        fuse_shim.fast_block(blocked, True)
                     fuse_shim.fast_first_opens()  # (the kernel takes store objects)
                     self._first_opens = True
                 self._published[ino] = key
@@ -251,6 +253,8 @@ class Passthrough:
     def _cached_open(self, fh: int, ino: int) -> int:
         self._cached[ino] = self._cached.get(ino, 0) + 1
         self._opens[fh] = (ino, False)
+        if self._first_opens:  # (the reader's own entries: see fuse_shim.fast_block)
+            fuse_shim.fast_block(ino, True)
         return fh
 
     def created(self, fh: int, ino: int) -> None:
@@ -281,6 +285,8 @@ class Passthrough:
                 self._cached[ino] = n
             else:
                 self._cached.pop(ino, None)
+                if self._first_opens:
+                    fuse_shim.fast_block(ino, False)
             return
         live = self._live[ino]
         live.count -= 1
