@@ -72,7 +72,9 @@ int cowfs_lookup_source(uint64_t ino, char *path, size_t size,
 void cowfs_dir_stop(uint64_t parent);
 void cowfs_dir_stop_all(void);
 uint64_t cowfs_lookups_of(uint64_t ino, int take);
+/* 1 when the reader answered a READ of a kernel open of a published file. */
+int cowfs_lookup_read(int dev_fd, const void *mem, size_t n);
 void cowfs_lookup_totals(unsigned long *published, unsigned long *lookups,
-                         unsigned long *attrs);
+                         unsigned long *attrs, unsigned long *reads);
 
 #endif

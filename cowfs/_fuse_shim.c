@@ -454,9 +454,9 @@ static PyObject *lookup_totals(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    unsigned long published, lookups, attrs;
-    cowfs_lookup_totals(&published, &lookups, &attrs);
-    return Py_BuildValue("(kkk)", published, lookups, attrs);
+    unsigned long published, lookups, attrs, reads;
+    cowfs_lookup_totals(&published, &lookups, &attrs, &reads);
+    return Py_BuildValue("(kkkk)", published, lookups, attrs, reads);
 }
 
 static PyMethodDef methods[] = {
@@ -492,7 +492,7 @@ static PyMethodDef methods[] = {
     {"lookups_of", lookups_of, METH_VARARGS,
      "(ino, take): lookups of ino the reader answered (taken: counted by the caller now)."},
     {"lookup_totals", lookup_totals, METH_NOARGS,
-     "(published names, lookups answered, their GETATTRs answered)"},
+     "(published names, lookups answered, their GETATTRs answered, READs answered)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -5,8 +5,9 @@ it changes without a copy-up of it first (a create, unlink or rename in it) or o
 it (a write, chmod, link): `Overlay.before_copy_up` is where the daemon stops it. So the first
 time the daemon answers a LOOKUP in such a directory, it hands the reader the entries of all
 its files (directories stay with the daemon: their link counts mean listing them); later
-LOOKUPs and GETATTRs of those files cost no Python. The kernel's FORGET counts the lookups
-the reader answered too: `NodeTable.lookups` adds them, `forget` takes them over.
+LOOKUPs and GETATTRs of those files cost no Python, nor do READs of their kernel opens. The
+kernel's FORGET counts the lookups the reader answered too: `NodeTable.lookups` adds them,
+`forget` takes them over.
 """
 
 from __future__ import annotations
@@ -81,6 +82,6 @@ class FastLookups:
         return fuse_shim.lookups_of(ino, take=True) if self.on else 0
 
     def status(self) -> dict[str, int]:
-        published, lookups, attrs = fuse_shim.lookup_totals()
+        published, lookups, attrs, reads = fuse_shim.lookup_totals()
         return {"lookups_published": published, "lookups_in_c": lookups,
-                "lookup_getattrs_in_c": attrs}
+                "lookup_getattrs_in_c": attrs, "reads_in_c": reads}

@@ -165,9 +165,9 @@ def lookups_of(ino: int, take: bool) -> int:
     return 0 if _shim is None else int(_shim.lookups_of(ino, take))
 
 
-def lookup_totals() -> tuple[int, int, int]:
-    """(published names, lookups answered, GETATTRs of them answered)."""
+def lookup_totals() -> tuple[int, int, int, int]:
+    """(published names, lookups answered, GETATTRs of them answered, READs answered)."""
     if _shim is None:
-        return 0, 0, 0
-    published, lookups, attrs = _shim.lookup_totals()
-    return int(published), int(lookups), int(attrs)
+        return 0, 0, 0, 0
+    published, lookups, attrs, reads = _shim.lookup_totals()
+    return int(published), int(lookups), int(attrs), int(reads)

@@ -97,3 +97,44 @@ def test_lookups_the_reader_answered_count_when_the_kernel_forgets(mounted: Any)
         assert (cache / f"m{i}.pyc").read_bytes() == bytes([i]) * (100 + i)
     assert not (cache / "m1.pyc").exists()
     assert status(m.spec)["lookups_in_c"] >= 1
+
+
+def _drop_pages(path: Path) -> None:
+    """The kernel's cached pages of path: gone, so the next read asks the daemon again."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_reads_of_kernel_opens_come_from_the_reader_until_a_copy_up(mounted: Any) -> None:
+    m, lower = mounted
+    if os.environ.get("COWFS_PASSTHROUGH") == "1":
+        pytest.skip("passthrough: the kernel reads store objects itself, no READ requests")
+    big = os.urandom(3 << 20)  # several READs, the last one short
+    (lower / "pkg" / "big.bin").write_bytes(big)
+    pkg = m.mnt / "pkg"
+    os.listdir(pkg)  # the daemon's first listing publishes pkg/
+    before = status(m.spec)
+    assert (pkg / "big.bin").read_bytes() == big
+    with open(pkg / "big.bin", "rb") as f:
+        f.seek(len(big) - 10)
+        assert f.read(100) == big[-10:]
+    for i in range(6):
+        assert (pkg / f"m{i}.py").read_text() == f"V = {i}\n"
+    after = status(m.spec)
+    assert after["reads_in_c"] - before["reads_in_c"] >= 7
+    assert after["served"]["reads"] == before["served"]["reads"]  # none reached Python
+
+    with open(pkg / "big.bin", "r+b") as f:  # a copy-up: pkg/ stops
+        f.write(b"EDIT")
+    for name in ("big.bin", "m1.py"):
+        _drop_pages(pkg / name)
+    in_c = status(m.spec)["reads_in_c"]
+    assert (pkg / "big.bin").read_bytes() == b"EDIT" + big[4:]
+    assert (pkg / "m1.py").read_text() == "V = 1\n"
+    end = status(m.spec)
+    assert end["reads_in_c"] == in_c  # the daemon answers what changed, and its neighbours
+    assert end["served"]["reads"] > after["served"]["reads"]
+    assert (lower / "pkg" / "big.bin").read_bytes() == big  # the lower untouched
