@@ -28,12 +28,15 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "_fuse_reader.h"
 
 #define FUSE_LOOKUP_OPCODE 1
 #define FUSE_READ_OPCODE 15
+#define FUSE_READDIRPLUS_OPCODE 44
+#define DIRENTPLUS_NAME 152 /* fuse_entry_out, then fuse_dirent's ino, off, namelen, type */
 #define READ_MAX (UINT32_C(1) << 20) /* above max_read: bigger READs go to the daemon */
 #define BUCKETS 65536 /* a power of two */
 
@@ -52,6 +55,9 @@ struct pdir { /* a published directory */
     uint64_t ino;
     struct dentry *first;
     struct pdir *next;
+    unsigned char *plus; /* its READDIRPLUS records (fuse_direntplus), once listed */
+    uint32_t *at;        /* where record k (offset k + 1) starts in plus; at[n]: the end */
+    uint32_t n;
 };
 struct counted { /* a node the reader answered lookups of */
     uint64_t ino;
@@ -64,7 +70,8 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static struct dentry *dentries[BUCKETS];
 static struct pdir *pdirs[BUCKETS];
 static struct counted *counts[BUCKETS];
-static unsigned long n_dentries, lookups_answered, attrs_answered, reads_answered;
+static unsigned long n_dentries, lookups_answered, attrs_answered, reads_answered,
+    listings_answered;
 
 static unsigned ino_bucket(uint64_t ino)
 {
@@ -114,6 +121,14 @@ static struct pdir **pdir_slot(uint64_t ino)
     while (*p != NULL && (*p)->ino != ino)
         p = &(*p)->next;
     return p;
+}
+
+static struct pdir *pdir_made(uint64_t ino) /* found or made (mu held); NULL: no memory */
+{
+    struct pdir **p = pdir_slot(ino);
+    if (*p == NULL && (*p = calloc(1, sizeof **p)) != NULL)
+        (*p)->ino = ino;
+    return *p;
 }
 
 static struct dentry *find(uint64_t parent, const char *name, size_t len)
@@ -270,10 +285,8 @@ int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
 {
     int ok = 0;
     pthread_mutex_lock(&mu);
-    struct pdir **p = pdir_slot(parent);
-    if (*p == NULL && (*p = calloc(1, sizeof **p)) != NULL)
-        (*p)->ino = parent;
-    struct counted *c = *p != NULL && find(parent, name, len) == NULL ? counted(ino) : NULL;
+    struct pdir *dir = pdir_made(parent);
+    struct counted *c = dir != NULL && find(parent, name, len) == NULL ? counted(ino) : NULL;
     struct dentry *d = c != NULL ? malloc(sizeof *d + len + source_len) : NULL;
     if (c != NULL && d == NULL)
         drop_counted_if_idle(ino);
@@ -281,8 +294,8 @@ int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
         unsigned b = name_bucket(parent, name, len);
         d->next = dentries[b];
         dentries[b] = d;
-        d->sibling = (*p)->first;
-        (*p)->first = d;
+        d->sibling = dir->first;
+        dir->first = d;
         d->parent = parent;
         d->ino = ino;
         d->reply.h = (struct cowfs_out_header){sizeof d->reply, 0, 0};
@@ -299,9 +312,121 @@ int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
     return ok;
 }
 
+static uint32_t namelen_at(const unsigned char *record)
+{
+    uint32_t len;
+    memcpy(&len, record + DIRENTPLUS_NAME - 8, sizeof len); /* fuse_dirent.namelen */
+    return len;
+}
+
+int cowfs_dir_listing(uint64_t parent, const unsigned char *records, size_t len)
+{
+    uint32_t n = 0;
+    for (size_t pos = 0; pos < len; n++) { /* check the records before taking them */
+        if (len - pos < DIRENTPLUS_NAME || len > UINT32_MAX)
+            return -1;
+        pos += (DIRENTPLUS_NAME + namelen_at(records + pos) + 7) & ~(size_t)7;
+        if (pos > len)
+            return -1;
+    }
+    unsigned char *plus = malloc(len > 0 ? len : 1);
+    uint32_t *at = malloc((n + 1) * sizeof *at);
+    if (plus == NULL || at == NULL) {
+        free(plus);
+        free(at);
+        return 0;
+    }
+    memcpy(plus, records, len);
+    size_t pos = 0;
+    for (uint32_t k = 0; k <= n; k++) {
+        at[k] = (uint32_t)pos;
+        if (k < n)
+            pos += (DIRENTPLUS_NAME + namelen_at(plus + pos) + 7) & ~(size_t)7;
+    }
+    pthread_mutex_lock(&mu);
+    struct pdir *p = pdir_made(parent);
+    if (p != NULL) {
+        free(p->plus);
+        free(p->at);
+        p->plus = plus;
+        p->at = at;
+        p->n = n;
+    }
+    pthread_mutex_unlock(&mu);
+    if (p == NULL) {
+        free(plus);
+        free(at);
+    }
+    return p != NULL;
+}
+
+static int is_dot(const unsigned char *record)
+{
+    uint32_t len = namelen_at(record);
+    const unsigned char *name = record + DIRENTPLUS_NAME;
+    return (len == 1 && name[0] == '.') || (len == 2 && name[0] == '.' && name[1] == '.');
+}
+
+/* Count (add 1) or uncount (add -1) the lookup of every entry in records [first, end) but
+ * the dots: the kernel counts one for each (fuse_direntplus_link). (mu held) */
+static int count_entries(const struct pdir *p, uint32_t first, uint32_t end, int add)
+{
+    for (uint32_t k = first; k < end; k++) {
+        const unsigned char *record = p->plus + p->at[k];
+        uint64_t ino;
+        memcpy(&ino, record, sizeof ino); /* fuse_entry_out.nodeid */
+        if (ino == 0 || is_dot(record))
+            continue;
+        struct counted *c = counted(ino);
+        if (c == NULL) { /* out of memory: take back what this answer counted so far */
+            count_entries(p, first, k, -add);
+            return 0;
+        }
+        c->lookups += (uint64_t)(int64_t)add;
+        if (add < 0)
+            drop_counted_if_idle(ino);
+    }
+    return 1;
+}
+
+int cowfs_dir_read(int dev_fd, const void *mem, size_t n)
+{
+    const struct cowfs_in_header *in = mem;
+    if (in->opcode != FUSE_READDIRPLUS_OPCODE || n < sizeof *in + sizeof(struct read_in))
+        return 0;
+    const struct read_in *arg = (const struct read_in *)(in + 1);
+    if (arg->fh != 0) /* a directory the daemon opened itself */
+        return 0;
+    pthread_mutex_lock(&mu);
+    struct pdir *p = *pdir_slot(in->nodeid);
+    int answered = 0;
+    if (p != NULL && p->plus != NULL) {
+        uint32_t first = arg->offset < p->n ? (uint32_t)arg->offset : p->n, end = first;
+        while (end < p->n && p->at[end + 1] - p->at[first] <= arg->size)
+            end++;
+        /* (a record that does not fit an empty reply would read as the end: the daemon's) */
+        if ((end > first || first == p->n) && count_entries(p, first, end, 1)) {
+            struct cowfs_out_header h = {
+                (uint32_t)(sizeof h + p->at[end] - p->at[first]), 0, in->unique};
+            struct iovec iov[2] = {{&h, sizeof h},
+                                   {p->plus + p->at[first], p->at[end] - p->at[first]}};
+            /* Under the lock, as a LOOKUP: a stop meanwhile sees these lookups counted. */
+            if (writev(dev_fd, iov, 2) < 0)
+                count_entries(p, first, end, -1); /* interrupted: the kernel took none */
+            else
+                listings_answered++;
+            answered = 1;
+        }
+    }
+    pthread_mutex_unlock(&mu);
+    return answered;
+}
+
 static void unpublish(struct pdir **p) /* (mu held) */
 {
     struct pdir *dir = *p;
+    free(dir->plus);
+    free(dir->at);
     for (struct dentry *d = dir->first, *next; d != NULL; d = next) {
         next = d->sibling;
         struct dentry **chain = &dentries[name_bucket(d->parent, d->name, d->namelen)];
@@ -352,12 +477,13 @@ uint64_t cowfs_lookups_of(uint64_t ino, int take)
 }
 
 void cowfs_lookup_totals(unsigned long *published, unsigned long *lookups,
-                         unsigned long *attrs, unsigned long *reads)
+                         unsigned long *attrs, unsigned long *reads, unsigned long *listings)
 {
     pthread_mutex_lock(&mu);
     *published = n_dentries;
     *lookups = lookups_answered;
     *attrs = attrs_answered;
     *reads = __atomic_load_n(&reads_answered, __ATOMIC_RELAXED);
+    *listings = listings_answered;
     pthread_mutex_unlock(&mu);
 }

@@ -163,7 +163,8 @@ static void *reader_main(void *unused)
         }
         spin = answer_here(mem, n) || cowfs_fast_answer(dev_fd, mem, (size_t)n) ||
                cowfs_lookup_answer(dev_fd, mem, (size_t)n) ||
-               cowfs_lookup_read(dev_fd, mem, (size_t)n);
+               cowfs_lookup_read(dev_fd, mem, (size_t)n) ||
+               cowfs_dir_read(dev_fd, mem, (size_t)n);
         if (spin)
             continue;
         pthread_mutex_lock(&mu);

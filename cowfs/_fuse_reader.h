@@ -69,12 +69,16 @@ int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
  * answer into attr_out). */
 int cowfs_lookup_source(uint64_t ino, char *path, size_t size,
                         unsigned char attr_out[COWFS_ATTR_OUT_SIZE]);
+/* The READDIRPLUS records of a published directory: 1 set, 0 out of memory, -1 malformed. */
+int cowfs_dir_listing(uint64_t parent, const unsigned char *records, size_t len);
+/* 1 when the reader answered READDIRPLUS of a kernel-opened published directory. */
+int cowfs_dir_read(int dev_fd, const void *mem, size_t n);
 void cowfs_dir_stop(uint64_t parent);
 void cowfs_dir_stop_all(void);
 uint64_t cowfs_lookups_of(uint64_t ino, int take);
 /* 1 when the reader answered a READ of a kernel open of a published file. */
 int cowfs_lookup_read(int dev_fd, const void *mem, size_t n);
 void cowfs_lookup_totals(unsigned long *published, unsigned long *lookups,
-                         unsigned long *attrs, unsigned long *reads);
+                         unsigned long *attrs, unsigned long *reads, unsigned long *listings);
 
 #endif

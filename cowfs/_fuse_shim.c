@@ -422,6 +422,22 @@ static PyObject *dir_publish(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(added);
 }
 
+static PyObject *dir_listing(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long parent;
+    const char *records;
+    Py_ssize_t len;
+    if (!PyArg_ParseTuple(args, "Ky#", &parent, &records, &len))
+        return NULL;
+    int ok = cowfs_dir_listing(parent, (const unsigned char *)records, (size_t)len);
+    if (ok < 0) {
+        PyErr_SetString(PyExc_ValueError, "not a sequence of fuse_direntplus records");
+        return NULL;
+    }
+    return PyBool_FromLong(ok);
+}
+
 static PyObject *dir_stop(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -454,9 +470,9 @@ static PyObject *lookup_totals(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    unsigned long published, lookups, attrs, reads;
-    cowfs_lookup_totals(&published, &lookups, &attrs, &reads);
-    return Py_BuildValue("(kkkk)", published, lookups, attrs, reads);
+    unsigned long published, lookups, attrs, reads, listings;
+    cowfs_lookup_totals(&published, &lookups, &attrs, &reads, &listings);
+    return Py_BuildValue("(kkkkk)", published, lookups, attrs, reads, listings);
 }
 
 static PyMethodDef methods[] = {
@@ -487,12 +503,14 @@ static PyMethodDef methods[] = {
     {"dir_publish", dir_publish, METH_VARARGS,
      "(parent, [(name, ino, fuse_entry_out, backing path or b'')]): the reader answers those "
      "LOOKUPs and GETATTRs (and first opens, see fast_first_opens)."},
+    {"dir_listing", dir_listing, METH_VARARGS,
+     "(parent, fuse_direntplus records): the reader answers READDIRPLUS of parent."},
     {"dir_stop", dir_stop, METH_O, "Stop answering lookups in a directory."},
     {"dir_stop_all", dir_stop_all, METH_NOARGS, "Stop answering lookups anywhere."},
     {"lookups_of", lookups_of, METH_VARARGS,
      "(ino, take): lookups of ino the reader answered (taken: counted by the caller now)."},
     {"lookup_totals", lookup_totals, METH_NOARGS,
-     "(published names, lookups answered, their GETATTRs answered, READs answered)"},
+     "(published names, lookups answered, their GETATTRs answered, READs answered, READDIRPLUS answered)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -150,6 +150,14 @@ def dir_publish(parent: int, items: list[tuple[bytes, int, bytes, bytes]]) -> in
     return int(_shim.dir_publish(parent, items))
 
 
+def dir_listing(parent: int, records: bytes) -> bool:
+    """The reader answers READDIRPLUS of parent (a kernel open) with these fuse_direntplus
+    records (offsets 1, 2, ...: cowfs.kernel_replies.direntplus), counting a lookup for each
+    entry it sends but the dots."""
+    assert _shim is not None
+    return bool(_shim.dir_listing(parent, records))
+
+
 def dir_stop(parent: int) -> None:
     if _shim is not None:
         _shim.dir_stop(parent)
@@ -165,9 +173,9 @@ def lookups_of(ino: int, take: bool) -> int:
     return 0 if _shim is None else int(_shim.lookups_of(ino, take))
 
 
-def lookup_totals() -> tuple[int, int, int, int]:
-    """(published names, lookups answered, GETATTRs of them answered, READs answered)."""
+def lookup_totals() -> tuple[int, int, int, int, int]:
+    """(published names, lookups answered, GETATTRs of them answered, READs answered,
+    READDIRPLUS answered)."""
     if _shim is None:
-        return 0, 0, 0, 0
-    published, lookups, attrs, reads = _shim.lookup_totals()
-    return int(published), int(lookups), int(attrs), int(reads)
+        return 0, 0, 0, 0, 0
+    return tuple(int(n) for n in _shim.lookup_totals())  # type: ignore[return-value]

@@ -34,3 +34,17 @@ def entry_out(e: Any) -> bytes:
     """A LOOKUP answer (fuse_entry_out, 128 bytes)."""
     (e_s, e_ns), (a_s, a_ns) = _seconds(e.entry_timeout), _seconds(e.attr_timeout)
     return _ENTRY_OUT.pack(e.st_ino, e.generation, e_s, a_s, e_ns, a_ns) + _attr(e)
+
+
+_DIRENT = struct.Struct("<QQII")  # struct fuse_dirent, before its name
+_ATTR_INO = 40  # offset of fuse_attr.ino in fuse_entry_out
+_ATTR_MODE = 100  # ... of fuse_attr.mode
+
+
+def direntplus(entry: bytes, name: bytes, off: int) -> bytes:
+    """One READDIRPLUS record (fuse_direntplus) from a LOOKUP answer, as libfuse's
+    fuse_add_direntry_plus writes it: the entry, the dirent, the name padded to 8 bytes."""
+    (ino,) = struct.unpack_from("<Q", entry, _ATTR_INO)
+    (mode,) = struct.unpack_from("<I", entry, _ATTR_MODE)
+    record = entry + _DIRENT.pack(ino, off, len(name), (mode & 0o170000) >> 12) + name
+    return record + bytes(-len(record) % 8)

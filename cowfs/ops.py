@@ -143,6 +143,7 @@ class CowfsOperations(pyfuse3.Operations):
             if not get_out:
                 return True
             self._teardown_done = trio.Event()
+            self.lookups.changed_all()  # the deleter's listings are empty from now on
             await trio.to_thread.run_sync(t.get_out)
             self._teardown_done.set()
         await self._teardown_done.wait()
@@ -354,7 +355,7 @@ class CowfsOperations(pyfuse3.Operations):
         else:
             parent, listing = self._dirs.get(fh, (self.ov.root, []))
         if start_id == 0:
-            self.lookups.looked_in(parent)  # (a walk opens what it lists, looking up nothing)
+            self.lookups.looked_in(parent, listing=True)  # (a walk looks nothing up)
         # "." and ".." first, as on disk filesystems. They also keep the kernel's cached
         # listing non-empty: it revalidates an empty one by mtime only, which a daemon-side
         # change (install, reset) does not touch, while a dropped page forces a re-read.

@@ -138,3 +138,56 @@ def test_reads_of_kernel_opens_come_from_the_reader_until_a_copy_up(mounted: Any
     assert end["reads_in_c"] == in_c  # the daemon answers what changed, and its neighbours
     assert end["served"]["reads"] > after["served"]["reads"]
     assert (lower / "pkg" / "big.bin").read_bytes() == big  # the lower untouched
+
+
+def _drop_caches(what: str) -> None:
+    if not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        pytest.skip("the kernel cannot be made to drop its caches here (/proc/sys read-only)")
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write(what + "\n")
+
+
+def _listing(d: Path) -> list[tuple[str, int, int, int, int]]:
+    """What a READDIRPLUS gives: names, inode numbers, types, and the attributes it plants."""
+    out = []
+    for e in sorted(os.scandir(d), key=lambda e: e.name):
+        st = e.stat(follow_symlinks=False)
+        out.append((e.name, e.inode(), st.st_mode, st.st_size, st.st_nlink))
+    return out
+
+
+def test_listings_come_from_the_reader_until_the_directory_changes(mounted: Any) -> None:
+    m, lower = mounted
+    (lower / "pkg" / "sub").mkdir()
+    (lower / "pkg" / "sub" / "x.py").write_text("x\n")
+    many = lower / "many"
+    many.mkdir()
+    for i in range(300):  # more than one READDIRPLUS reply of a page
+        (many / f"{'n' * 60}{i:03d}").write_text(str(i))
+    pkg = m.mnt / "pkg"
+    first = {d: _listing(m.mnt / d) for d in ("pkg", "many")}  # the daemon's (publishes)
+    assert [n for n, *_ in first["pkg"]] == sorted(os.listdir(lower / "pkg"))
+    before = status(m.spec)
+    _drop_caches("3")  # the kernel's cached listings, dentries and inodes: FORGETs too
+    assert {d: _listing(m.mnt / d) for d in ("pkg", "many")} == first
+    after = status(m.spec)
+    assert after["listings_in_c"] - before["listings_in_c"] >= 4  # each: entries, then end
+    assert after["served"]["listings"] == before["served"]["listings"]
+    # The entries it planted were counted: a file opened by such an entry (no LOOKUP) keeps
+    # its data after its last unlink and the kernel's FORGETs.
+    fd = os.open(m.mnt / "many" / f"{'n' * 60}007", os.O_RDONLY)
+    try:
+        os.unlink(m.mnt / "many" / f"{'n' * 60}007")
+        _drop_caches("2")
+        assert os.pread(fd, 100, 0) == b"7"
+    finally:
+        os.close(fd)
+    assert (pkg / "sub" / "x.py").read_text() == "x\n"
+
+    (pkg / "new.py").write_text("new\n")  # pkg/ changes: the daemon lists it from now on
+    _drop_caches("3")
+    names = [n for n, *_ in _listing(pkg)]
+    assert "new.py" in names and names == sorted([*os.listdir(lower / "pkg"), "new.py"])
+    assert status(m.spec)["served"]["listings"] > after["served"]["listings"]
+    assert not (lower / "pkg" / "new.py").exists()

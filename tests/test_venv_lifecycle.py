@@ -97,6 +97,36 @@ def test_deleting_or_clearing_a_mounted_venv_just_works(
     assert cow(venv) == UDDER
 
 
+def test_rm_rf_of_a_venv_whose_listings_the_c_reader_answers(project: Path,
+                                                             wheels: Path) -> None:
+    """The C reader answers READDIRPLUS of directories listed once (cowfs/fastlookup.py):
+    after a walk and a cache drop, `rm -rf` meets those answers and must still succeed at
+    once. (The daemon stops them when it notices the deletion, so the deleter then lists
+    empty directories as before; without that stop the no-op unlinks of the detached tree
+    succeed too, only more of them.)"""
+    if not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        pytest.skip("the kernel cannot be made to drop its cached listings here")
+    venv = project / ".venv"
+    cowfs("venv", str(venv))
+    install(venv, wheels)
+    site = VenvState.load(venv).site_packages
+    listed = sorted(str(p.relative_to(site)) for p in site.rglob("*"))
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    assert sorted(str(p.relative_to(site)) for p in site.rglob("*")) == listed
+    from cowfs import control
+    from cowfs.spec import MountSpec
+
+    spec = MountSpec.for_mountpoint(str(site))
+    assert spec is not None
+    assert control.request(spec.socket, "status")["listings_in_c"] > 0
+    proc = subprocess.run(["rm", "-rf", str(venv)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert not venv.exists()
+    _no_mount_left(project)
+
+
 def test_a_deletion_that_went_through_site_packages_first_needs_at_most_one_retry(
         project: Path, wheels: Path) -> None:
     """`rm -rf .venv/lib .venv`: site-packages is emptied while the venv still stands (a
