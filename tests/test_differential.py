@@ -83,6 +83,9 @@ def is_fifo(path: Path) -> bool:
         return False
 
 
+CAN_DROP_CACHES = os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
 class OverlayVsPlain(RuleBasedStateMachine):
     """One example: a fresh mount (fresh upper) and a fresh plain copy of the lower."""
 
@@ -108,6 +111,7 @@ class OverlayVsPlain(RuleBasedStateMachine):
             self.pinned[s.st_ino] = s.st_mtime_ns
         self.ino_map: dict[int, int] = {}  # plain inode -> overlay inode
         self.steps_since_remount = 0
+        self.steps_since_forget = 0
 
     def teardown(self) -> None:
         self._close_held()
@@ -132,6 +136,7 @@ class OverlayVsPlain(RuleBasedStateMachine):
 
     def both(self, what: str, fn: Callable[[Path], Any]) -> Outcome:
         self.steps_since_remount += 1
+        self.steps_since_forget += 1
         ref = outcome(fn, self.ref)
         got = outcome(fn, self.mnt)
         assert got == ref, f"{what}: overlay gave {got}, plain gave {ref}"
@@ -386,6 +391,16 @@ class OverlayVsPlain(RuleBasedStateMachine):
         self.om = self.make_mount(*self.layers, name=self.om.mnt.parent.name[3:])
         self.ino_map.clear()  # inode numbers are stable for a mount's life only
         self.steps_since_remount = 0
+
+    @precondition(lambda self: CAN_DROP_CACHES and self.steps_since_forget >= 4)
+    @rule()
+    def forget_kernel_caches(self) -> None:
+        """The kernel drops its pages, dentries and inodes (FORGETs): the next walk lists,
+        looks up and reads again, which the C reader answers for what the daemon published
+        (cowfs/fastlookup.py) while the daemon answers the rest."""
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        self.steps_since_forget = 0
 
     # -- the whole-tree comparison ----------------------------------------------------------
 
