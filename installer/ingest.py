@@ -79,6 +79,21 @@ class Ingestor:
             if key not in self._by_file:
                 self._by_file[key] = self._queue(path, st.st_size)
 
+    def moved(self, old: Path, old_st: os.stat_result, new: Path,
+              new_st: os.stat_result) -> None:
+        """The caller renamed a wheel it speculated on (same inode and contents, only the
+        ctime changed): a pin handed it under the new name gets that ingestion still."""
+        same = (old_st.st_dev, old_st.st_ino, old_st.st_size, old_st.st_mtime_ns) == \
+            (new_st.st_dev, new_st.st_ino, new_st.st_size, new_st.st_mtime_ns)
+        with self._lock:
+            future = self._by_file.pop((old.name, tuple(fingerprint(old_st))), None)
+            if future is None or not same or old.name != new.name:
+                return
+            self._by_file[new.name, tuple(fingerprint(new_st))] = future
+            # one not started yet opens the file where it is now
+            self._waiting = [(s, n, new if f is future else p, f)
+                             for s, n, p, f in self._waiting]
+
     def drop_speculation(self, keep: set[str]) -> None:
         """Cancel speculative ingestions of wheels not named in keep that have not started."""
         with self._lock:

@@ -6,17 +6,18 @@ uv's debug log (installer.resolve.UV_LOG) names each remote wheel whose metadata
 ("No cache entry for: https://.../x.whl[.metadata]") and each wheel it selects ("Selecting:
 x==1.0 [compatible] (x-1.0-py3-none-any.whl)"), well before the resolution ends. So:
 
-* a remote wheel for this interpreter is downloaded where `fetch` puts it (the store's
-  wheels/), by fetch's own download code, then ingested;
+* a remote wheel for this interpreter is downloaded by fetch's own download code (into
+  wheels/.prefetch/ in the store), then ingested;
 * a selected wheel found by its filename in a local find-links directory or file:// index
   is ingested where it lies.
 
 This is speculation and changes nothing about the result: the pins are uv's lock as always,
 `fetch` checks each wheel's sha256 (a file with the wrong bytes is downloaded again), and
 the Ingestor hands a pin an ingestion made before only for the very same file (name and
-stat fingerprint). wheels/ holds only wheels that matched their pin's sha256 (the local fast
-path installs from it without an index): once the pins are known, a download that is not
-one of them, or does not match its hash, is deleted, and so are all if resolving failed.
+stat fingerprint). The store's wheels/ holds only wheels that matched their pin's sha256 (the
+local fast path installs from it without an index, other installs fetch into it): once the
+pins are known, a download that is a pin's wheel and has its hash is moved there, where
+fetch finds it, and the others are deleted, as all are if resolving failed.
 Any error here is swallowed: the normal path then does the work and meets the error itself.
 Downloads still running for wheels not in the pins are cancelled. Objects of wheels ingested
 but not installed have no manifest: unreferenced, `cowfs gc` collects them. The store lock
@@ -26,6 +27,7 @@ caller keeps this object open until `sync.apply` has returned.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import re
@@ -42,11 +44,13 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from cowfs.errors import CowfsError
 from cowfs.store import Store
+from installer import wheel_index
 from installer.fetch import download, expected_hashes
 from installer.index_config import IndexConfig, split_credentials, with_credentials
 from installer.ingest import Ingestor
 from installer.interpreters import InterpreterInfo
 from installer.resolve import Pin, local_path
+from installer.wheel_index import fingerprint
 
 if TYPE_CHECKING:
     from installer.http_pool import Pool
@@ -78,7 +82,8 @@ class Prefetch:
         self.store, self.info = store, info
         self.ingest: Ingestor | None = None  # for sync.apply: it reuses what started here
         self.downloads: dict[str, tuple[threading.Event, Future[None]]] = {}  # by filename
-        self._fetched: dict[str, tuple[Path, str]] = {}  # filename -> (file made, its sha256)
+        # filename -> (the file downloaded, its stat fingerprint and sha256)
+        self._fetched: dict[str, tuple[Path, list[int], str]] = {}
         self._tags = frozenset(info.tags)
         self._located: set[str] = set()
         self._sources: list[str] = []
@@ -106,6 +111,12 @@ class Prefetch:
             self.store.ensure()
             self._stack.enter_context(self.store.lock())
         except (OSError, CowfsError):
+            return False
+        self._spool = self.store.wheels / ".prefetch"
+        try:
+            self._spool.mkdir(exist_ok=True)
+        except OSError:
+            self._stack.close()
             return False
         self.ingest = Ingestor(self.store, self.info)
         self._stack.callback(self.ingest.close)
@@ -145,16 +156,18 @@ class Prefetch:
         return any(str(tag) in self._tags for tag in tags)
 
     def _download(self, url: str, filename: str, abort: threading.Event) -> None:
-
         assert self.ingest is not None
         try:
-            target = self.store.wheels / filename
-            if not target.is_file():  # else fetch checks it, as any wheel left there before
-                name, version, _, _ = parse_wheel_filename(filename)
-                bare, _ = split_credentials(url)  # uv's log may show them masked
-                pin = Pin(name=name, version=str(version), filename=filename,
-                          url=with_credentials(bare, self._sources))
-                self._fetched[filename] = (target, download(pin, target, abort, self._pool()))
+            if (self.store.wheels / filename).is_file():  # fetch checks it, as it would
+                self.ingest.speculate(self.store.wheels / filename)
+                return
+            name, version, _, _ = parse_wheel_filename(filename)
+            bare, _ = split_credentials(url)  # uv's log may show them masked
+            pin = Pin(name=name, version=str(version), filename=filename,
+                      url=with_credentials(bare, self._sources))
+            target = self._spool / filename
+            digest = download(pin, target, abort, self._pool())
+            self._fetched[filename] = (target, fingerprint(target.stat()), digest)
             if not abort.is_set():
                 self.ingest.speculate(target)
         except Exception:  # _Aborted, a failed download: the normal path does it again
@@ -200,9 +213,9 @@ class Prefetch:
             return self._http
 
     def settle(self, pins: Sequence[Pin]) -> None:
-        """The resolution is known: cancel what it does not need, let the rest finish (so
-        that fetch finds complete files, not a download in progress), and delete what was
-        downloaded but is not a pin's wheel with the pin's hash."""
+        """The resolution is known: cancel what it does not need, let the rest finish, move
+        each pin's wheel that has the pin's hash into wheels/ (fetch finds it there, a
+        complete file), delete the other downloads."""
         if self._work is None or self.ingest is None:
             return
         by_file = {p.filename: p for p in pins}
@@ -211,21 +224,41 @@ class Prefetch:
                 abort.set()
         self.ingest.drop_speculation(set(by_file))
         self._work.shutdown(wait=True, cancel_futures=True)
-        for filename, (target, digest) in self._fetched.items():
+        for filename, (spooled, fp, digest) in self._fetched.items():
             pin = by_file.get(filename)
             expected = expected_hashes(pin) if pin is not None else frozenset()
-            if pin is None or (expected and digest not in expected):
-                target.unlink(missing_ok=True)  # fetch downloads a pin's wheel again
-        self._fetched.clear()  # the rest is as if fetch had downloaded it
+            if pin is not None and (not expected or digest in expected):
+                with contextlib.suppress(OSError):
+                    self._publish(spooled, fp, digest)
+        self._discard()
+
+    def _publish(self, spooled: Path, fp: list[int], digest: str) -> None:
+        """A pin's wheel into wheels/, where fetch finds it (unless one is there already:
+        fetch checks that one, as it would have)."""
+        assert self.ingest is not None
+        st = spooled.stat()
+        final = self.store.wheels / spooled.name
+        if fingerprint(st) != fp or final.exists():  # replaced meanwhile: not ours
+            return
+        os.rename(spooled, final)
+        moved = final.stat()
+        self.ingest.moved(spooled, st, final, moved)
+        wheel_index.put(self.store, final, moved, sha256=digest)  # the warm path's shortcut
+
+    def _discard(self) -> None:
+        """Delete what was downloaded and not published: never a pin's wheel that matched."""
+        for spooled, fp, _ in self._fetched.values():
+            with contextlib.suppress(OSError):
+                if fingerprint(spooled.stat()) == fp:  # not another install's
+                    spooled.unlink()
+        self._fetched.clear()
 
     def close(self) -> None:
         for abort, _ in self.downloads.values():
             abort.set()
         if self._work is not None:
             self._work.shutdown(wait=True, cancel_futures=True)
-        for target, _ in self._fetched.values():  # not settled as a pin's wheel
-            target.unlink(missing_ok=True)
-        self._fetched.clear()
+        self._discard()
         self._stack.close()
 
 __all__ = ["ENV", "Prefetch", "parse"]

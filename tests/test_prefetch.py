@@ -161,7 +161,7 @@ def test_wheels_are_fetched_while_uv_resolves_and_the_result_is_the_same(
     assert events.index(f"GET {BETA}") < events.index(f"answered {ALPHA1}.metadata")
     store = Store(tmp_path / "home1")
     assert not list(store.dists.glob("alpha-2.0-*")), "no manifest of alpha 2.0"
-    assert sorted(p.name for p in store.wheels.glob("*.whl")) == [ALPHA1, BETA]
+    assert sorted(p.name for p in store.wheels.rglob("*.whl")) == [ALPHA1, BETA]
 
 
 def test_a_wheel_whose_bytes_differ_from_its_hash_is_not_installed(
@@ -183,7 +183,7 @@ def test_a_wheel_whose_bytes_differ_from_its_hash_is_not_installed(
         assert VenvState.path_for(venv).read_bytes() == before, "the venv is unchanged"
         store = Store()
         assert not list(store.dists.glob("beta-*")), "no manifest of the wrong bytes"
-        assert not (store.wheels / BETA).exists(), "nothing left to install it from"
+        assert not list(store.wheels.rglob(BETA)), "nothing left to install it from"
     assert errors["1"] == errors["0"]
 
 
@@ -198,14 +198,14 @@ def test_resolver_errors_are_unchanged(index: LoggedIndex, env: dict[str, str],
         errors[how] = proc.stderr
     assert errors["1"] == errors["0"]
     assert not list(Store().dists.glob("*.json"))
-    assert not list(Store().wheels.glob("*.whl")), "downloads of a failed resolve are deleted"
+    assert not list(Store().wheels.rglob("*.whl")), "downloads of a failed resolve are deleted"
 
 
 def test_a_pin_gets_the_ingestion_of_the_very_same_file_only(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ingestions started before the pins are known are keyed by the file's name and stat
-    fingerprint: the same file is not ingested twice, a rewritten one is ingested afresh,
-    and a speculation that failed is redone for the pin."""
+    fingerprint: the same file is not ingested twice (also once moved by the caller), a
+    rewritten one is ingested afresh, and a speculation that failed is redone for the pin."""
     from types import SimpleNamespace
 
     from cowfs.manifest import read_manifest
@@ -226,7 +226,7 @@ def test_a_pin_gets_the_ingestion_of_the_very_same_file_only(
 
     monkeypatch.setattr(ingest_mod, "ingest_wheel", counted)
     wheels = {n: build(tmp_path, {f"{n}/__init__.py": b"V = 1\n"}, name=n, meta_extra="")
-              for n in "abc"}
+              for n in "abcd"}
     pins = [Pin(name=n, version="1.0", url=w.as_uri(), filename=w.name)
             for n, w in wheels.items()]
     store = Store(tmp_path / "store").ensure()
@@ -236,12 +236,16 @@ def test_a_pin_gets_the_ingestion_of_the_very_same_file_only(
             ingest.speculate(wheel)
         time.sleep(0.2)
         build(tmp_path, {"b/__init__.py": b"V = 2\n"}, name="b", meta_extra="")  # rewritten
+        (tmp_path / "moved").mkdir()
+        before = wheels["d"].stat()
+        wheels["d"] = wheels["d"].rename(tmp_path / "moved" / wheels["d"].name)
+        ingest.moved(tmp_path / wheels["d"].name, before, wheels["d"], wheels["d"].stat())
         for pin, wheel in zip(pins, wheels.values(), strict=True):
             ingest.submit(pin, wheel)
         got = ingest.results(pins, progress=False)
     finally:
         ingest.close()
-    assert sorted(calls) == ["a", "b", "b", "c", "c"]
+    assert sorted(calls) == ["a", "b", "b", "c", "c", "d"]
     files = {e.path: e.digest for e in read_manifest(store, got["b"].id).files}
     assert store.object_path(files["b/__init__.py"]).read_bytes() == b"V = 2\n"
-    assert sorted(p.stem.split("-")[0] for p in store.dists.glob("*.json")) == ["a", "b", "c"]
+    assert sorted(p.stem.split("-")[0] for p in store.dists.glob("*.json")) == list("abcd")
