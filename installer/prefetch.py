@@ -86,6 +86,7 @@ class Prefetch:
         self._fetched: dict[str, tuple[Path, list[int], str]] = {}
         self._tags = frozenset(info.tags)
         self._located: set[str] = set()
+        self._latest: dict[str, str] = {}  # project -> filename of its latest download
         self._sources: list[str] = []
         self._find_dirs: list[Path] = []
         self._index_dirs: list[Path] = []
@@ -137,23 +138,25 @@ class Prefetch:
             return
         kind, value = seen
         filename = unquote(value.rsplit("/", 1)[-1]) if kind == "url" else value
-        if not self._for_us(filename):
+        try:
+            name, _, _, tags = parse_wheel_filename(filename)
+        except InvalidWheelFilename:
+            return
+        if not any(str(tag) in self._tags for tag in tags):
             return
         if kind == "url":
             if filename not in self.downloads:
+                # One download per project: when uv backtracks to another version, the
+                # one it left is dropped (a resolution may pass over many large wheels).
+                if (previous := self._latest.get(name)) is not None:
+                    self.downloads[previous][0].set()
+                self._latest[name] = filename
                 abort = threading.Event()
                 future = self._work.submit(self._download, value, filename, abort)
                 self.downloads[filename] = (abort, future)
         elif filename not in self._located:
             self._located.add(filename)
             self._work.submit(self._ingest_local, filename)
-
-    def _for_us(self, filename: str) -> bool:
-        try:
-            _, _, _, tags = parse_wheel_filename(filename)
-        except InvalidWheelFilename:
-            return False
-        return any(str(tag) in self._tags for tag in tags)
 
     def _download(self, url: str, filename: str, abort: threading.Event) -> None:
         assert self.ingest is not None
