@@ -28,7 +28,6 @@ caller keeps this object open until `sync.apply` has returned.
 from __future__ import annotations
 
 import contextlib
-import html
 import os
 import re
 import threading
@@ -187,6 +186,7 @@ class Prefetch:
     def _locate(self, filename: str) -> Path | None:
         """The local wheel uv selected: in a find-links directory, or linked by a file://
         index's project page (PEP 503)."""
+        import html  # ~1 ms: not for warm installs, which never get here
         for directory in self._find_dirs:
             if (directory / filename).is_file():
                 return directory / filename
