@@ -13,6 +13,7 @@ from cowfs.store import Store
 from installer import remote_install, sync
 from installer.interpreters import query_interpreter
 from installer.locks import locate, read_lock
+from installer.prefetch import Prefetch
 from installer.venv import create_venv, ensure_mounted, find_venv
 
 
@@ -92,10 +93,14 @@ def install_cmd(requirements: tuple[str, ...], req_files: tuple[str, ...], venv_
                            find_links=find_links, no_index=no_index, offline=offline,
                            index_url=index_url, extra_index_urls=extra_index_urls,
                            quiet=quiet or as_json)
-    pins, how = sync.plan(request, info, store, Path(state.python))
-    _, prepared = remote_install.prepare(store, pins, info.tags, offline=offline)
-    summary = sync.apply(state, store, info, pins, exact=False, quiet=quiet or as_json,
-                         resolver=how, compile_bytecode=not no_compile, prepared=prepared)
+    # Wheels are downloaded and ingested while uv resolves; the store lock it takes is held
+    # until apply has recorded the venv's new state.
+    with Prefetch(store, info) as prefetch:
+        pins, how = sync.plan(request, info, store, Path(state.python), prefetch)
+        _, prepared = remote_install.prepare(store, pins, info.tags, offline=offline)
+        summary = sync.apply(state, store, info, pins, exact=False, quiet=quiet or as_json,
+                             resolver=how, compile_bytecode=not no_compile,
+                             prepared=prepared, ingestor=prefetch.ingest)
     _report(summary, as_json, quiet, "Installed")
 
 

@@ -48,7 +48,7 @@ class _Transient(Exception):
     """A failure worth retrying; the message is reported if retries run out."""
 
 
-def _expected(pin: Pin) -> frozenset[str]:
+def expected_hashes(pin: Pin) -> frozenset[str]:
     """The sha256 values the file may have; empty means unchecked."""
     return frozenset((pin.sha256,)) if pin.sha256 else frozenset(pin.hashes)
 
@@ -143,7 +143,7 @@ def _authorized(url: str) -> tuple[str, dict[str, str]]:
 
 
 def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: threading.Event,
-                   meter: _Progress, pool: Pool) -> None:
+                   meter: _Progress, pool: Pool) -> str:
     # Imported here: a warm install downloads nothing and should not pay ~12 ms for them.
     import http.client
     import tempfile
@@ -189,24 +189,32 @@ def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: thre
         os.replace(tmp, target)
         fsync_dir(target.parent)
         meter.finished(pin.filename, size)
+        return digest
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _download(pin: Pin, target: Path, expected: frozenset[str], abort: threading.Event,
-              meter: _Progress, pool: Pool) -> None:
+              meter: _Progress, pool: Pool) -> str:
+    """The wheel into target; its sha256."""
     for attempt in range(RETRIES + 1):
         if abort.is_set():
             raise _Aborted
         try:
-            _download_once(pin, target, expected, abort, meter, pool)
-            return
+            return _download_once(pin, target, expected, abort, meter, pool)
         except _Transient as exc:
             if attempt == RETRIES:
                 raise CowfsError(f"{pin.filename}: download failed: {exc} "
                                  f"({redact(pin.url)})") from None
             if abort.wait(RETRY_DELAY * 2**attempt):
                 raise _Aborted from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def download(pin: Pin, target: Path, abort: threading.Event, pool: Pool) -> str:
+    """One remote wheel into target, sha256-checked if pin has a hash, no progress shown;
+    its sha256. The way in for installer.prefetch, which downloads before pins are known."""
+    return _download(pin, target, expected_hashes(pin), abort, _Progress(False, 0), pool)
 
 
 def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
@@ -215,7 +223,7 @@ def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
     if not pin.filename or Path(pin.filename).name != pin.filename or \
             not pin.filename.endswith(".whl"):
         raise CowfsError(f"{pin.name}: {pin.filename!r} is not a wheel filename")
-    expected = _expected(pin)
+    expected = expected_hashes(pin)
     try:
         path = local_path(pin.url)
         if path is not None:
@@ -327,7 +335,7 @@ def fetch(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8, progress: b
     wheel, and leaves no partial file behind. on_ready(pin, path) is called (in a worker
     thread) as soon as each wheel is there and checked, so it can be ingested meanwhile.
     """
-    if all(local_path(p.url) is not None and not _expected(p) for p in pins):
+    if all(local_path(p.url) is not None and not expected_hashes(p) for p in pins):
         # Nothing to download or hash (the warm path): no event loop, no threads.
         return {p.name: _obtain_and_hand_over(p, Path(dest), threading.Event(),
                                               _Progress(False, 0), None, on_ready)
@@ -338,4 +346,4 @@ def fetch(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8, progress: b
                                       progress=progress, timeout=timeout, on_ready=on_ready))
 
 
-__all__ = ["fetch", "fetch_async"]
+__all__ = ["download", "fetch", "fetch_async"]

@@ -20,10 +20,11 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 from urllib.parse import unquote, urlparse
 
 from packaging.tags import Tag
@@ -38,6 +39,22 @@ from cowfs.errors import CowfsError
 from installer.index_config import IndexConfig, effective, with_credentials
 
 PIP_TIMEOUT = 900.0  # seconds for one pip run; a resolve against a slow index can take minutes
+# uv's log of the wheels it looks at and selects, for a ResolverLog (installer.prefetch)
+UV_LOG = "uv_resolver=debug,uv_client=debug"
+# a line of uv's log (tracing's level first, maybe coloured), never one of its messages
+# ("error:", "warning:", the cause tree): these never reach _uv_error or the user
+_LOG_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)*(?:TRACE|DEBUG|INFO|WARN|ERROR)(?:\x1b\[[0-9;]*m)* ")
+
+
+class ResolverLog(Protocol):
+    """Follows uv's log while it resolves (installer.prefetch)."""
+
+    def begin(self, config: IndexConfig) -> bool:
+        """Whether to follow this resolution: uv then logs, and `line` gets each log line."""
+        ...
+
+    def line(self, text: str) -> None:
+        ...
 
 
 @dataclass(frozen=True)
@@ -255,23 +272,53 @@ def _uv_error(stderr: str, returncode: int) -> str:
     return message or f"uv failed with exit status {returncode}"
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: float | None, what: str) -> \
-        subprocess.CompletedProcess[str]:
-    """Run a resolver in its own session, so that a timeout kills it with its children."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+def _run(cmd: list[str], env: dict[str, str], timeout: float | None, what: str,
+         on_log: Callable[[str], None] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a resolver in its own session, so that a timeout kills it with its children.
+    on_log: gets each line of the resolver's log as it comes; stderr is the rest."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE if on_log is None else subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    kept: list[str] = []
+    reader = None
+    if on_log is not None:
+        assert proc.stderr is not None
+        reader = threading.Thread(target=_split_log, args=(proc.stderr, on_log, kept),
+                                  name="cowfs-resolver-log", daemon=True)
+        reader.start()
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
+        if reader is None:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        else:
+            proc.wait(timeout=timeout)
+            reader.join()
+            stdout, stderr = "", "".join(kept)
     except BaseException as exc:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc.communicate()
+        if reader is None:
+            proc.communicate()
+        else:
+            proc.wait()
+            reader.join()
         if isinstance(exc, subprocess.TimeoutExpired):
             raise CowfsError(f"{what} did not finish resolving within {timeout:g} s") from None
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _split_log(stream: IO[str], on_log: Callable[[str], None], kept: list[str]) -> None:
+    with stream:
+        for line in stream:
+            if not _LOG_LINE.match(line):
+                kept.append(line)
+                continue
+            try:
+                on_log(line.rstrip("\n"))
+            except Exception:  # following the log is a speculation: it never fails a resolve
+                pass
 
 
 def _absolute_paths(requirements: Sequence[str]) -> list[str]:
@@ -378,6 +425,7 @@ def resolve(
     resolver: str | None = None,
     supported_tags: Sequence[str] | None = None,
     markers: Mapping[str, str] | None = None,
+    log: ResolverLog | None = None,
 ) -> list[Pin]:
     """Every wheel an install of `requirements` into `python` needs.
 
@@ -388,6 +436,7 @@ def resolve(
     every wheel must come from a local find-links directory. constraints are `-c` files.
     quiet: do not forward the resolver's warnings. Errors are one-line CowfsErrors.
     supported_tags/markers: the target's, to pick a wheel of the lock (default: queried).
+    log: follows uv's log while it resolves, if it wants to (never pip's, nor offline).
     """
     if not requirements and not requirement_files:
         return []
@@ -413,7 +462,11 @@ def resolve(
         out = Path(tmp, "pylock.toml")
         cmd, env = _lock_command(kind, uv, python, out, Path(tmp), requirements,
                                  requirement_files, constraints, config, offline)
-        proc = _run(cmd, env, timeout, kind)
+        follow = log is not None and kind == "uv" and not offline and log.begin(config)
+        on_log = log.line if follow and log is not None else None
+        if on_log is not None:
+            env["RUST_LOG"] = UV_LOG
+        proc = _run(cmd, env, timeout, kind, on_log)
         if proc.returncode != 0:
             error = _uv_error if kind == "uv" else _pip_error
             raise CowfsError(error(proc.stderr, proc.returncode))

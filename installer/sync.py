@@ -44,6 +44,7 @@ from installer.venv import ensure_mounted
 from installer.wheel import venv_extra_files
 
 if TYPE_CHECKING:
+    from installer.prefetch import Prefetch
     from installer.remote_install import Prepared
 
 
@@ -87,9 +88,10 @@ def venv_lock(venv: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def plan(request: Request, info: InterpreterInfo, store: Store, python: Path) -> tuple[
-        list[Pin], str]:
-    """Pins for the request: the local pip-sync fast path when it applies, else uv or pip."""
+def plan(request: Request, info: InterpreterInfo, store: Store, python: Path,
+         prefetch: Prefetch | None = None) -> tuple[list[Pin], str]:
+    """Pins for the request: the local pip-sync fast path when it applies, else uv or pip.
+    prefetch: starts on wheels while uv resolves (pass its `ingest` to apply)."""
     local = (local_path(p) for p in request.find_links)
     wheel_dirs = [store.wheels] + [p for p in local if p is not None and p.is_dir()]
     key = (list(request.requirements), request.requirement_files, wheel_dirs, info.tags,
@@ -107,12 +109,16 @@ def plan(request: Request, info: InterpreterInfo, store: Store, python: Path) ->
     kind, _ = choose_resolver(None)
     if not request.offline:  # downloads follow the resolution: prepare them meanwhile
         warm_up()
-    return resolve(list(request.requirements), python=python,
+    pins = resolve(list(request.requirements), python=python,
                    requirement_files=request.requirement_files,
                    find_links=request.find_links, no_index=request.no_index,
                    offline=request.offline, index_url=request.index_url,
                    extra_index_urls=request.extra_index_urls, quiet=request.quiet,
-                   resolver=kind, supported_tags=info.tags, markers=info.markers), kind
+                   resolver=kind, supported_tags=info.tags, markers=info.markers,
+                   log=prefetch)
+    if prefetch is not None:
+        prefetch.settle(pins)
+    return pins, kind
 
 
 def _dist_info_prefix(m: Dist) -> str:
@@ -146,9 +152,11 @@ def shared_bytecode_for(store: Store, manifests: Sequence[Dist], info: Interpret
 def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[Pin], *,
           exact: bool, quiet: bool = False, resolver: str = "",
           compile_bytecode: bool = True, keep: Sequence[str] = (),
-          prepared: Prepared | None = None) -> Summary:
+          prepared: Prepared | None = None, ingestor: Ingestor | None = None) -> Summary:
     """Make the venv hold pins (plus what it had, unless exact) and reload the mount.
-    Pins in prepared come from the store or a remote (installer.remote_install), not wheels."""
+    Pins in prepared come from the store or a remote (installer.remote_install), not wheels.
+    ingestor: one that may hold ingestions of the pins' wheels already (installer.prefetch);
+    the caller then holds the store lock from before those started."""
     started = time.perf_counter()
     # One state writer at a time (the daemon's absorb is another): read it fresh under the
     # lock, so that nothing another writer recorded meanwhile is written over.
@@ -160,7 +168,8 @@ def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[
         with store.lock():
             summary = _apply_locked(state, store, info, pins, exact=exact, keep=keep,
                                     quiet=quiet, resolver=resolver,
-                                    compile_bytecode=compile_bytecode, prepared=prepared)
+                                    compile_bytecode=compile_bytecode, prepared=prepared,
+                                    ingestor=ingestor)
         reload(state)
     summary.seconds = time.perf_counter() - started
     return summary
@@ -174,7 +183,8 @@ def refresh_state(state: VenvState) -> None:
 
 def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[Pin],
                   *, exact: bool, keep: Sequence[str], quiet: bool, resolver: str,
-                  compile_bytecode: bool, prepared: Prepared | None) -> Summary:
+                  compile_bytecode: bool, prepared: Prepared | None,
+                  ingestor: Ingestor | None = None) -> Summary:
     summary = Summary(resolver=resolver)
     ready = prepared.materialize(store, progress=not quiet) if prepared else {}
     # ensure() only for a new store: an existing read-only one serves what it holds already
@@ -187,7 +197,7 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
             dest = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cowfs-")))
         else:
             dest = (store if store.exists() else store.ensure()).wheels
-        ingest = Ingestor(store, info)
+        ingest = ingestor or Ingestor(store, info)
         stack.callback(ingest.close)
         rest = [p for p in pins if p.name not in ready]
         fetch(rest, dest, progress=not quiet, on_ready=ingest.submit)
