@@ -90,6 +90,7 @@ class Prefetch:
         self._find_dirs: list[Path] = []
         self._index_dirs: list[Path] = []
         self._stack = ExitStack()
+        self._spool: Path | None = None
         self._work: ThreadPoolExecutor | None = None
         self._http: Pool | None = None
         self._http_lock = threading.Lock()
@@ -112,12 +113,9 @@ class Prefetch:
             self._stack.enter_context(self.store.lock())
         except (OSError, CowfsError):
             return False
+        # Made at the first download and removed when empty: an install that downloads
+        # nothing ahead (a refused one too) leaves the store as it found it.
         self._spool = self.store.wheels / ".prefetch"
-        try:
-            self._spool.mkdir(exist_ok=True)
-        except OSError:
-            self._stack.close()
-            return False
         self.ingest = Ingestor(self.store, self.info)
         self._stack.callback(self.ingest.close)
         self._work = ThreadPoolExecutor(MAX_DOWNLOADS, thread_name_prefix="cowfs-prefetch")
@@ -167,6 +165,7 @@ class Prefetch:
             bare, _ = split_credentials(url)  # uv's log may show them masked
             pin = Pin(name=name, version=str(version), filename=filename,
                       url=with_credentials(bare, self._sources))
+            self._spool.mkdir(exist_ok=True)
             target = self._spool / filename
             digest = download(pin, target, abort, self._pool())
             self._fetched[filename] = (target, fingerprint(target.stat()), digest)
@@ -262,6 +261,9 @@ class Prefetch:
         if self._work is not None:
             self._work.shutdown(wait=True, cancel_futures=True)
         self._discard()
+        if self._spool is not None:
+            with contextlib.suppress(OSError):  # (another install's downloads keep it)
+                self._spool.rmdir()
         self._stack.close()
 
 __all__ = ["ENV", "Prefetch", "parse"]
