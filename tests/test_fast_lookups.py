@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from cowfs import control
+from tests.conftest import drop_page_cache
 
 
 def status(spec: Any) -> dict[str, Any]:
@@ -99,15 +100,6 @@ def test_lookups_the_reader_answered_count_when_the_kernel_forgets(mounted: Any)
     assert status(m.spec)["lookups_in_c"] >= 1
 
 
-def _drop_pages(path: Path) -> None:
-    """The kernel's cached pages of path: gone, so the next read asks the daemon again."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def test_reads_of_kernel_opens_come_from_the_reader_until_a_copy_up(mounted: Any) -> None:
     m, lower = mounted
     if os.environ.get("COWFS_PASSTHROUGH") == "1":
@@ -129,8 +121,7 @@ def test_reads_of_kernel_opens_come_from_the_reader_until_a_copy_up(mounted: Any
 
     with open(pkg / "big.bin", "r+b") as f:  # a copy-up: pkg/ stops
         f.write(b"EDIT")
-    for name in ("big.bin", "m1.py"):
-        _drop_pages(pkg / name)
+    drop_page_cache([pkg / "big.bin", pkg / "m1.py"])
     in_c = status(m.spec)["reads_in_c"]
     assert (pkg / "big.bin").read_bytes() == b"EDIT" + big[4:]
     assert (pkg / "m1.py").read_text() == "V = 1\n"
