@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pyfuse3
 import trio
 
-from cowfs import fuse_shim, namespace
+from cowfs import entries, fuse_shim, namespace
 from cowfs.dirfd import lexists
 from cowfs.fastlookup import FastLookups
 from cowfs.inode import Node
@@ -42,9 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cowfs.ops")
 
-LOWER_TIMEOUT = 86400.0  # immutable for the mount's life
-UPPER_TIMEOUT = 300.0  # changes only through this daemon, which keeps the kernel informed
-NEGATIVE_TIMEOUT = 300.0
 THREAD_COPY_UP_BYTES = 1 << 20  # bigger copy-ups run in a worker thread
 
 T = TypeVar("T")
@@ -68,15 +65,6 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
-
-
-def _entry_of(st: os.stat_result) -> pyfuse3.EntryAttributes:
-    e = pyfuse3.EntryAttributes()
-    e.st_ino = pyfuse3.ROOT_INODE
-    for f in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime_ns",
-              "st_mtime_ns", "st_ctime_ns"):
-        setattr(e, f, getattr(st, f))
-    return e
 
 
 def _name(raw: bytes) -> str:
@@ -177,27 +165,7 @@ class CowfsOperations(pyfuse3.Operations):
         self.lookups.changed_all()
 
     def entry(self, node: Node, attr: Attr | None = None) -> pyfuse3.EntryAttributes:
-        # Not cached: the kernel keeps entries and attributes for long, so each is built about
-        # once per mount, and 200 bytes per node is a third of the daemon's growth.
-        a = attr or self.ov.getattr(node)
-        e = pyfuse3.EntryAttributes()
-        e.st_ino = node.ino
-        e.generation = 0
-        e.st_mode = a.mode
-        e.st_nlink = a.nlink
-        e.st_uid = a.uid
-        e.st_gid = a.gid
-        e.st_rdev = a.rdev
-        e.st_size = a.size
-        e.st_blksize = 4096
-        e.st_blocks = a.blocks
-        e.st_atime_ns = a.atime_ns
-        e.st_mtime_ns = a.mtime_ns
-        e.st_ctime_ns = a.ctime_ns
-        timeout = UPPER_TIMEOUT if node.upper else LOWER_TIMEOUT
-        e.entry_timeout = timeout
-        e.attr_timeout = timeout
-        return e
+        return entries.entry(node, attr or self.ov.getattr(node))
 
     def _looked_up(self, node: Node) -> pyfuse3.EntryAttributes:
         e = self.entry(node)
@@ -250,9 +218,14 @@ class CowfsOperations(pyfuse3.Operations):
         if node is None:
             e = pyfuse3.EntryAttributes()
             e.st_ino = 0  # negative entry: the kernel caches the absence
-            e.entry_timeout = NEGATIVE_TIMEOUT
+            e.entry_timeout = entries.NEGATIVE_TIMEOUT
             return e
-        return self._looked_up(node)
+        try:
+            return self._looked_up(node)
+        except FileNotFoundError:
+            e = await self._entry_in_deleted(node)
+            node.nlookup += 1
+            return e
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, count in inode_list:
@@ -271,12 +244,23 @@ class CowfsOperations(pyfuse3.Operations):
         # the upper root with it): answer, but do not detach between its stat and open
         # (it checks both name one inode); its first unlink inside detaches.
         if inode == pyfuse3.ROOT_INODE and await self.venv_deleted(get_out=False):
-            assert self.teardown is not None
-            try:
-                return self.entry(self.node(inode))
-            except OSError:
-                return _entry_of(os.fstat(self.teardown.under_fd))
-        return self.entry(self.node(inode))
+            return await self._entry_in_deleted(self.node(inode))
+        try:
+            return self.entry(self.node(inode))
+        except FileNotFoundError:
+            return await self._entry_in_deleted(self.node(inode))
+
+    async def _entry_in_deleted(self, node: Node) -> pyfuse3.EntryAttributes:
+        """A deleter that met VENV/.cowfs first removed the upper layer under the mount: the
+        names it still sees answer as what they were (a directory, or a file), so that it
+        removes them as such (its unlinks and rmdirs are then no-ops), not ENOENT."""
+        try:
+            return self.entry(node)
+        except FileNotFoundError:
+            if not await self.venv_deleted(get_out=False):
+                raise
+        assert self.teardown is not None
+        return entries.stand_in(node, os.fstat(self.teardown.under_fd))
 
     @fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,

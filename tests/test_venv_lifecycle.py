@@ -127,6 +127,24 @@ def test_rm_rf_of_a_venv_whose_listings_the_c_reader_answers(project: Path,
     _no_mount_left(project)
 
 
+def test_rm_rf_after_uv_installed_into_the_venv(project: Path, wheels: Path) -> None:
+    """uv's files sit in the upper layer until absorbed; `rm -rf` meets VENV/.cowfs (the
+    upper) before site-packages on ext4 here, so the names the kernel still knows lost their
+    files under the mount: they must answer as what they were, not ENOENT (rm then tried
+    unlink on a directory: EISDIR)."""
+    if not Path(UV).exists():
+        pytest.skip("uv is not installed")
+    venv = project / ".venv"
+    cowfs("venv", str(venv))
+    subprocess.run([UV, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
+                    "--no-index", "--find-links", str(wheels), "pycowsay"], check=True)
+    assert cow(venv) == UDDER  # the kernel now knows pycowsay/ and its files
+    proc = subprocess.run(["rm", "-rf", str(venv)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert not venv.exists()
+    _no_mount_left(project)
+
+
 def test_a_deletion_that_went_through_site_packages_first_needs_at_most_one_retry(
         project: Path, wheels: Path) -> None:
     """`rm -rf .venv/lib .venv`: site-packages is emptied while the venv still stands (a
