@@ -41,9 +41,12 @@ class FastLookups:
                 os.environ.get("COWFS_FAST_LOOKUPS", "1") != "0"
         return self.on
 
-    def looked_in(self, parent: Node, listing: bool = False) -> None:
-        """The daemon answered a LOOKUP in parent (listing: its first READDIRPLUS): publish
-        its files if it is lower-only (listing: its whole listing too)."""
+    def looked_in(self, parent: Node,
+                  snapshot: list[tuple[str, Node]] | None = None) -> None:
+        """The daemon answered a LOOKUP in parent, or its first READDIRPLUS (snapshot: the
+        entries that listing numbers): publish its files if it is lower-only, and with a
+        snapshot its whole listing too."""
+        listing = snapshot is not None
         if parent.upper or parent.children is None or not self._on() \
                 or (parent.ino in self._dirs and (not listing or parent.ino in self._listed)):
             return
@@ -52,21 +55,18 @@ class FastLookups:
         if listing:
             self._listed.add(parent.ino)
         try:
-            names = self.ov.listdir(parent)
-            if len(names) > MAX_DIR:
+            if snapshot is None:  # (a lookup: the names, without the readdir's work)
+                found = [(n, self.ov.lookup(parent, n)) for n in self.ov.listdir(parent)]
+                snapshot = [(n, node) for n, node in found if node is not None]
+            if len(snapshot) > MAX_DIR:
                 return
-            items, entries = [], []
-            for name in names:
-                node = self.ov.lookup(parent, name)
-                if node is None:
-                    continue
-                if listing:
-                    entries.append((name, node))
+            items = []
+            for name, node in snapshot:
                 if not published and node.children is None and node.parent is parent:
                     source = node.lower.source if node.lower is not None else None
                     items.append((os.fsencode(name), node.ino, self.entry_out(node),
                                   os.fsencode(source or "")))
-            plus = self._listing(parent, entries) if listing else b""
+            plus = self._listing(parent, snapshot) if listing else b""
         except OSError as exc:  # (detached meanwhile, a lazy object...): the daemon answers
             log.debug("not publishing %d: %s", parent.ino, exc)
             return

@@ -339,7 +339,7 @@ class CowfsOperations(pyfuse3.Operations):
         else:
             parent, listing = self._dirs.get(fh, (self.ov.root, []))
         if start_id == 0:
-            self.lookups.looked_in(parent, listing=True)  # (a walk looks nothing up)
+            self.lookups.looked_in(parent, listing)  # (a walk looks nothing up)
         # "." and ".." first, as on disk filesystems. They also keep the kernel's cached
         # listing non-empty: it revalidates an empty one by mtime only, which a daemon-side
         # change (install, reset) does not touch, while a dropped page forces a re-read.
