@@ -217,8 +217,30 @@ def download(pin: Pin, target: Path, abort: threading.Event, pool: Pool) -> str:
     return _download(pin, target, expected_hashes(pin), abort, _Progress(False, 0), pool)
 
 
+def _checked_digest(path: Path, expected: frozenset[str], known: KnownDigest | None) -> str:
+    """path's sha256: the one recorded for the file as it is now (an ingestion or a download
+    hashed it), else hashed again. A recorded one that does not match is checked afresh."""
+    if known is not None and (digest := known(path)) in expected:
+        return digest
+    return sha256_file(path)
+
+
+def _settled(pin: Pin, dest: Path, known: KnownDigest | None) -> bool:
+    """Nothing to download or hash: a local wheel without a hash, or a wheel that is there
+    (local, or downloaded before) whose recorded sha256 is one of pin's."""
+    expected = expected_hashes(pin)
+    path = local_path(pin.url)
+    if path is None:
+        if not pin.filename or Path(pin.filename).name != pin.filename:
+            return False  # _obtain refuses it, with its error
+        path = dest / pin.filename
+    elif not expected:
+        return True
+    return bool(expected) and known is not None and known(path) in expected
+
+
 def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
-            pool: Pool | None) -> Path:
+            pool: Pool | None, known: KnownDigest | None = None) -> Path:
     """The local path of pin's wheel, downloading it into dest when it is remote."""
     if not pin.filename or Path(pin.filename).name != pin.filename or \
             not pin.filename.endswith(".whl"):
@@ -229,7 +251,7 @@ def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
         if path is not None:
             if not path.is_file():
                 raise CowfsError(f"{pin.filename}: local wheel {path} does not exist")
-            if expected and (digest := sha256_file(path)) not in expected:
+            if expected and (digest := _checked_digest(path, expected, known)) not in expected:
                 raise CowfsError(_mismatch(pin, expected, digest) + f" for local file {path}")
             return path
         if not pin.url.startswith(("https://", "http://")):
@@ -237,7 +259,8 @@ def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
         target = dest / pin.filename
         # Same filename, right hash: already fetched. Without a hash, the filename (unique per
         # version and build on an index) is all there is to go on.
-        if target.is_file() and (not expected or sha256_file(target) in expected):
+        if target.is_file() and (not expected
+                                 or _checked_digest(target, expected, known) in expected):
             return target
         assert pool is not None, "remote wheels are fetched by fetch_async, with a pool"
         _download(pin, target, expected, abort, meter, pool)
@@ -248,6 +271,7 @@ def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
 
 
 OnReady = Callable[[Pin, Path], None]
+KnownDigest = Callable[[Path], "str | None"]  # a file's sha256 if recorded for it as it is
 
 
 def warm_up() -> None:
@@ -271,8 +295,9 @@ def _warm() -> None:
 
 
 def _obtain_and_hand_over(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
-                          pool: Pool | None, on_ready: OnReady | None) -> Path:
-    path = _obtain(pin, dest, abort, meter, pool)
+                          pool: Pool | None, on_ready: OnReady | None,
+                          known: KnownDigest | None = None) -> Path:
+    path = _obtain(pin, dest, abort, meter, pool, known)
     if on_ready is not None and not abort.is_set():
         on_ready(pin, path)
     return path
@@ -280,7 +305,8 @@ def _obtain_and_hand_over(pin: Pin, dest: Path, abort: threading.Event, meter: _
 
 async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
                       progress: bool = True, timeout: float = TIMEOUT,
-                      on_ready: OnReady | None = None) -> dict[str, Path]:
+                      on_ready: OnReady | None = None,
+                      known: KnownDigest | None = None) -> dict[str, Path]:
     """`fetch` for callers already inside trio."""
     import trio
 
@@ -303,7 +329,7 @@ async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
     async def one(pin: Pin) -> None:
         try:
             result[pin.name] = await trio.to_thread.run_sync(
-                _obtain_and_hand_over, pin, dest, abort, meter, pool, on_ready,
+                _obtain_and_hand_over, pin, dest, abort, meter, pool, on_ready, known,
                 limiter=limiter)
         except CowfsError as exc:
             errors.append(exc)
@@ -326,7 +352,8 @@ async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
 
 
 def fetch(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8, progress: bool = True,
-          timeout: float = TIMEOUT, on_ready: OnReady | None = None) -> dict[str, Path]:
+          timeout: float = TIMEOUT, on_ready: OnReady | None = None,
+          known: KnownDigest | None = None) -> dict[str, Path]:
     """Local wheel paths by pin name: remote wheels downloaded into dest, local ones in place.
 
     Downloads run max_parallel at a time; sha256 is checked whenever the pin has one (from
@@ -334,11 +361,14 @@ def fetch(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8, progress: b
     failure (HTTP error, refused connection, hash mismatch) is one CowfsError naming the
     wheel, and leaves no partial file behind. on_ready(pin, path) is called (in a worker
     thread) as soon as each wheel is there and checked, so it can be ingested meanwhile.
+    known: a file's sha256 if one was recorded for it as it is now (installer.wheel_index),
+    so that a wheel hashed by its ingestion or download is not hashed again.
     """
-    if all(local_path(p.url) is not None and not expected_hashes(p) for p in pins):
-        # Nothing to download or hash (the warm path): no event loop, no threads.
+    if all(_settled(p, Path(dest), known) for p in pins):
+        # Nothing to download or hash (the warm path, or all fetched ahead): no event
+        # loop, no threads.
         return {p.name: _obtain_and_hand_over(p, Path(dest), threading.Event(),
-                                              _Progress(False, 0), None, on_ready)
+                                              _Progress(False, 0), None, on_ready, known)
                 for p in pins}
     import trio  # only when there is real work: importing it costs ~50 ms
 
@@ -346,4 +376,4 @@ def fetch(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8, progress: b
                                       progress=progress, timeout=timeout, on_ready=on_ready))
 
 
-__all__ = ["download", "fetch", "fetch_async"]
+__all__ = ["KnownDigest", "download", "fetch", "fetch_async"]

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,7 @@ from cowfs.layer import ensure_layer, read_head
 from cowfs.manifest import Dist, FileEntry
 from cowfs.spec import VenvState
 from cowfs.store import Store
-from installer import plan_cache
+from installer import plan_cache, wheel_index
 from installer.bytecode import bytecode_if_compiled, ensure_bytecode
 from installer.fetch import fetch, warm_up
 from installer.ingest import Ingestor
@@ -200,7 +201,8 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
         ingest = ingestor or Ingestor(store, info)
         stack.callback(ingest.close)
         rest = [p for p in pins if p.name not in ready]
-        fetch(rest, dest, progress=not quiet, on_ready=ingest.submit)
+        fetch(rest, dest, progress=not quiet, on_ready=ingest.submit,
+              known=partial(wheel_index.sha256, store))
         new = {**ready, **ingest.results(rest, progress=not quiet)}
     current = {canonicalize_name(m.name): m for m in (read_head(store, d)
                                                         for d in state.dists)}

@@ -43,6 +43,12 @@ def get(store: Store, path: Path, st: os.stat_result | None = None) -> Facts:
     return facts if isinstance(facts, dict) else {}
 
 
+def sha256(store: Store, path: Path) -> str | None:
+    """The sha256 recorded for this exact file (as it is now), if any."""
+    digest = get(store, path).get("sha256")
+    return digest if isinstance(digest, str) else None
+
+
 def put(store: Store, path: Path, st: os.stat_result, **facts: Any) -> None:
     """Record facts learned from the file as it was when st was taken (merged with old ones)."""
     merged = {**get(store, path, st), **facts}

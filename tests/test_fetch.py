@@ -161,6 +161,35 @@ def test_local_hash_mismatch_and_missing_file(tmp_path: Path) -> None:
         fetch([pin("b", (tmp_path / "nope.whl").as_uri())], tmp_path / "d", progress=False)
 
 
+def test_a_recorded_sha256_spares_the_rehash_and_a_wrong_one_is_not_trusted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """known: what an ingestion or a download recorded for the file as it is. A wheel whose
+    recorded sha256 matches its pin is not read again, even when it is remote and already
+    in dest (no event loop, no download); a recorded one that does not match is hashed."""
+    local = tmp_path / wheel_name("a")
+    local.write_bytes(b"wheel a")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / wheel_name("b")).write_bytes(b"wheel b")
+    pins = [pin("a", local.as_uri(), sha(b"wheel a")),
+            pin("b", f"https://nowhere.invalid/{wheel_name('b')}", sha(b"wheel b"))]
+    hashed: list[str] = []
+    real = fetch_mod.sha256_file
+    monkeypatch.setattr(fetch_mod, "sha256_file", lambda p: (hashed.append(p.name), real(p))[1])
+    recorded = {local: sha(b"wheel a"), dest / wheel_name("b"): sha(b"wheel b")}
+    ready: list[str] = []
+    got = fetch(pins, dest, progress=False, known=recorded.get,
+                on_ready=lambda p, path: ready.append(p.name))
+    assert got == {"a": local, "b": dest / wheel_name("b")} and sorted(ready) == ["a", "b"]
+    assert hashed == []
+    recorded[local] = sha(b"something else")  # stale or wrong: the file is hashed
+    assert fetch(pins[:1], dest, progress=False, known=recorded.get) == {"a": local}
+    assert hashed == [wheel_name("a")]
+    local.write_bytes(b"tampered")  # rewritten: wheel_index keys records by the stat
+    with pytest.raises(CowfsError, match="sha256 mismatch"):  # fingerprint, so none is left
+        fetch(pins[:1], dest, progress=False, known=lambda p: None)
+
+
 def test_bad_filenames_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CowfsError, match="is not a wheel filename"):
         fetch([Pin("a", "1.0", "https://h/x", "../evil.whl")], tmp_path, progress=False)

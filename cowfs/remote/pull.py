@@ -178,8 +178,9 @@ def materialize(store: Store, dists: Iterable[RemoteDist],
     install reads them); the mount daemon fetches the rest on first open (cowfs.remote.lazy).
     """
     dists = list(dists)
-    if dists:
-        store.ensure()
+    if not dists:  # (no sync either: an install's own objects are synced with its manifests)
+        return 0, 0
+    store.ensure()
     done = [0, 0]  # objects, bytes
     for rd in dists:  # RECORD first: a distribution it does not vouch for costs no download
         record = next(fe.digest for fe in rd.manifest.files
