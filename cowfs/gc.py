@@ -420,9 +420,26 @@ def _clean_caches(store: Store, keep_dists: set[str]) -> None:
 
 
 def _clean_tmp(store: Store, now: float, dry_run: bool) -> int:
+    """Leftovers of writers that died: tmp/, downloads an interrupted install left in
+    wheels/ (`.<wheel>.*.part`) and its speculative ones in wheels/.prefetch/."""
+    spool = store.wheels / ".prefetch"
+    n = _clean_old(store.tmp, now, dry_run)
+    n += _clean_old(spool, now, dry_run)
+    n += _clean_old(store.wheels, now, dry_run,
+                    lambda name: name.startswith(".") and name.endswith(".part"))
+    if not dry_run:
+        with contextlib.suppress(OSError):  # (unless something younger is still in it)
+            spool.rmdir()
+    return n
+
+
+def _clean_old(directory: Path, now: float, dry_run: bool,
+               wanted: Callable[[str], bool] = lambda name: True) -> int:
     n = 0
-    with contextlib.suppress(FileNotFoundError), os.scandir(store.tmp) as it:
+    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as it:
         for de in list(it):
+            if not wanted(de.name):
+                continue
             try:
                 if now - de.stat(follow_symlinks=False).st_mtime < TMP_GRACE_S:
                     continue

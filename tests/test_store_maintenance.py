@@ -107,7 +107,15 @@ def test_gc_collects_a_deleted_venv_and_keeps_shared_objects(
     old, new = store.tmp / "old-leftover", store.tmp / "fresh"
     old.write_text("x")
     new.write_text("y")
-    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    # what a killed install leaves: a download in the making, a speculative one (prefetch)
+    spool = store.wheels / ".prefetch"
+    spool.mkdir(parents=True)
+    part, spooled = store.wheels / ".x-1.0-py3-none-any.whl.k2j.part", spool / "x.whl"
+    fresh_part, kept = store.wheels / ".y-1.0-py3-none-any.whl.q9.part", store.wheels / "k.whl"
+    for leftover in (old, part, spooled, fresh_part, kept):
+        leftover.write_text("x")
+    for leftover in (old, part, spooled, kept):
+        os.utime(leftover, (time.time() - 7200, time.time() - 7200))
 
     sidecars = {p.stem for p in store.dists.glob("*.layer")}
     assert b_ids <= sidecars  # compiled manifest sidecars, derived from the manifests
@@ -115,7 +123,8 @@ def test_gc_collects_a_deleted_venv_and_keeps_shared_objects(
     assert plans  # the planning cache of the installs above
     dry = json.loads(cowfs("store", "gc", "--dry-run", "--json").stdout)
     assert dry["dead_roots"] == [str(b)] and dry["objects_deleted"] >= 1
-    assert store.has(unique) and old.exists()  # a dry run changes nothing
+    assert store.has(unique) and old.exists() and part.exists() and spooled.exists()
+    assert dry["tmp_deleted"] == 3  # a dry run counts, and changes nothing
     assert {p.stem for p in store.dists.glob("*.layer")} == sidecars and plans[0].exists()
     text = cowfs("store", "info").stdout
     assert "1 live, 1 dead" in text
@@ -124,6 +133,8 @@ def test_gc_collects_a_deleted_venv_and_keeps_shared_objects(
     assert b_ids <= set(done["manifests_deleted"])
     assert not store.has(unique) and store.has(shared)
     assert not old.exists() and new.exists()
+    assert not part.exists() and not spool.exists() and done["tmp_deleted"] == 3
+    assert fresh_part.exists() and kept.exists()  # a running download's; a fetched wheel
     assert [p.name for p in store.roots.glob("*.json")] == [f"{VenvState.load(a).id}.json"]
     left = {p.stem for p in store.dists.glob("*.layer")}
     gone = set(done["manifests_deleted"])
