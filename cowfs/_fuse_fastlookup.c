@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "_fuse_reader.h"
@@ -39,6 +40,11 @@
 #define DIRENTPLUS_NAME 152 /* fuse_entry_out, then fuse_dirent's ino, off, namelen, type */
 #define READ_MAX (UINT32_C(1) << 20) /* above max_read: bigger READs go to the daemon */
 #define BUCKETS 65536 /* a power of two */
+#define READ_AHEAD_FILES 64 /* store objects queued at one directory's first READ */
+#define READ_AHEAD_DIRS 32  /* directories looked at for them */
+#define WALK_UP_MAX 64      /* levels climbed to find the next directory */
+#define READ_AHEAD_MEMORY_MS 1000 /* a directory read ahead longer ago is read ahead again */
+#define DT_DIR_TYPE 4
 
 struct dentry { /* a published name */
     struct dentry *next;    /* hash chain */
@@ -58,6 +64,9 @@ struct pdir { /* a published directory */
     unsigned char *plus; /* its READDIRPLUS records (fuse_direntplus), once listed */
     uint32_t *at;        /* where record k (offset k + 1) starts in plus; at[n]: the end */
     uint32_t n;
+    uint64_t parent; /* from the parent's listing (0: not listed): a walk's order */
+    uint64_t ahead_ms; /* when its files' store objects were queued (_fuse_prefetch.c) */
+    uint64_t seen_ms;  /* when one of its files was last read through here */
 };
 struct counted { /* a node the reader answered lookups of */
     uint64_t ino;
@@ -229,6 +238,108 @@ static struct {
     char path[PATH_MAX];
 } last = {0, -1, ""};
 
+static uint32_t namelen_at(const unsigned char *record)
+{
+    uint32_t len;
+    memcpy(&len, record + DIRENTPLUS_NAME - 8, sizeof len); /* fuse_dirent.namelen */
+    return len;
+}
+
+static int is_dot(const unsigned char *record)
+{
+    uint32_t len = namelen_at(record);
+    const unsigned char *name = record + DIRENTPLUS_NAME;
+    return (len == 1 && name[0] == '.') || (len == 2 && name[0] == '.' && name[1] == '.');
+}
+
+/* The nodeid of a listing record that is a subdirectory (0: it is not one, or a dot). */
+static uint64_t subdir_at(const unsigned char *record)
+{
+    uint32_t type;
+    uint64_t ino;
+    memcpy(&type, record + DIRENTPLUS_NAME - 4, sizeof type); /* fuse_dirent.type */
+    memcpy(&ino, record, sizeof ino);                         /* fuse_entry_out.nodeid */
+    return type == DT_DIR_TYPE && !is_dot(record) ? ino : 0;
+}
+
+/* The first published subdirectory of p listed after the one numbered after (0: from the
+ * start); NULL: none. (mu held) */
+static struct pdir *subdir_after(const struct pdir *p, uint64_t after)
+{
+    int past = after == 0;
+    for (uint32_t k = 0; p->plus != NULL && k < p->n; k++) {
+        uint64_t ino = subdir_at(p->plus + p->at[k]);
+        struct pdir *sub;
+        if (ino == 0)
+            continue;
+        if (past && (sub = *pdir_slot(ino)) != NULL)
+            return sub;
+        past = past || ino == after;
+    }
+    return NULL;
+}
+
+/* The directory a top-down walk reads after d (os.walk, find, a tree copy: depth first,
+ * in listing order), among published ones; NULL: none known. (mu held) */
+static struct pdir *walk_next(struct pdir *d)
+{
+    struct pdir *next = subdir_after(d, 0);
+    for (int up = 0; next == NULL && d->parent != 0 && up < WALK_UP_MAX; up++) {
+        struct pdir *parent = *pdir_slot(d->parent);
+        if (parent == NULL)
+            return NULL;
+        next = subdir_after(parent, d->ino);
+        d = parent;
+    }
+    return next;
+}
+
+/* Whether a read-ahead mark is recent: a READ that comes here later finds the kernel's
+ * pages gone, and the store's may be gone with them (a cache drop, memory pressure). */
+static int recent(uint64_t *mark, uint64_t now)
+{
+    int was = *mark != 0 && now - *mark < READ_AHEAD_MEMORY_MS;
+    *mark = now;
+    return was;
+}
+
+/* Queue the store objects of dir's published files but skip (mu held); how many. */
+static int queue_files(struct pdir *dir, uint64_t skip)
+{
+    struct dentry *files[READ_AHEAD_FILES];
+    int n = 0;
+    for (struct dentry *d = dir->first; d != NULL && n < READ_AHEAD_FILES; d = d->sibling)
+        if (d->ino != skip && d->sourcelen > 0)
+            files[n++] = d;
+    for (int k = n - 1; k >= 0; k--) { /* in the order published, the listing's */
+        uint64_t size;
+        memcpy(&size, files[k]->reply.entry_out + 48, sizeof size); /* fuse_attr.size */
+        cowfs_readahead(files[k]->name + files[k]->namelen, files[k]->sourcelen, size);
+    }
+    return n;
+}
+
+/* At the first READ of a file in a directory: read ahead the store objects of its other
+ * files, then of the directories a walk reads next, until READ_AHEAD_FILES are queued.
+ * Each directory's first READ moves that frontier on. (mu held) */
+static void read_ahead_from(uint64_t ino)
+{
+    struct counted *c = *count_slot(ino);
+    struct pdir *d = c != NULL && c->dentry != NULL ? *pdir_slot(c->dentry->parent) : NULL;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    uint64_t now = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000 + 1;
+    if (d == NULL || !cowfs_readahead_on() || recent(&d->seen_ms, now))
+        return;
+    int queued = 0;
+    for (int dirs = 0; d != NULL && dirs < READ_AHEAD_DIRS && queued < READ_AHEAD_FILES;
+         dirs++) {
+        if (!recent(&d->ahead_ms, now))
+            queued += queue_files(d, ino);
+        d = walk_next(d);
+    }
+}
+
 static int still_source(uint64_t ino, const char *path)
 {
     char now[PATH_MAX];
@@ -249,6 +360,8 @@ int cowfs_lookup_read(int dev_fd, const void *mem, size_t n)
     char path[PATH_MAX];
     pthread_mutex_lock(&mu);
     int found = source_of(in->nodeid, path, sizeof path);
+    if (found && arg->offset == 0)
+        read_ahead_from(in->nodeid);
     pthread_mutex_unlock(&mu);
     if (!found)
         return 0;
@@ -312,13 +425,6 @@ int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
     return ok;
 }
 
-static uint32_t namelen_at(const unsigned char *record)
-{
-    uint32_t len;
-    memcpy(&len, record + DIRENTPLUS_NAME - 8, sizeof len); /* fuse_dirent.namelen */
-    return len;
-}
-
 int cowfs_dir_listing(uint64_t parent, const unsigned char *records, size_t len)
 {
     uint32_t n = 0;
@@ -351,6 +457,12 @@ int cowfs_dir_listing(uint64_t parent, const unsigned char *records, size_t len)
         p->plus = plus;
         p->at = at;
         p->n = n;
+        for (uint32_t k = 0; k < n; k++) { /* its subdirectories learn their parent */
+            uint64_t sub = subdir_at(plus + at[k]);
+            struct pdir *child = sub != 0 && sub != parent ? pdir_made(sub) : NULL;
+            if (child != NULL)
+                child->parent = parent;
+        }
     }
     pthread_mutex_unlock(&mu);
     if (p == NULL) {
@@ -358,13 +470,6 @@ int cowfs_dir_listing(uint64_t parent, const unsigned char *records, size_t len)
         free(at);
     }
     return p != NULL;
-}
-
-static int is_dot(const unsigned char *record)
-{
-    uint32_t len = namelen_at(record);
-    const unsigned char *name = record + DIRENTPLUS_NAME;
-    return (len == 1 && name[0] == '.') || (len == 2 && name[0] == '.' && name[1] == '.');
 }
 
 /* Count (add 1) or uncount (add -1) the lookup of every entry in records [first, end) but

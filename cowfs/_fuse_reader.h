@@ -81,4 +81,9 @@ int cowfs_lookup_read(int dev_fd, const void *mem, size_t n);
 void cowfs_lookup_totals(unsigned long *published, unsigned long *lookups,
                          unsigned long *attrs, unsigned long *reads, unsigned long *listings);
 
+/* Read-ahead of store objects into the page cache (_fuse_prefetch.c): a hint only. */
+int cowfs_readahead_on(void);
+void cowfs_readahead(const char *path, size_t len, uint64_t size);
+void cowfs_readahead_totals(unsigned long *done, unsigned long *dropped);
+
 #endif

@@ -470,9 +470,11 @@ static PyObject *lookup_totals(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    unsigned long published, lookups, attrs, reads, listings;
+    unsigned long published, lookups, attrs, reads, listings, ahead, dropped;
     cowfs_lookup_totals(&published, &lookups, &attrs, &reads, &listings);
-    return Py_BuildValue("(kkkkk)", published, lookups, attrs, reads, listings);
+    cowfs_readahead_totals(&ahead, &dropped);
+    return Py_BuildValue("(kkkkkkk)", published, lookups, attrs, reads, listings, ahead,
+                         dropped);
 }
 
 static PyMethodDef methods[] = {
@@ -510,7 +512,8 @@ static PyMethodDef methods[] = {
     {"lookups_of", lookups_of, METH_VARARGS,
      "(ino, take): lookups of ino the reader answered (taken: counted by the caller now)."},
     {"lookup_totals", lookup_totals, METH_NOARGS,
-     "(published names, lookups answered, their GETATTRs answered, READs answered, READDIRPLUS answered)"},
+     "(published names, lookups answered, their GETATTRs answered, READs answered, "
+     "READDIRPLUS answered, store objects read ahead, read-aheads dropped)"},
     {NULL, NULL, 0, NULL},
 };
 

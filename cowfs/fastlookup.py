@@ -107,6 +107,7 @@ class FastLookups:
         return fuse_shim.lookups_of(ino, take=True) if self.on else 0
 
     def status(self) -> dict[str, int]:
-        published, lookups, attrs, reads, listings = fuse_shim.lookup_totals()
+        published, lookups, attrs, reads, listings, ahead, dropped = fuse_shim.lookup_totals()
         return {"lookups_published": published, "lookups_in_c": lookups,
-                "lookup_getattrs_in_c": attrs, "reads_in_c": reads, "listings_in_c": listings}
+                "lookup_getattrs_in_c": attrs, "reads_in_c": reads, "listings_in_c": listings,
+                "read_ahead": ahead, "read_ahead_dropped": dropped}

@@ -173,9 +173,9 @@ def lookups_of(ino: int, take: bool) -> int:
     return 0 if _shim is None else int(_shim.lookups_of(ino, take))
 
 
-def lookup_totals() -> tuple[int, int, int, int, int]:
+def lookup_totals() -> tuple[int, int, int, int, int, int, int]:
     """(published names, lookups answered, GETATTRs of them answered, READs answered,
-    READDIRPLUS answered)."""
+    READDIRPLUS answered, store objects read ahead, read-aheads dropped: queue full)."""
     if _shim is None:
-        return 0, 0, 0, 0, 0
+        return 0, 0, 0, 0, 0, 0, 0
     return tuple(int(n) for n in _shim.lookup_totals())  # type: ignore[return-value]

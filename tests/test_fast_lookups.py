@@ -9,8 +9,11 @@ kernel opens and on passthrough.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +185,64 @@ def test_listings_come_from_the_reader_until_the_directory_changes(mounted: Any)
     assert "new.py" in names and names == sorted([*os.listdir(lower / "pkg"), "new.py"])
     assert status(m.spec)["served"]["listings"] > after["served"]["listings"]
     assert not (lower / "pkg" / "new.py").exists()
+
+
+def _cached(path: Path) -> bool:
+    """Whether path's first page is in the page cache: mincore(2) of a mapping, which reads
+    nothing (a read with RWF_NOWAIT would start the very read-ahead it should detect)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 4096, access=mmap.ACCESS_COPY) as m:
+        page = (ctypes.c_char * 4096).from_buffer(m)
+        vec = (ctypes.c_ubyte * 1)()
+        try:
+            if libc.mincore(ctypes.c_void_p(ctypes.addressof(page)), ctypes.c_size_t(4096),
+                            vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del page
+        return bool(vec[0] & 1)
+
+
+@pytest.mark.parametrize("readahead", ["on", "off"])
+def test_a_first_read_in_a_directory_reads_ahead_what_a_walk_reads_next(
+        tmp_path: Path, overlay_mount: Any, monkeypatch: pytest.MonkeyPatch,
+        readahead: str) -> None:
+    """Kernel opens: at the first READ in a directory the reader queues the backing files of
+    its other files and of the directories a top-down walk reads next, and threads read
+    them into the page cache (cowfs/_fuse_prefetch.c). Off (COWFS_READAHEAD=0) they stay
+    out: the control that shows the check can fail."""
+    monkeypatch.setenv("COWFS_PASSTHROUGH", "0")
+    if readahead == "off":
+        monkeypatch.setenv("COWFS_READAHEAD", "0")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("no read-ahead threads with one CPU")
+    lower = tmp_path / "lower"
+    names = {"pkg": ["a0", "a1", "a2"], "pkg/sub": ["b0", "b1"], "pkg/sub/deep": ["c0"],
+             "pkg/zz": ["d0"], "other": ["e0"]}
+    for d, files in names.items():
+        (lower / d).mkdir(parents=True)
+        for f in files:
+            (lower / d / f).write_bytes(os.urandom(20000))
+    m = overlay_mount(lower)
+    walked = [Path(r) / f for r, _, fs in os.walk(m.mnt) for f in fs]  # lists every directory
+    assert len(walked) == 8
+    backing = [lower / d / f for d, files in names.items() for f in files]
+    os.sync()  # dirty pages stay cached
+    drop_page_cache([*backing, *walked])
+    if any(_cached(p) for p in backing):
+        pytest.skip("this filesystem keeps the pages of the lower files (tmpfs?)")
+    assert (m.mnt / "pkg" / "a0").read_bytes() == (lower / "pkg" / "a0").read_bytes()
+    ahead = [p for p in backing if p.name != "a0" and p.parent.name != "other"]
+    deadline = time.monotonic() + 10
+    while readahead == "on" and not all(_cached(p) for p in ahead) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if readahead == "off":
+        time.sleep(0.5)
+        assert [p for p in ahead if _cached(p)] == []
+        assert status(m.spec)["read_ahead"] == 0
+        return
+    assert all(_cached(p) for p in ahead)  # pkg's other files, then sub, sub/deep, zz
+    assert status(m.spec)["read_ahead"] >= len(ahead)
+    for p in walked:  # and reads through the mount are the lower's bytes, as always
+        assert p.read_bytes() == (lower / p.relative_to(m.mnt)).read_bytes()
