@@ -13,12 +13,8 @@
  * lookups the reader answered for a node to its own count when the kernel forgets it (the
  * kernel's FORGET counts every LOOKUP answer, whoever gave it).
  *
- * With kernel opens (no OPEN requests), the reader also answers READs of published files
- * from their store objects: a cold read of a tree costs one READ per file, ~210 us through
- * the trio loop against ~70 us of disk. A READ that overlaps a stop (copy-up, reload) is
- * checked again after its pread and then left to the daemon; one already answered raced
- * with the change as any read does (the kernel holds the pages it fills locked until the
- * reply, so a later invalidation waits for it).
+ * The READs of published files are answered from their store objects in _fuse_fastread.c,
+ * which asks here for what to read ahead (the directories a walk reads next).
  */
 #define _GNU_SOURCE /* O_NOATIME */
 #include <errno.h>
@@ -35,10 +31,8 @@
 #include "_fuse_reader.h"
 
 #define FUSE_LOOKUP_OPCODE 1
-#define FUSE_READ_OPCODE 15
 #define FUSE_READDIRPLUS_OPCODE 44
 #define DIRENTPLUS_NAME 152 /* fuse_entry_out, then fuse_dirent's ino, off, namelen, type */
-#define READ_MAX (UINT32_C(1) << 20) /* above max_read: bigger READs go to the daemon */
 #define BUCKETS 65536 /* a power of two */
 #define READ_AHEAD_FILES 64 /* store objects queued at one directory's first READ */
 #define READ_AHEAD_DIRS 32  /* directories looked at for them */
@@ -79,8 +73,7 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static struct dentry *dentries[BUCKETS];
 static struct pdir *pdirs[BUCKETS];
 static struct counted *counts[BUCKETS];
-static unsigned long n_dentries, lookups_answered, attrs_answered, reads_answered,
-    listings_answered;
+static unsigned long n_dentries, lookups_answered, attrs_answered, listings_answered;
 
 static unsigned ino_bucket(uint64_t ino)
 {
@@ -224,20 +217,6 @@ int cowfs_lookup_source(uint64_t ino, char *path, size_t size,
     return found;
 }
 
-struct read_in { /* fuse_read_in */
-    uint64_t fh, offset;
-    uint32_t size, read_flags;
-    uint64_t lock_owner;
-    uint32_t flags, padding;
-};
-
-/* The reader's last backing file: a file read in several READs is opened once. */
-static struct {
-    uint64_t ino;
-    int fd;
-    char path[PATH_MAX];
-} last = {0, -1, ""};
-
 static uint32_t namelen_at(const unsigned char *record)
 {
     uint32_t len;
@@ -294,8 +273,7 @@ static struct pdir *walk_next(struct pdir *d)
     return next;
 }
 
-/* Whether a read-ahead mark is recent: a READ that comes here later finds the kernel's
- * pages gone, and the store's may be gone with them (a cache drop, memory pressure). */
+/* Whether a mark is recent (and renew it): after that, pages may be gone again. */
 static int recent(uint64_t *mark, uint64_t now)
 {
     int was = *mark != 0 && now - *mark < READ_AHEAD_MEMORY_MS;
@@ -322,14 +300,19 @@ static int queue_files(struct pdir *dir, uint64_t skip)
 /* At the first READ of a file in a directory: read ahead the store objects of its other
  * files, then of the directories a walk reads next, until READ_AHEAD_FILES are queued.
  * Each directory's first READ moves that frontier on. (mu held) */
-static void read_ahead_from(uint64_t ino)
+static void read_ahead_from(uint64_t ino, int cold)
 {
     struct counted *c = *count_slot(ino);
     struct pdir *d = c != NULL && c->dentry != NULL ? *pdir_slot(c->dentry->parent) : NULL;
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
     uint64_t now = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000 + 1;
-    if (d == NULL || !cowfs_readahead_on() || recent(&d->seen_ms, now))
+    if (d == NULL || !cowfs_readahead_on())
+        return;
+    /* Only where the disk is read: a cold file, or a directory read ahead before (the
+     * stream goes on). A warm store (a first import in a new venv) costs nothing. */
+    uint64_t ahead = d->ahead_ms;
+    if ((!cold && !recent(&ahead, now)) || recent(&d->seen_ms, now))
         return;
     int queued = 0;
     for (int dirs = 0; d != NULL && dirs < READ_AHEAD_DIRS && queued < READ_AHEAD_FILES;
@@ -340,56 +323,11 @@ static void read_ahead_from(uint64_t ino)
     }
 }
 
-static int still_source(uint64_t ino, const char *path)
+void cowfs_lookup_read_ahead(uint64_t ino, int cold) /* (a first open, passthrough) */
 {
-    char now[PATH_MAX];
     pthread_mutex_lock(&mu);
-    int same = source_of(ino, now, sizeof now) && strcmp(now, path) == 0;
+    read_ahead_from(ino, cold);
     pthread_mutex_unlock(&mu);
-    return same;
-}
-
-int cowfs_lookup_read(int dev_fd, const void *mem, size_t n)
-{
-    const struct cowfs_in_header *in = mem;
-    if (in->opcode != FUSE_READ_OPCODE || n < sizeof *in + sizeof(struct read_in))
-        return 0;
-    const struct read_in *arg = (const struct read_in *)(in + 1);
-    if (arg->fh != 0 || arg->size > READ_MAX) /* fh 0: a kernel open; others are handles */
-        return 0;
-    char path[PATH_MAX];
-    pthread_mutex_lock(&mu);
-    int found = source_of(in->nodeid, path, sizeof path);
-    if (found && arg->offset == 0)
-        read_ahead_from(in->nodeid);
-    pthread_mutex_unlock(&mu);
-    if (!found)
-        return 0;
-    if (last.fd < 0 || last.ino != in->nodeid || strcmp(last.path, path) != 0) {
-        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOATIME);
-        if (fd < 0 && errno == EPERM) /* O_NOATIME: only the owner (or CAP_FOWNER) */
-            fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0)
-            return 0; /* (a lazy object not fetched yet...) the daemon answers */
-        if (last.fd >= 0)
-            close(last.fd);
-        last.fd = fd;
-        last.ino = in->nodeid;
-        memcpy(last.path, path, strlen(path) + 1);
-    }
-    static unsigned char *reply; /* header and data: only the reader thread comes here */
-    if (reply == NULL && (reply = malloc(sizeof(struct cowfs_out_header) + READ_MAX)) == NULL)
-        return 0;
-    ssize_t got = pread(last.fd, reply + sizeof(struct cowfs_out_header), arg->size,
-                        (off_t)arg->offset);
-    if (got < 0 || !still_source(in->nodeid, path))
-        return 0;
-    struct cowfs_out_header h = {(uint32_t)(sizeof h + (size_t)got), 0, in->unique};
-    memcpy(reply, &h, sizeof h);
-    if (write(dev_fd, reply, h.len) < 0) { /* ENOENT: interrupted */
-    }
-    __atomic_add_fetch(&reads_answered, 1, __ATOMIC_RELAXED);
-    return 1;
 }
 
 int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
@@ -497,9 +435,9 @@ static int count_entries(const struct pdir *p, uint32_t first, uint32_t end, int
 int cowfs_dir_read(int dev_fd, const void *mem, size_t n)
 {
     const struct cowfs_in_header *in = mem;
-    if (in->opcode != FUSE_READDIRPLUS_OPCODE || n < sizeof *in + sizeof(struct read_in))
+    if (in->opcode != FUSE_READDIRPLUS_OPCODE || n < sizeof *in + sizeof(struct cowfs_read_in))
         return 0;
-    const struct read_in *arg = (const struct read_in *)(in + 1);
+    const struct cowfs_read_in *arg = (const struct cowfs_read_in *)(in + 1);
     if (arg->fh != 0) /* a directory the daemon opened itself */
         return 0;
     pthread_mutex_lock(&mu);
@@ -588,7 +526,7 @@ void cowfs_lookup_totals(unsigned long *published, unsigned long *lookups,
     *published = n_dentries;
     *lookups = lookups_answered;
     *attrs = attrs_answered;
-    *reads = __atomic_load_n(&reads_answered, __ATOMIC_RELAXED);
+    *reads = cowfs_reads_answered();
     *listings = listings_answered;
     pthread_mutex_unlock(&mu);
 }

@@ -67,6 +67,17 @@ int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
                   size_t source_len);
 /* 1 when ino has a published name with a backing file path (copied into path, its GETATTR
  * answer into attr_out). */
+struct cowfs_read_in { /* fuse_read_in (READ, READDIRPLUS) */
+    uint64_t fh, offset;
+    uint32_t size, read_flags;
+    uint64_t lock_owner;
+    uint32_t flags, padding;
+};
+/* READs of kernel opens of published files (_fuse_fastread.c); how many were answered. */
+unsigned long cowfs_reads_answered(void);
+/* A first READ, or first open in C (passthrough), of ino: read ahead what comes next
+ * (cold: its backing file was not in the page cache). */
+void cowfs_lookup_read_ahead(uint64_t ino, int cold);
 int cowfs_lookup_source(uint64_t ino, char *path, size_t size,
                         unsigned char attr_out[COWFS_ATTR_OUT_SIZE]);
 /* The READDIRPLUS records of a published directory: 1 set, 0 out of memory, -1 malformed. */

@@ -358,6 +358,17 @@ static PyObject *fast_first_opens(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *read_ahead(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long ino;
+    int cold;
+    if (!PyArg_ParseTuple(args, "Kp", &ino, &cold))
+        return NULL;
+    cowfs_lookup_read_ahead(ino, cold);
+    Py_RETURN_NONE;
+}
+
 static PyObject *fast_block(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -497,6 +508,8 @@ static PyMethodDef methods[] = {
     {"fast_first_opens", fast_first_opens, METH_O,
      "The reader registers the backing file of a published name's first open itself."},
     {"fast_stop_all", fast_stop_all, METH_NOARGS, "Stop every entry (idle ones: closed)."},
+    {"read_ahead", read_ahead, METH_VARARGS,
+     "(ino, cold): an open of ino's store object: read ahead what a walk reads next."},
     {"fast_block", fast_block, METH_VARARGS,
      "(ino, on): the daemon has cached opens of ino: the reader makes no entry for it."},
     {"fast_stop", fast_stop, METH_VARARGS,

@@ -224,6 +224,7 @@ class Passthrough:
                 return self._cached_open(fh, ino)
             self.lower_ok |= on_lower
             if on_lower and not writable and attr_out is not None and self._fast():
+                fuse_shim.read_ahead(ino, fd)
                 fuse_shim.fast_publish(ino, backing_id, pid, attr_out())
                 if not self._first_opens:
                     for blocked in self._cached:  # (opened before: see fast_block)

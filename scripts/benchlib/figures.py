@@ -199,9 +199,10 @@ def read_all(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
     _read_same_files(ctx, res, envs)
 
 
-def _read_same_files(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
+def _read_same_files(ctx: Ctx, res: Results, envs: dict[str, Env], figure: str = "read-all",
+                     cold: bool = False) -> None:
     """The trees differ (cowfs holds bytecode for every module): also read only the files
-    every peer has, so the ratio compares the same bytes."""
+    every peer has, so the ratio compares the same bytes (cold: caches dropped first)."""
     if "native" not in envs:
         return
     common: set[str] | None = None
@@ -212,13 +213,15 @@ def _read_same_files(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
     listing = ctx.work / "read-all-common.txt"
     listing.write_text("\n".join(sorted(common or ())))
     same: dict[str, list[float]] = {}
-    for _ in range(ctx.reps):
+    for _ in range(ctx.cold_reps if cold else ctx.reps):
         for name, env in envs.items():
+            if cold:
+                drop_caches()
             same.setdefault(name, []).append(timed(ctx, [*reader(ctx, env), str(listing)]))
     base = median(same["native"])
-    res.note("read-all", "same_files", len(common or ()))
+    res.note(figure, "same_files", len(common or ()))
     for name, samples in same.items():
-        res.note("read-all", f"same_files_ratio.{name}", round(median(samples) / base, 3))
+        res.note(figure, f"same_files_ratio.{name}", round(median(samples) / base, 3))
 
 
 def read_all_cold(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
@@ -228,6 +231,7 @@ def read_all_cold(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
         return timed(ctx, reader(ctx, e))
 
     _interleaved(ctx, res, "read-all-cold", envs, cold, ctx.cold_reps)
+    _read_same_files(ctx, res, envs, "read-all-cold", cold=True)
 
 
 def daemon_rss(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
