@@ -314,9 +314,10 @@ static void read_ahead_from(uint64_t ino, int cold)
     uint64_t ahead = d->ahead_ms;
     if ((!cold && !recent(&ahead, now)) || recent(&d->seen_ms, now))
         return;
-    int queued = 0;
-    for (int dirs = 0; d != NULL && dirs < READ_AHEAD_DIRS && queued < READ_AHEAD_FILES;
-         dirs++) {
+    /* Past this directory only if it was listed: a walk lists every directory, an import
+     * never lists __pycache__ (and the modules next door would be read for nothing). */
+    int queued = 0, dirs = d->plus != NULL ? READ_AHEAD_DIRS : 1;
+    for (int k = 0; d != NULL && k < dirs && queued < READ_AHEAD_FILES; k++) {
         if (!recent(&d->ahead_ms, now))
             queued += queue_files(d, ino);
         d = walk_next(d);

@@ -252,3 +252,36 @@ def test_a_first_read_in_a_directory_reads_ahead_what_a_walk_reads_next(
     assert status(m.spec)["read_ahead"] >= len(ahead)
     for p in walked:  # and reads through the mount are the lower's bytes, as always
         assert p.read_bytes() == (lower / p.relative_to(m.mnt)).read_bytes()
+
+
+def test_an_unlisted_directory_reads_ahead_only_its_own_files(
+        tmp_path: Path, overlay_mount: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import looks up bytecode in `__pycache__` without listing it: a first READ there
+    reads ahead the bytecode next door, not the directories a walk would read next (the
+    modules of other packages, read for nothing)."""
+    monkeypatch.setenv("COWFS_PASSTHROUGH", "0")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("no read-ahead threads with one CPU")
+    lower = tmp_path / "lower"
+    for d, files in {"pkg/__pycache__": ["m0.pyc", "m1.pyc", "m2.pyc"],
+                     "pkg/zsub": ["z0.py"]}.items():
+        (lower / d).mkdir(parents=True)
+        for f in files:
+            (lower / d / f).write_bytes(os.urandom(20000))
+    m = overlay_mount(lower)
+    os.listdir(m.mnt / "pkg")  # as importlib lists a package, never its __pycache__
+    os.listdir(m.mnt / "pkg" / "zsub")
+    for name in ("m0.pyc", "m1.pyc", "m2.pyc"):
+        os.stat(m.mnt / "pkg" / "__pycache__" / name)
+    backing = [*(lower / "pkg" / "__pycache__").iterdir(), lower / "pkg" / "zsub" / "z0.py"]
+    os.sync()
+    drop_page_cache(backing)
+    assert not any(_cached(p) for p in backing)
+    (m.mnt / "pkg" / "__pycache__" / "m0.pyc").read_bytes()
+    nextdoor = [lower / "pkg" / "__pycache__" / n for n in ("m1.pyc", "m2.pyc")]
+    deadline = time.monotonic() + 10
+    while not all(_cached(p) for p in nextdoor) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_cached(p) for p in nextdoor)
+    time.sleep(0.3)
+    assert not _cached(lower / "pkg" / "zsub" / "z0.py")
