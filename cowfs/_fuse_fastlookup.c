@@ -273,10 +273,15 @@ static struct pdir *walk_next(struct pdir *d)
     return next;
 }
 
-/* Whether a mark is recent (and renew it): after that, pages may be gone again. */
-static int recent(uint64_t *mark, uint64_t now)
+/* Whether a mark is recent: after that, pages may be gone again. */
+static int fresh(uint64_t mark, uint64_t now)
 {
-    int was = *mark != 0 && now - *mark < READ_AHEAD_MEMORY_MS;
+    return mark != 0 && now - mark < READ_AHEAD_MEMORY_MS;
+}
+
+static int recent(uint64_t *mark, uint64_t now) /* fresh, and renewed */
+{
+    int was = fresh(*mark, now);
     *mark = now;
     return was;
 }
@@ -297,22 +302,21 @@ static int queue_files(struct pdir *dir, uint64_t skip)
     return n;
 }
 
-/* At the first READ of a file in a directory: read ahead the store objects of its other
- * files, then of the directories a walk reads next, until READ_AHEAD_FILES are queued.
- * Each directory's first READ moves that frontier on. (mu held) */
+/* At a file's first READ (or first open): read ahead the store objects of the directory's
+ * other files, then of the directories a walk reads next, until READ_AHEAD_FILES are
+ * queued. Each directory's first READ moves that frontier on. (mu held) */
 static void read_ahead_from(uint64_t ino, int cold)
 {
     struct counted *c = *count_slot(ino);
     struct pdir *d = c != NULL && c->dentry != NULL ? *pdir_slot(c->dentry->parent) : NULL;
+    if (d == NULL || !cowfs_readahead_on())
+        return;
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
     uint64_t now = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000 + 1;
-    if (d == NULL || !cowfs_readahead_on())
-        return;
     /* Only where the disk is read: a cold file, or a directory read ahead before (the
      * stream goes on). A warm store (a first import in a new venv) costs nothing. */
-    uint64_t ahead = d->ahead_ms;
-    if ((!cold && !recent(&ahead, now)) || recent(&d->seen_ms, now))
+    if ((!cold && !fresh(d->ahead_ms, now)) || recent(&d->seen_ms, now))
         return;
     /* Past this directory only if it was listed: a walk lists every directory, an import
      * never lists __pycache__ (and the modules next door would be read for nothing). */
@@ -324,7 +328,7 @@ static void read_ahead_from(uint64_t ino, int cold)
     }
 }
 
-void cowfs_lookup_read_ahead(uint64_t ino, int cold) /* (a first open, passthrough) */
+void cowfs_lookup_read_ahead(uint64_t ino, int cold)
 {
     pthread_mutex_lock(&mu);
     read_ahead_from(ino, cold);

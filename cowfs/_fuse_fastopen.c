@@ -21,7 +21,6 @@
  * release. Handles the kernel gets for counted opens carry FAST_FH; a RELEASE with more bits
  * than that also goes to the daemon (it holds a handle of its own for that open).
  */
-#define _GNU_SOURCE /* preadv2 */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -29,7 +28,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include "_fuse_reader.h"
@@ -120,9 +118,7 @@ static int first_open(int dev_fd, uint64_t nodeid)
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
     if (fd < 0)
         return 0; /* (a lazily installed object not fetched yet...): the daemon's to answer */
-    char first; /* the kernel reads its pages next: are they cached? */
-    struct iovec iov = {&first, 1};
-    cowfs_lookup_read_ahead(nodeid, preadv2(fd, &iov, 1, 0, RWF_NOWAIT) < 0);
+    cowfs_opened_read_ahead(nodeid, fd); /* the kernel reads its backing pages next */
     struct backing_map map = {fd, 0, 0};
     int32_t id = ioctl(dev_fd, BACKING_OPEN, &map);
     close(fd);

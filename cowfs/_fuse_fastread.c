@@ -44,12 +44,13 @@ static int still_source(uint64_t ino, const char *path)
     return source(ino, now) && strcmp(now, path) == 0;
 }
 
-/* Read size bytes at offset; *cold: they were not all in the page cache. */
+/* Read size bytes at offset; *cold: they were not all in the page cache (asked only when
+ * something reads ahead: else one plain pread). */
 static ssize_t read_noting_cold(int fd, unsigned char *data, size_t size, off_t offset,
                                 int *cold)
 {
     struct iovec iov = {data, size};
-    ssize_t got = preadv2(fd, &iov, 1, offset, RWF_NOWAIT);
+    ssize_t got = cowfs_readahead_on() ? preadv2(fd, &iov, 1, offset, RWF_NOWAIT) : -1;
     *cold = got < 0; /* EAGAIN (or EOPNOTSUPP: no RWF_NOWAIT here) */
     if (*cold)
         return pread(fd, data, size, offset);
@@ -99,6 +100,15 @@ int cowfs_lookup_read(int dev_fd, const void *mem, size_t n)
     }
     __atomic_add_fetch(&answered, 1, __ATOMIC_RELAXED);
     return 1;
+}
+
+void cowfs_opened_read_ahead(uint64_t ino, int fd)
+{
+    if (!cowfs_readahead_on())
+        return;
+    char first;
+    struct iovec iov = {&first, 1};
+    cowfs_lookup_read_ahead(ino, preadv2(fd, &iov, 1, 0, RWF_NOWAIT) < 0);
 }
 
 unsigned long cowfs_reads_answered(void)

@@ -78,6 +78,8 @@ unsigned long cowfs_reads_answered(void);
 /* A first READ, or first open in C (passthrough), of ino: read ahead what comes next
  * (cold: its backing file was not in the page cache). */
 void cowfs_lookup_read_ahead(uint64_t ino, int cold);
+/* The same at an open of ino whose backing file is fd: cold if its first page is. */
+void cowfs_opened_read_ahead(uint64_t ino, int fd);
 int cowfs_lookup_source(uint64_t ino, char *path, size_t size,
                         unsigned char attr_out[COWFS_ATTR_OUT_SIZE]);
 /* The READDIRPLUS records of a published directory: 1 set, 0 out of memory, -1 malformed. */

@@ -362,10 +362,10 @@ static PyObject *read_ahead(PyObject *self, PyObject *args)
 {
     (void)self;
     unsigned long long ino;
-    int cold;
-    if (!PyArg_ParseTuple(args, "Kp", &ino, &cold))
+    int fd;
+    if (!PyArg_ParseTuple(args, "Ki", &ino, &fd))
         return NULL;
-    cowfs_lookup_read_ahead(ino, cold);
+    cowfs_opened_read_ahead(ino, fd);
     Py_RETURN_NONE;
 }
 
@@ -509,7 +509,7 @@ static PyMethodDef methods[] = {
      "The reader registers the backing file of a published name's first open itself."},
     {"fast_stop_all", fast_stop_all, METH_NOARGS, "Stop every entry (idle ones: closed)."},
     {"read_ahead", read_ahead, METH_VARARGS,
-     "(ino, cold): an open of ino's store object: read ahead what a walk reads next."},
+     "(ino, fd): an open of ino on its store object fd: read ahead what a walk reads next."},
     {"fast_block", fast_block, METH_VARARGS,
      "(ino, on): the daemon has cached opens of ino: the reader makes no entry for it."},
     {"fast_stop", fast_stop, METH_VARARGS,

@@ -114,16 +114,8 @@ def fast_first_opens() -> None:
 def read_ahead(ino: int, backing_fd: int) -> None:
     """An open of ino, a published name, on its store object: as the reader does at a
     first open, read ahead what a walk reads next if the object's pages are cold."""
-    if _shim is None:
-        return
-    try:
-        os.preadv(backing_fd, [bytearray(1)], 0, os.RWF_NOWAIT)
-        cold = False
-    except BlockingIOError:
-        cold = True
-    except OSError:
-        return
-    _shim.read_ahead(ino, cold)
+    if _shim is not None:
+        _shim.read_ahead(ino, backing_fd)
 
 
 def fast_block(ino: int, on: bool) -> None:

@@ -222,8 +222,8 @@ class CowfsOperations(pyfuse3.Operations):
             return e
         try:
             return self._looked_up(node)
-        except FileNotFoundError:
-            e = await self._entry_in_deleted(node)
+        except FileNotFoundError as exc:
+            e = await self._stand_in_if_deleted(node, exc)
             node.nlookup += 1
             return e
 
@@ -243,22 +243,22 @@ class CowfsOperations(pyfuse3.Operations):
         # A deleter (rm -rf VENV) stats site-packages after it removed the state (and
         # the upper root with it): answer, but do not detach between its stat and open
         # (it checks both name one inode); its first unlink inside detaches.
-        if inode == pyfuse3.ROOT_INODE and await self.venv_deleted(get_out=False):
-            return await self._entry_in_deleted(self.node(inode))
-        try:
-            return self.entry(self.node(inode))
-        except FileNotFoundError:
-            return await self._entry_in_deleted(self.node(inode))
-
-    async def _entry_in_deleted(self, node: Node) -> pyfuse3.EntryAttributes:
-        """A deleter that met VENV/.cowfs first removed the upper layer under the mount: the
-        names it still sees answer as what they were (a directory, or a file), so that it
-        removes them as such (its unlinks and rmdirs are then no-ops), not ENOENT."""
+        node = self.node(inode)
         try:
             return self.entry(node)
-        except FileNotFoundError:
-            if not await self.venv_deleted(get_out=False):
+        except OSError as exc:  # (the root: whatever its upper root's removal left)
+            if inode != pyfuse3.ROOT_INODE and not isinstance(exc, FileNotFoundError):
                 raise
+            return await self._stand_in_if_deleted(node, exc)
+
+    async def _stand_in_if_deleted(self, node: Node,
+                                   exc: OSError | None = None) -> pyfuse3.EntryAttributes:
+        """node's layer file is gone. A deleter that met VENV/.cowfs first removed the upper
+        layer under the mount: the names it still sees answer as what they were (a
+        directory, or a file), so that it removes them as such (its unlinks and rmdirs are
+        then no-ops), not ENOENT. Anywhere else, the error met (exc, else ENOENT)."""
+        if not await self.venv_deleted(get_out=False):
+            raise exc or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
         assert self.teardown is not None
         return entries.stand_in(node, os.fstat(self.teardown.under_fd))
 

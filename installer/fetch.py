@@ -364,6 +364,8 @@ def fetch(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8, progress: b
     known: a file's sha256 if one was recorded for it as it is now (installer.wheel_index),
     so that a wheel hashed by its ingestion or download is not hashed again.
     """
+    if known is not None:  # (asked by _settled, then by _obtain: one record read per file)
+        known = functools.cache(known)
     if all(_settled(p, Path(dest), known) for p in pins):
         # Nothing to download or hash (the warm path, or all fetched ahead): no event
         # loop, no threads.
