@@ -48,10 +48,17 @@ DIGEST_LEN = 32  # xxh3-128 hex
 _AT_FDCWD = -100
 _AT_SYMLINK_FOLLOW = 0x400
 _libc = ctypes.CDLL(None, use_errno=True)
-# Store roots with objects written but not yet synced (process-wide: any Store instance of a
-# root must sync what another instance wrote before a document references it).
-_unsynced: set[Path] = set()
-_sync_lock = threading.Lock()
+# Objects written (or found written) per store root, and how many of them the last syncfs
+# covers (process-wide: any Store instance of a root must sync what another instance wrote
+# before a document references it). A count, not a flag: a syncfs covers only the objects
+# counted before it started, so one can run in the background while more are written.
+_written: dict[Path, int] = {}
+_synced: dict[Path, int] = {}
+_count_lock = threading.Lock()  # the counts; never held across a syscall
+_sync_lock = threading.Lock()  # one syncfs at a time
+_flush_wanted = threading.Event()
+_flush_roots: set[Path] = set()
+_flusher: threading.Thread | None = None
 
 
 def default_root() -> Path:
@@ -118,7 +125,20 @@ def syncfs(path: Path | str) -> None:
         os.close(fd)
 
 
-def _link_fd(fd: int, target: Path) -> None:
+def _flush_forever() -> None:
+    while True:
+        _flush_wanted.wait()
+        _flush_wanted.clear()
+        with _count_lock:
+            roots = list(_flush_roots)
+        for root in roots:
+            try:
+                Store(root).sync_objects()
+            except Exception:  # only a head start: sync_objects() meets and reports it
+                pass
+
+
+def _link_fd(fd: int, target: Path | str) -> None:
     """Give an O_TMPFILE file its name (linkat through /proc, which needs no capability)."""
     if _libc.linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD,
                     os.fsencode(target), _AT_SYMLINK_FOLLOW) != 0:
@@ -186,6 +206,7 @@ class Store:
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root).absolute() if root is not None else default_root()
         self.objects = self.root / "objects"
+        self._objects = str(self.objects)
         self.dists = self.root / "dists"
         self.wheels = self.root / "wheels"
         self.interpreters = self.root / "interpreters"
@@ -259,16 +280,35 @@ class Store:
     def has(self, digest: str) -> bool:
         return self.object_path(digest).exists()
 
-    def _fanout(self, digest: str) -> Path:
-        d = self.objects / digest[:2]
+    def _fanout(self, digest: str) -> str:
+        # str, not Path: this runs once per object written (pathlib costs ~5 us a join)
+        d = f"{self._objects}/{digest[:2]}"
         if digest[:2] not in self._made_fanout:
             try:
-                d.mkdir(parents=True, exist_ok=True)
+                os.makedirs(d, exist_ok=True)
             except OSError as exc:  # every new object starts here
                 raise StoreError(f"store {self.root} is not writable: {exc.strerror}") \
                     from None
             self._made_fanout.add(digest[:2])
         return d
+
+    def make_fanout(self) -> None:
+        """Create all 256 fan-out directories now (a new store: an install calls this in a
+        thread while the resolver runs, so that unpacking wheels does not wait on mkdir)."""
+        try:
+            present = set(os.listdir(self._objects))
+        except OSError:
+            return
+        for i in range(256):
+            name = f"{i:02x}"
+            if name not in present:
+                try:
+                    os.mkdir(f"{self._objects}/{name}")
+                except FileExistsError:
+                    pass
+                except OSError:
+                    return  # _fanout meets and reports it
+            self._made_fanout.add(name)
 
     def put_bytes(self, data: bytes, digest: str | None = None) -> str:
         """Store data; return its digest. Dedups only after a byte comparison.
@@ -279,10 +319,10 @@ class Store:
         if digest is not None and digest != actual:
             raise CollisionError(f"data does not hash to the digest it was given ({digest!r})")
         digest = actual
-        final = self.object_path(digest)
-        if final.exists() and self._existing_is_same(final, digest,
-                                                      lambda: _same_content(final, data)):
-            return digest
+        if os.path.exists(f"{self._objects}/{digest[:2]}/{digest[2:]}"):
+            final = self.object_path(digest)
+            if self._existing_is_same(final, digest, lambda: _same_content(final, data)):
+                return digest
 
         def fill(fd: int) -> None:
             view = memoryview(data)
@@ -332,30 +372,34 @@ class Store:
         """Write a new object nameless, then link it under its name (never replacing an
         intact one); its durability is left to sync_objects() unless durable."""
         fanout = self._fanout(digest)
-        final = fanout / digest[2:]
+        final = f"{fanout}/{digest[2:]}"
         fd, tmp = self._new_file(fanout)
         try:
             fill(fd)
             os.fchmod(fd, OBJECT_MODE)
             if durable:
                 os.fsync(fd)
-            with _sync_lock:
-                _unsynced.add(self.root)
-            source = tmp if tmp is not None else Path(f"/proc/self/fd/{fd}")
             try:
                 if tmp is not None:
                     os.link(tmp, final)  # fails if it exists: never replace a published object
                 else:
                     _link_fd(fd, final)
             except FileExistsError:
-                if not self._existing_is_same(final, digest,
-                                              lambda: _same_file_content(final, source)):
-                    self._replace_leftover(fd, tmp, final)
+                existing = Path(final)
+                source = tmp if tmp is not None else Path(f"/proc/self/fd/{fd}")
+                if not self._existing_is_same(existing, digest,
+                                              lambda: _same_file_content(existing, source)):
+                    self._replace_leftover(fd, tmp, existing)
             except OSError as exc:
                 if tmp is not None or exc.errno not in (errno.ENOENT, errno.EXDEV, errno.EPERM):
                     raise
                 self._tmpfile = False  # no /proc here: name the object the classic way
                 self._add_object(digest, fill, durable)
+                return
+            # Counted once named (or found named, maybe unsynced, by another writer): a
+            # syncfs that starts later covers its data and its name.
+            with _count_lock:
+                _written[self.root] = _written.get(self.root, 0) + 1
         finally:
             os.close(fd)
             if tmp is not None:
@@ -371,7 +415,7 @@ class Store:
             _link_fd(fd, side)
         os.replace(side, final)
 
-    def _new_file(self, fanout: Path) -> tuple[int, Path | None]:
+    def _new_file(self, fanout: str) -> tuple[int, Path | None]:
         """An anonymous file in the fan-out directory, else a named one in tmp/."""
         if self._tmpfile:
             try:
@@ -389,9 +433,25 @@ class Store:
         store's filesystem); called before anything that references them is written.
         always: sync even without new objects (for other files written without fsync)."""
         with _sync_lock:  # held throughout: a caller returns only once its objects are safe
-            if always or self.root in _unsynced:
+            with _count_lock:
+                written = _written.get(self.root, 0)
+            if always or _synced.get(self.root, 0) < written:
                 syncfs(self.objects)
-                _unsynced.discard(self.root)
+                with _count_lock:
+                    _synced[self.root] = max(_synced.get(self.root, 0), written)
+
+    def sync_behind(self) -> None:
+        """Start a sync_objects() in a background thread, so that the one a writer must wait
+        for later finds less to write back (an install calls this after each wheel: the
+        disk works while the next wheels are unpacked). Errors are left to that one."""
+        global _flusher
+        with _count_lock:
+            _flush_roots.add(self.root)
+            if _flusher is None:
+                _flusher = threading.Thread(target=_flush_forever, name="cowfs-sync-behind",
+                                            daemon=True)
+                _flusher.start()
+        _flush_wanted.set()
 
     def open_object(self, digest: str) -> IO[bytes]:
         return open(self.object_path(digest), "rb")

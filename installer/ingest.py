@@ -143,6 +143,7 @@ class Ingestor:
             manifest = ingest_wheel(self.store, path, supported_tags=self.tags, unwritten=new)
             with self._lock:
                 self._unwritten.update((m.id, m) for m in new)
+            self.store.sync_behind()  # its objects head for the disk while others unpack
             future.set_result(manifest)
         except BaseException as exc:  # as ThreadPoolExecutor's workers do: results() raises it
             future.set_exception(exc)

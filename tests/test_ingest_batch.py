@@ -1,8 +1,10 @@
 """An install's wheels are ingested in parallel and their manifests written together, once
-every wheel is in: one syncfs for all their objects and documents, none on failure."""
+every wheel is in: one syncfs for all their objects and documents, none on failure (syncs
+behind the ingestion, in a background thread, only shorten that one)."""
 
 from __future__ import annotations
 
+import threading
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,7 +50,13 @@ def test_manifests_written_together_with_one_syncfs(tmp_path: Path,
     wheels = _wheels(tmp_path, 4)
     calls: list[object] = []
     real = store_mod.syncfs
-    monkeypatch.setattr(store_mod, "syncfs", lambda path: (calls.append(path), real(path)))
+
+    def counted(path: Path) -> None:
+        if threading.current_thread().name != "cowfs-sync-behind":
+            calls.append(path)
+        real(path)
+
+    monkeypatch.setattr(store_mod, "syncfs", counted)
     got = _ingest(store, wheels)
     assert len(calls) == 1
     assert iter_manifests(store) == sorted(m.id for m in got.values())
@@ -127,3 +135,48 @@ def test_the_largest_waiting_wheel_is_ingested_first(tmp_path: Path,
         release.set()
         ingest.close()
     assert started[2:] == ["large", "medium", "small", "tiny"]
+
+
+def test_a_sync_covers_only_objects_named_before_it_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count behind sync_behind: an object written while a syncfs runs is synced by the
+    next sync_objects; one a finished syncfs covered needs none."""
+    store = Store(tmp_path / "store").ensure()
+    calls: list[str] = []
+    real = store_mod.syncfs
+    late = b"written while the syncfs ran"
+
+    def syncfs_while_writing(path: Path) -> None:
+        calls.append(str(path))
+        if len(calls) == 1:
+            store.put_bytes(late)  # named after the count this syncfs covers was taken
+        real(path)
+
+    monkeypatch.setattr(store_mod, "syncfs", syncfs_while_writing)
+    store.put_bytes(b"first")
+    store.sync_objects()
+    assert len(calls) == 1
+    store.sync_objects()  # the late object is not covered yet
+    assert len(calls) == 2
+    store.sync_objects()  # now everything is
+    assert len(calls) == 2
+
+
+def test_sync_behind_leaves_the_writer_nothing_to_wait_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "store").ensure()
+    done = threading.Event()
+    threads: list[str] = []
+    real = store_mod.syncfs
+
+    def syncfs(path: Path) -> None:
+        threads.append(threading.current_thread().name)
+        real(path)
+        done.set()
+
+    monkeypatch.setattr(store_mod, "syncfs", syncfs)
+    store.put_bytes(b"object")
+    store.sync_behind()
+    assert done.wait(10)
+    store.sync_objects()
+    assert threads == ["cowfs-sync-behind"]
