@@ -59,6 +59,7 @@ from installer.wheel_archive import (
     parse_metadata,
     parse_record,
     read_member,
+    read_whole,
     scan,
     split_python_shebang,
 )
@@ -135,7 +136,7 @@ def _store_member(
             raise WheelError(f"wheel {wheel}: {info.filename!r} does not match its RECORD entry")
 
     if info.file_size <= STREAM_THRESHOLD:
-        data = b"".join(iter_member(zf, info, wheel))
+        data = read_whole(zf, info, wheel)
         update(data)
         verify()
         digest = store.put_bytes(data)

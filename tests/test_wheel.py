@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import stat
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from cowfs.store import Store
 from installer import wheel as wheel_mod
 from installer.scripts import install_venv_files, remove_venv_files, shebang
 from installer.wheel import WheelError, ingest_wheel, read_wheel_metadata, venv_extra_files
-from installer.wheel_archive import split_python_shebang
+from installer.wheel_archive import read_whole, split_python_shebang
 
 CLI = b"import sys\n\ndef main():\n    print('hello', *sys.argv[1:])\n    return 3\n"
 ENTRY_POINTS = (
@@ -480,3 +481,56 @@ def test_real_wheel_ingest(store: Store) -> None:
     rows = {r[0] for r in csv.reader(io.StringIO(_obj(store, record.digest).decode())) if r}
     assert {e.path for e in m.files} <= rows
     assert ingest_wheel(store, found[0]) == m
+
+
+# -- read_whole: one pread and one inflate per member, checked as zipfile checks -----------
+
+
+def _deflated(tmp: Path, members: dict[str, bytes], extra: bytes = b"") -> Path:
+    path = tmp / "deflated.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            info = zipfile.ZipInfo(name, wb.DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.extra = extra
+            zf.writestr(info, data)
+    return path
+
+
+def test_read_whole_reads_what_zipfile_reads(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    members = {"empty": b"", "one": b"x", "text.py": b"import os\n" * 500,
+               "noise.bin": rng.randbytes(200_000)}
+    for extra in (b"", b"\xfe\xca" + (100).to_bytes(2, "little") + b"e" * 100):  # > guess
+        path = _deflated(tmp_path, members, extra)
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                assert read_whole(zf, info, "w") == zf.read(info) == members[info.filename]
+
+
+def test_read_whole_refuses_what_zipfile_refuses(tmp_path: Path) -> None:
+    data = b"VALUE = 1\n" * 300
+    path = _deflated(tmp_path, {"demo/a.py": data})
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("demo/a.py")
+    start = 30 + len(b"demo/a.py")
+    stream = raw[start:start + info.compress_size]
+
+    def corrupt(patched: bytes, **changes: int) -> str:
+        bad = tmp_path / "bad.zip"
+        bad.write_bytes(patched)
+        with zipfile.ZipFile(bad) as zf:
+            member = zf.getinfo("demo/a.py")
+            for field, value in changes.items():
+                setattr(member, field, value)
+            with pytest.raises(WheelError, match=r"is corrupt: member 'demo/a\.py'") as exc:
+                read_whole(zf, member, "w")
+        return str(exc.value)
+
+    flipped = stream[:5] + bytes([stream[5] ^ 0xFF]) + stream[6:]
+    corrupt(raw.replace(stream, flipped))
+    assert "differ" in corrupt(raw.replace(b"demo/a.py", b"demo/b.py", 1))  # local name only
+    assert "declared" in corrupt(raw, file_size=len(data) - 1)  # never inflated past it
+    assert "CRC" in corrupt(raw, CRC=info.CRC ^ 1)
+    assert "magic" in corrupt(raw, header_offset=1)
