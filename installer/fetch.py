@@ -53,7 +53,7 @@ def expected_hashes(pin: Pin) -> frozenset[str]:
     return frozenset((pin.sha256,)) if pin.sha256 else frozenset(pin.hashes)
 
 
-def _mismatch(pin: Pin, expected: frozenset[str], actual: str) -> str:
+def mismatch(pin: Pin, expected: frozenset[str], actual: str) -> str:
     want = next(iter(expected)) if len(expected) == 1 else f"one of {len(expected)} hashes"
     return f"{pin.filename}: sha256 mismatch (expected {want}, got {actual})"
 
@@ -181,7 +181,7 @@ def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: thre
                 raise _Transient(f"connection closed after {size} of {length} bytes")
             digest = h.hexdigest()
             if expected and digest not in expected:
-                raise CowfsError(_mismatch(pin, expected, digest) + f" from {redact(pin.url)}; "
+                raise CowfsError(mismatch(pin, expected, digest) + f" from {redact(pin.url)}; "
                                  "the download was discarded")
             out.flush()
             os.fchmod(out.fileno(), 0o644)
@@ -225,23 +225,32 @@ def _checked_digest(path: Path, expected: frozenset[str], known: KnownDigest | N
     return sha256_file(path)
 
 
-def _settled(pin: Pin, dest: Path, known: KnownDigest | None) -> bool:
-    """Nothing to download or hash: a local wheel without a hash, or a wheel that is there
-    (local, or downloaded before) whose recorded sha256 is one of pin's."""
+def _settled(pin: Pin, dest: Path, known: KnownDigest | None, check_local: bool) -> bool:
+    """Nothing to download or hash: a local wheel without a hash (or with one the caller
+    checks), or a wheel that is there (local, or downloaded before) whose recorded sha256
+    is one of pin's."""
     expected = expected_hashes(pin)
     path = local_path(pin.url)
+    recorded = None
     if path is None:
         if not pin.filename or Path(pin.filename).name != pin.filename:
             return False  # _obtain refuses it, with its error
         path = dest / pin.filename
     elif not expected:
         return True
-    return bool(expected) and known is not None and known(path) in expected
+    elif (recorded := known(path) if known is not None else None) is None:
+        return not check_local
+    if recorded is None and known is not None:
+        recorded = known(path)
+    return bool(expected) and recorded in expected
 
 
 def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
-            pool: Pool | None, known: KnownDigest | None = None) -> Path:
-    """The local path of pin's wheel, downloading it into dest when it is remote."""
+            pool: Pool | None, known: KnownDigest | None = None,
+            check_local: bool = True) -> Path:
+    """The local path of pin's wheel, downloading it into dest when it is remote.
+    check_local=False: a local wheel's sha256 is checked here only if one is recorded for
+    it; otherwise the caller checks the one its ingestion computes (no second pass)."""
     if not pin.filename or Path(pin.filename).name != pin.filename or \
             not pin.filename.endswith(".whl"):
         raise CowfsError(f"{pin.name}: {pin.filename!r} is not a wheel filename")
@@ -251,8 +260,10 @@ def _obtain(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
         if path is not None:
             if not path.is_file():
                 raise CowfsError(f"{pin.filename}: local wheel {path} does not exist")
-            if expected and (digest := _checked_digest(path, expected, known)) not in expected:
-                raise CowfsError(_mismatch(pin, expected, digest) + f" for local file {path}")
+            check = check_local or (known is not None and known(path) is not None)
+            if expected and check and \
+                    (digest := _checked_digest(path, expected, known)) not in expected:
+                raise CowfsError(mismatch(pin, expected, digest) + f" for local file {path}")
             return path
         if not pin.url.startswith(("https://", "http://")):
             raise CowfsError(f"{pin.filename}: cannot download from {redact(pin.url)!r}")
@@ -296,8 +307,8 @@ def _warm() -> None:
 
 def _obtain_and_hand_over(pin: Pin, dest: Path, abort: threading.Event, meter: _Progress,
                           pool: Pool | None, on_ready: OnReady | None,
-                          known: KnownDigest | None = None) -> Path:
-    path = _obtain(pin, dest, abort, meter, pool, known)
+                          known: KnownDigest | None = None, check_local: bool = True) -> Path:
+    path = _obtain(pin, dest, abort, meter, pool, known, check_local)
     if on_ready is not None and not abort.is_set():
         on_ready(pin, path)
     return path
@@ -306,7 +317,8 @@ def _obtain_and_hand_over(pin: Pin, dest: Path, abort: threading.Event, meter: _
 async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
                       progress: bool = True, timeout: float = TIMEOUT,
                       on_ready: OnReady | None = None,
-                      known: KnownDigest | None = None) -> dict[str, Path]:
+                      known: KnownDigest | None = None,
+                      check_local: bool = True) -> dict[str, Path]:
     """`fetch` for callers already inside trio."""
     import trio
 
@@ -330,7 +342,7 @@ async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
         try:
             result[pin.name] = await trio.to_thread.run_sync(
                 _obtain_and_hand_over, pin, dest, abort, meter, pool, on_ready, known,
-                limiter=limiter)
+                check_local, limiter=limiter)
         except CowfsError as exc:
             errors.append(exc)
             abort.set()
@@ -353,7 +365,7 @@ async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
 
 def fetch(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8, progress: bool = True,
           timeout: float = TIMEOUT, on_ready: OnReady | None = None,
-          known: KnownDigest | None = None) -> dict[str, Path]:
+          known: KnownDigest | None = None, check_local: bool = True) -> dict[str, Path]:
     """Local wheel paths by pin name: remote wheels downloaded into dest, local ones in place.
 
     Downloads run max_parallel at a time; sha256 is checked whenever the pin has one (from
@@ -363,19 +375,24 @@ def fetch(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8, progress: b
     thread) as soon as each wheel is there and checked, so it can be ingested meanwhile.
     known: a file's sha256 if one was recorded for it as it is now (installer.wheel_index),
     so that a wheel hashed by its ingestion or download is not hashed again.
+    check_local=False: local wheels nothing is recorded for are handed over unhashed; the
+    caller must check the sha256 their ingestion computes (installer.ingest.Ingestor.results
+    does), which saves reading each one twice.
     """
     if known is not None:  # (asked by _settled, then by _obtain: one record read per file)
         known = functools.cache(known)
-    if all(_settled(p, Path(dest), known) for p in pins):
+    if all(_settled(p, Path(dest), known, check_local) for p in pins):
         # Nothing to download or hash (the warm path, or all fetched ahead): no event
         # loop, no threads.
         return {p.name: _obtain_and_hand_over(p, Path(dest), threading.Event(),
-                                              _Progress(False, 0), None, on_ready, known)
+                                              _Progress(False, 0), None, on_ready, known,
+                                              check_local)
                 for p in pins}
     import trio  # only when there is real work: importing it costs ~50 ms
 
     return trio.run(functools.partial(fetch_async, pins, dest, max_parallel=max_parallel,
-                                      progress=progress, timeout=timeout, on_ready=on_ready))
+                                      progress=progress, timeout=timeout, on_ready=on_ready,
+                                      known=known, check_local=check_local))
 
 
-__all__ = ["KnownDigest", "download", "fetch", "fetch_async"]
+__all__ = ["KnownDigest", "download", "expected_hashes", "fetch", "fetch_async", "mismatch"]

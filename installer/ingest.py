@@ -25,7 +25,8 @@ from pathlib import Path
 
 from cowfs.errors import CowfsError, StoreError
 from cowfs.manifest import Dist, Manifest, write_manifests
-from cowfs.store import Store
+from cowfs.store import Store, sha256_file
+from installer.fetch import expected_hashes, mismatch
 from installer.interpreters import InterpreterInfo
 from installer.resolve import Pin
 from installer.wheel import ingest_wheel, ingested_manifest
@@ -50,8 +51,10 @@ class Ingestor:
         self._waiting: list[tuple[int, int, Path, Future[Dist]]] = []  # heap, largest first
         self._order = itertools.count()  # first come first served among equal sizes
         self._closed = False
+        self._paths: dict[str, Path] = {}  # the wheel submitted for each pin
 
     def submit(self, pin: Pin, path: Path) -> None:
+        self._paths[pin.name] = path
         st = path.stat()
         key = (path.name, tuple(fingerprint(st)))
         with self._lock:
@@ -168,6 +171,9 @@ class Ingestor:
             raise CowfsError(f"the store {self.store.root} is read-only and does not hold "
                              f"{', '.join(lacking)}: install that where the store is "
                              "writable (a read-only store serves only what it holds)")
+        for pin in pins:
+            if pin.name in self._known:
+                self._check_hash(pin, self._known[pin.name])
         # only once every wheel is in: a failure above writes none
         with self._lock:
             new = [m for p in pins if p.name in self._known
@@ -175,6 +181,18 @@ class Ingestor:
         if new:
             write_manifests(self.store, new)
         return {p.name: self._known[p.name] for p in pins if p.name in self._known}
+
+    def _check_hash(self, pin: Pin, manifest: Dist) -> None:
+        """The wheel's sha256, computed by its ingestion, is one the pin allows (fetch
+        leaves local wheels unhashed for this: installer.fetch, check_local)."""
+        expected = expected_hashes(pin)
+        if not expected:
+            return
+        path = self._paths.get(pin.name)
+        digest = manifest.wheel_sha256 or (sha256_file(path) if path is not None else "")
+        if digest not in expected:
+            where = f" for local file {path}" if path is not None else ""
+            raise CowfsError(mismatch(pin, expected, digest) + where)
 
     def _show_progress(self) -> None:
         pending = [f for f in self._futures.values() if not f.done()]

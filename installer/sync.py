@@ -201,8 +201,9 @@ def _apply_locked(state: VenvState, store: Store, info: InterpreterInfo, pins: S
         ingest = ingestor or Ingestor(store, info)
         stack.callback(ingest.close)
         rest = [p for p in pins if p.name not in ready]
+        # Local wheels are hash-checked by their ingestion (ingest.results), not twice.
         fetch(rest, dest, progress=not quiet, on_ready=ingest.submit,
-              known=partial(wheel_index.sha256, store))
+              known=partial(wheel_index.sha256, store), check_local=False)
         new = {**ready, **ingest.results(rest, progress=not quiet)}
     current = {canonicalize_name(m.name): m for m in (read_head(store, d)
                                                         for d in state.dists)}

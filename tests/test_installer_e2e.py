@@ -246,3 +246,34 @@ def test_uninstall_leaves_no_empty_directory_a_copy_up_made(venvs: Callable[[str
     probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import pycowsay"],
                            capture_output=True, text=True)
     assert probe.returncode == 1 and "No module named 'pycowsay'" in probe.stderr
+
+
+def test_a_local_wheel_is_hash_checked_once_by_its_ingestion(
+        venvs: Callable[[str], Path], wheels: Path, tmp_path: Path) -> None:
+    """fetch leaves a local wheel with a lock hash unhashed; its ingestion computes the
+    sha256 and the install refuses a mismatch before anything names the wheel."""
+    import hashlib
+
+    from tests.conftest import one_line_error
+
+    venv = venvs("v")
+    wheel = next(wheels.glob("pycowsay-*.whl"))
+    local = tmp_path / wheel.name
+    shutil.copy2(wheel, local)  # a file no install has recorded yet
+    lock = tmp_path / "pylock.toml"
+
+    def write_lock(sha256: str) -> None:
+        lock.write_text('lock-version = "1.0"\ncreated-by = "test"\n[[packages]]\n'
+                        'name = "pycowsay"\nversion = "0.0.0.2"\n[[packages.wheels]]\n'
+                        f'path = "{wheel.name}"\nhashes = {{sha256 = "{sha256}"}}\n')
+
+    before = VenvState.path_for(venv).read_bytes()
+    write_lock("0" * 64)
+    proc = cowfs("sync", str(lock), "--venv", str(venv), check=False)
+    one_line_error(proc, f"{wheel.name}: sha256 mismatch (expected {'0' * 64}, got ")
+    assert f"for local file {local}" in proc.stderr
+    assert VenvState.path_for(venv).read_bytes() == before, "the venv is unchanged"
+    assert not list(Store().dists.glob("pycowsay-*")), "no manifest of a refused wheel"
+    write_lock(hashlib.sha256(wheel.read_bytes()).hexdigest())
+    cowfs("sync", str(lock), "--venv", str(venv))
+    assert cow(venv) == UDDER
