@@ -294,7 +294,7 @@ class Store:
 
     def make_fanout(self) -> None:
         """Create all 256 fan-out directories now (a new store: an install calls this in a
-        thread while the resolver runs, so that unpacking wheels does not wait on mkdir)."""
+        thread at its first ingestion, so that unpacking wheels does not wait on mkdir)."""
         try:
             present = set(os.listdir(self._objects))
         except OSError:

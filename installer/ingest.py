@@ -112,6 +112,11 @@ class Ingestor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                             thread_name_prefix="cowfs-ingest")
+            # A new store's 256 fan-out directories, made beside the first wheel's objects
+            # rather than one mkdir at a time in their way (not before: a refused install
+            # leaves the store as it was).
+            threading.Thread(target=self.store.make_fanout, name="cowfs-fanout",
+                             daemon=True).start()
         heapq.heappush(self._waiting, (-size, next(self._order), path, future))
         self._pool.submit(self._ingest_largest)
         return future

@@ -116,9 +116,6 @@ class Prefetch:
         # Made at the first download and removed when empty: an install that downloads
         # nothing ahead (a refused one too) leaves the store as it found it.
         self._spool = self.store.wheels / ".prefetch"
-        # A new store's fan-out directories, made while the resolver leaves this idle.
-        threading.Thread(target=self.store.make_fanout, name="cowfs-fanout",
-                         daemon=True).start()
         self.ingest = Ingestor(self.store, self.info)
         self._stack.callback(self.ingest.close)
         self._work = ThreadPoolExecutor(MAX_DOWNLOADS, thread_name_prefix="cowfs-prefetch")
