@@ -8,6 +8,7 @@ separately, until that bytecode is published; uv with its defaults and with
 --compile-bytecode. Ratios are printed, never asserted.
 
     .dev-env/bin/python scripts/benchlib/coldinstall.py [--reps N] [--wheels DIR]
+        [--no-remote | --no-local]
 """
 
 from __future__ import annotations
@@ -165,17 +166,18 @@ def compile_sources() -> None:
 
 
 def run(wheels: Path, workload: Path, python: str, uv: str, reps: int,
-        remote: bool = True) -> list[dict[str, object]]:
-    """The local-index row, and (remote) the flask set from the configured index."""
+        remote: bool = True, local: bool = True) -> list[dict[str, object]]:
+    """The local-index row (local), and (remote) the flask set from the configured index."""
     compile_sources()
     parent = Path(tempfile.mkdtemp(prefix="cowfs-cold-"))
     server = None
     rows = []
     try:
         server, url = serve(make_index(wheels, parent / "index"))
-        rows.append(row(f"reference workload ({len(list(wheels.glob('*.whl')))} wheels, "
-                        "local index)", python, uv, ["--index-url", url, "-r", str(workload)],
-                        ISOLATE, reps, parent))
+        if local:
+            rows.append(row(f"reference workload ({len(list(wheels.glob('*.whl')))} wheels, "
+                            "local index)", python, uv,
+                            ["--index-url", url, "-r", str(workload)], ISOLATE, reps, parent))
         if remote:
             rows.append(row(f"{' '.join(FLASK_SET)} (configured index)", python, uv,
                             FLASK_SET, {}, reps, parent))
@@ -196,6 +198,7 @@ def main() -> int:
     p.add_argument("--python", default=os.path.realpath(
         getattr(sys, "_base_executable", sys.executable)))
     p.add_argument("--no-remote", action="store_true", help="only the local-index row")
+    p.add_argument("--no-local", action="store_true", help="only the configured-index row")
     args = p.parse_args()
     uv = str(Path(sys.executable).parent / "uv") if (Path(sys.executable).parent
                                                     / "uv").exists() else shutil.which("uv")
@@ -203,7 +206,7 @@ def main() -> int:
         print("needs uv and the workload's wheels (scripts/bench fetches them)", file=sys.stderr)
         return 1
     print(render(run(args.wheels, args.workload, args.python, uv, args.reps,
-                     remote=not args.no_remote)))
+                     remote=not args.no_remote, local=not args.no_local)))
     return 0
 
 
