@@ -214,6 +214,7 @@ class Store:
         self.tmp = self.root / "tmp"
         self._made_fanout: set[str] = set()
         self._tmpfile = True  # O_TMPFILE works here, until the filesystem says otherwise
+        self._ensured = False
 
     # -- layout -------------------------------------------------------------------------
 
@@ -221,7 +222,7 @@ class Store:
         """Create the layout; one clear error when the location is not writable. With
         read_only_ok an existing store that cannot be written passes: it serves what it
         holds (a read-only volume in a container), and a write fails where it happens."""
-        if read_only_ok and self.exists():
+        if self._ensured or (read_only_ok and self.exists()):
             return self
         try:
             for d in (self.objects, self.dists, self.wheels, self.interpreters, self.roots,
@@ -233,6 +234,7 @@ class Store:
                 raise OSError(code, os.strerror(code), str(self.tmp))
         except OSError as exc:
             raise StoreError(f"store {self.root} is not writable: {exc.strerror}") from exc
+        self._ensured = True  # once per instance: an install asks for every wheel it indexes
         return self
 
     def exists(self) -> bool:
