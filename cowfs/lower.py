@@ -82,7 +82,7 @@ class ManifestLower:
     Later entries win on a path clash, matching an installer that overwrites files
     of a previously installed distribution; a directory wins over a file of the same path.
     Built from layers (cowfs.layer: files grouped by directory) in one pass over the
-    directories; a file's LowerEntry is made when it is first looked up.
+    directories; a file's LowerEntry is made when it is looked up (the node keeps it).
     """
 
     def __init__(self, objects_dir: Path, layers: Iterable[Layer], uid: int = 0,
