@@ -226,22 +226,21 @@ def _checked_digest(path: Path, expected: frozenset[str], known: KnownDigest | N
 
 
 def _settled(pin: Pin, dest: Path, known: KnownDigest | None, check_local: bool) -> bool:
-    """Nothing to download or hash: a local wheel without a hash (or with one the caller
-    checks), or a wheel that is there (local, or downloaded before) whose recorded sha256
-    is one of pin's."""
+    """Nothing to download or hash: a local wheel without a hash (or with one nothing has
+    recorded yet, when the caller checks it), or a wheel that is there (local, or
+    downloaded before) whose recorded sha256 is one of pin's."""
     expected = expected_hashes(pin)
     path = local_path(pin.url)
-    recorded = None
+    local = path is not None
     if path is None:
         if not pin.filename or Path(pin.filename).name != pin.filename:
             return False  # _obtain refuses it, with its error
         path = dest / pin.filename
     elif not expected:
         return True
-    elif (recorded := known(path) if known is not None else None) is None:
+    recorded = known(path) if known is not None else None
+    if local and recorded is None:
         return not check_local
-    if recorded is None and known is not None:
-        recorded = known(path)
     return bool(expected) and recorded in expected
 
 

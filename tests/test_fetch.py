@@ -190,6 +190,26 @@ def test_a_recorded_sha256_spares_the_rehash_and_a_wrong_one_is_not_trusted(
         fetch(pins[:1], dest, progress=False, known=lambda p: None)
 
 
+def test_check_local_false_leaves_unrecorded_local_wheels_to_the_caller(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_local=False (sync.apply, whose ingestion hashes every wheel it reads): a local
+    wheel nothing is recorded for is handed over unhashed, with no event loop; one whose
+    recorded sha256 is not the pin's is still refused here, and remote wheels unchanged."""
+    local = tmp_path / wheel_name("a")
+    local.write_bytes(b"tampered")
+    hashed: list[str] = []
+    real = fetch_mod.sha256_file
+    monkeypatch.setattr(fetch_mod, "sha256_file", lambda p: (hashed.append(p.name), real(p))[1])
+    ready: list[str] = []
+    pins = [pin("a", local.as_uri(), "1" * 64)]
+    got = fetch(pins, tmp_path / "d", progress=False, known=lambda p: None,
+                on_ready=lambda p, path: ready.append(p.name), check_local=False)
+    assert got == {"a": local} and ready == ["a"] and hashed == []
+    with pytest.raises(CowfsError, match="sha256 mismatch"):
+        fetch(pins, tmp_path / "d", progress=False, known=lambda p: sha(b"tampered"),
+              check_local=False)
+
+
 def test_bad_filenames_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CowfsError, match="is not a wheel filename"):
         fetch([Pin("a", "1.0", "https://h/x", "../evil.whl")], tmp_path, progress=False)
