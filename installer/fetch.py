@@ -284,18 +284,22 @@ OnReady = Callable[[Pin, Path], None]
 KnownDigest = Callable[[Path], "str | None"]  # a file's sha256 if recorded for it as it is
 
 
-def warm_up() -> None:
+def warm_up(event_loop: bool = True) -> None:
     """Import what downloads need and load the TLS context in a thread while the resolver
     runs (its subprocess leaves this process idle): ~60 ms less between the resolution and
-    the first download. Failures are left for the downloads to meet and report."""
-    threading.Thread(target=_warm, name="cowfs-warm-up", daemon=True).start()
+    the first download. event_loop=False: not trio (~55 ms of CPU), when the downloads are
+    expected to happen meanwhile, outside fetch's event loop (installer.prefetch); fetch
+    imports it if it still needs it. Failures are left for the downloads to report."""
+    threading.Thread(target=_warm, args=(event_loop,), name="cowfs-warm-up",
+                     daemon=True).start()
 
 
-def _warm() -> None:
+def _warm(event_loop: bool) -> None:
     try:
         import tempfile  # noqa: F401
 
-        import trio  # noqa: F401
+        if event_loop:
+            import trio  # noqa: F401
 
         import installer.http_pool  # noqa: F401
 

@@ -102,13 +102,18 @@ class Prefetch:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def begin(self, config: IndexConfig) -> bool:
-        """Whether to follow the resolution: not for a read-only store, nor when disabled."""
+    def enabled(self) -> bool:
+        """Whether a resolution by uv would be followed: not for a read-only store, nor
+        when disabled."""
         if os.environ.get(ENV, "") == "0":
             return False
+        return not (self.store.exists() and not self.store.writable())
+
+    def begin(self, config: IndexConfig) -> bool:
+        """Whether to follow the resolution (see enabled)."""
+        if not self.enabled():
+            return False
         try:
-            if self.store.exists() and not self.store.writable():
-                return False
             self.store.ensure()
             self._stack.enter_context(self.store.lock())
         except (OSError, CowfsError):

@@ -109,7 +109,8 @@ def plan(request: Request, info: InterpreterInfo, store: Store, python: Path,
         return pins, "local"
     kind, _ = choose_resolver(None)
     if not request.offline:  # downloads follow the resolution: prepare them meanwhile
-        warm_up()
+        # (with a prefetch following uv, they mostly happen during it, without trio)
+        warm_up(event_loop=not (kind == "uv" and prefetch is not None and prefetch.enabled()))
     pins = resolve(list(request.requirements), python=python,
                    requirement_files=request.requirement_files,
                    find_links=request.find_links, no_index=request.no_index,
