@@ -1,12 +1,14 @@
-/* Read-ahead of store objects: the other files of a directory once one of them is read.
+/* Read-ahead of store objects: the queue and the threads that read them.
  *
  * A cold read of a tree through the mount pays each file's disk reads (the store object's
  * inode, then its data) inside a READ round trip, one file at a time, as the reading
  * process asks: ~210 us a file here against ~130 us for the same objects read directly.
  * Programs that read one file of a directory mostly read its siblings next (a tree walk,
- * a package's modules), so at the first READ in a directory the reader queues the store
- * objects of the directory's other published files, and a few threads read them into the
- * page cache at a queue depth the disk serves far better than one. Measured beforehand with
+ * a package's modules), and a walk reads the next directories after them: what to queue
+ * is decided in _fuse_fastlookup.c (read_ahead_from: the directory's other files, then
+ * those of the directories a walk reads next, at a cold first READ or first open); here a
+ * few threads read them into the page cache at a queue depth the disk serves far better
+ * than one. Measured beforehand with
  * a perfect prefetch in another process: 3.85 s -> 1.75-2.57 s for the workload tree.
  *
  * It is a hint and nothing else: it only reads immutable store objects, never answers a

@@ -65,8 +65,6 @@ int cowfs_lookup_getattr(int dev_fd, const struct cowfs_in_header *in);
 int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
                   const unsigned char entry_out[COWFS_ENTRY_OUT_SIZE], const char *source,
                   size_t source_len);
-/* 1 when ino has a published name with a backing file path (copied into path, its GETATTR
- * answer into attr_out). */
 struct cowfs_read_in { /* fuse_read_in (READ, READDIRPLUS) */
     uint64_t fh, offset;
     uint32_t size, read_flags;
@@ -80,6 +78,8 @@ unsigned long cowfs_reads_answered(void);
 void cowfs_lookup_read_ahead(uint64_t ino, int cold);
 /* The same at an open of ino whose backing file is fd: cold if its first page is. */
 void cowfs_opened_read_ahead(uint64_t ino, int fd);
+/* 1 when ino has a published name with a backing file path (copied into path, its GETATTR
+ * answer into attr_out). */
 int cowfs_lookup_source(uint64_t ino, char *path, size_t size,
                         unsigned char attr_out[COWFS_ATTR_OUT_SIZE]);
 /* The READDIRPLUS records of a published directory: 1 set, 0 out of memory, -1 malformed. */

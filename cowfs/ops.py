@@ -251,14 +251,13 @@ class CowfsOperations(pyfuse3.Operations):
                 raise
             return await self._stand_in_if_deleted(node, exc)
 
-    async def _stand_in_if_deleted(self, node: Node,
-                                   exc: OSError | None = None) -> pyfuse3.EntryAttributes:
+    async def _stand_in_if_deleted(self, node: Node, exc: OSError) -> pyfuse3.EntryAttributes:
         """node's layer file is gone. A deleter that met VENV/.cowfs first removed the upper
         layer under the mount: the names it still sees answer as what they were (a
         directory, or a file), so that it removes them as such (its unlinks and rmdirs are
-        then no-ops), not ENOENT. Anywhere else, the error met (exc, else ENOENT)."""
+        then no-ops), not ENOENT. Anywhere else, the error met (exc)."""
         if not await self.venv_deleted(get_out=False):
-            raise exc or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+            raise exc
         assert self.teardown is not None
         return entries.stand_in(node, os.fstat(self.teardown.under_fd))
 

@@ -129,8 +129,9 @@ def _flush_forever() -> None:
     while True:
         _flush_wanted.wait()
         _flush_wanted.clear()
-        with _count_lock:
+        with _count_lock:  # the roots asked for since the last round
             roots = list(_flush_roots)
+            _flush_roots.clear()
         for root in roots:
             try:
                 Store(root).sync_objects()

@@ -200,9 +200,10 @@ def read_all(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
 
 
 def _read_same_files(ctx: Ctx, res: Results, envs: dict[str, Env], figure: str = "read-all",
-                     cold: bool = False) -> None:
+                     before: Callable[[], None] | None = None) -> None:
     """The trees differ (cowfs holds bytecode for every module): also read only the files
-    every peer has, so the ratio compares the same bytes (cold: caches dropped first)."""
+    every peer has, so the ratio compares the same bytes (before: run before each read,
+    e.g. dropping the caches)."""
     if "native" not in envs:
         return
     common: set[str] | None = None
@@ -213,10 +214,10 @@ def _read_same_files(ctx: Ctx, res: Results, envs: dict[str, Env], figure: str =
     listing = ctx.work / "read-all-common.txt"
     listing.write_text("\n".join(sorted(common or ())))
     same: dict[str, list[float]] = {}
-    for _ in range(ctx.cold_reps if cold else ctx.reps):
+    for _ in range(ctx.cold_reps if before is not None else ctx.reps):
         for name, env in envs.items():
-            if cold:
-                drop_caches()
+            if before is not None:
+                before()
             same.setdefault(name, []).append(timed(ctx, [*reader(ctx, env), str(listing)]))
     base = median(same["native"])
     res.note(figure, "same_files", len(common or ()))
@@ -225,13 +226,16 @@ def _read_same_files(ctx: Ctx, res: Results, envs: dict[str, Env], figure: str =
 
 
 def read_all_cold(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
-    def cold(e: Env) -> float:
+    def drop() -> None:
         if not drop_caches():
             res.note("read-all-cold", "warning", "drop_caches not permitted: NOT cold")
+
+    def cold(e: Env) -> float:
+        drop()
         return timed(ctx, reader(ctx, e))
 
     _interleaved(ctx, res, "read-all-cold", envs, cold, ctx.cold_reps)
-    _read_same_files(ctx, res, envs, "read-all-cold", cold=True)
+    _read_same_files(ctx, res, envs, "read-all-cold", before=drop)
 
 
 def daemon_rss(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
