@@ -1,12 +1,13 @@
-/* LOOKUP (and GETATTR) of files in lower-only directories, answered by the reader thread.
+/* LOOKUP (and GETATTR) in lower-only directories, answered by the reader thread.
  *
  * A first import in a fresh mount sends ~2 LOOKUPs per module (`__pycache__/`, then the
  * .pyc: importlib never lists `__pycache__`), and reading a tree one LOOKUP per file: each
  * a round trip through the trio loop, ~150 us of daemon CPU all in. A directory that only
  * the lower layer fills cannot change without the daemon knowing (every change goes
- * through it), so when the daemon answers the first LOOKUP in one it publishes the entries
- * of all its files here, and the reader answers the next LOOKUPs (and the GETATTRs of those
- * files) itself.
+ * through it), so when the daemon answers the first LOOKUP in one it publishes all its
+ * entries here (files and subdirectories), and the reader answers the next LOOKUPs (and the
+ * GETATTRs of those nodes) itself, the names it does not hold too: an import probes three
+ * extension-module names per package before it finds `__init__.py`.
  *
  * The daemon stays in charge: it stops a directory before anything in it changes (create,
  * unlink, rename, copy-up of a file or of the directory, reset, reload), and it adds the
@@ -61,6 +62,7 @@ struct pdir { /* a published directory */
     uint64_t parent; /* from the parent's listing (0: not listed): a walk's order */
     uint64_t ahead_ms; /* when its files' store objects were queued (_fuse_prefetch.c) */
     uint64_t seen_ms;  /* when one of its files was last read through here */
+    int complete;      /* every name is published: the others do not exist */
 };
 struct counted { /* a node the reader answered lookups of */
     uint64_t ino;
@@ -73,7 +75,12 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static struct dentry *dentries[BUCKETS];
 static struct pdir *pdirs[BUCKETS];
 static struct counted *counts[BUCKETS];
-static unsigned long n_dentries, lookups_answered, attrs_answered, listings_answered;
+static unsigned long n_dentries, lookups_answered, attrs_answered, listings_answered,
+    negatives_answered;
+static struct { /* the answer to a LOOKUP of a name a complete directory does not hold */
+    struct cowfs_out_header h;
+    unsigned char entry_out[COWFS_ENTRY_OUT_SIZE]; /* nodeid 0: the kernel caches the absence */
+} negative;
 
 static unsigned ino_bucket(uint64_t ino)
 {
@@ -145,24 +152,31 @@ static struct dentry *find(uint64_t parent, const char *name, size_t len)
 int cowfs_lookup_answer(int dev_fd, const void *mem, size_t n)
 {
     const struct cowfs_in_header *in = mem;
-    if (in->opcode == FUSE_LOOKUP_OPCODE && n > sizeof *in) {
-        const char *name = (const char *)(in + 1);
-        size_t len = strnlen(name, n - sizeof *in);
-        pthread_mutex_lock(&mu);
-        struct dentry *d = find(in->nodeid, name, len);
-        struct counted *c = d != NULL ? counted(d->ino) : NULL;
-        if (c != NULL) {
-            c->lookups++; /* before the answer: a FORGET can only follow it */
-            d->reply.h.unique = in->unique;
-            if (write(dev_fd, &d->reply, sizeof d->reply) < 0)
-                c->lookups--; /* interrupted: the kernel did not take it */
-            else
-                lookups_answered++;
-        }
-        pthread_mutex_unlock(&mu);
-        return c != NULL;
+    if (in->opcode != FUSE_LOOKUP_OPCODE || n <= sizeof *in)
+        return 0;
+    const char *name = (const char *)(in + 1);
+    size_t len = strnlen(name, n - sizeof *in);
+    int answered = 0;
+    pthread_mutex_lock(&mu);
+    struct dentry *d = find(in->nodeid, name, len);
+    struct counted *c = d != NULL ? counted(d->ino) : NULL;
+    struct pdir *p = d == NULL ? *pdir_slot(in->nodeid) : NULL;
+    if (c != NULL) {
+        c->lookups++; /* before the answer: a FORGET can only follow it */
+        d->reply.h.unique = in->unique;
+        if (write(dev_fd, &d->reply, sizeof d->reply) < 0)
+            c->lookups--; /* interrupted: the kernel did not take it */
+        else
+            lookups_answered++;
+        answered = 1;
+    } else if (p != NULL && p->complete) {
+        negative.h = (struct cowfs_out_header){sizeof negative, 0, in->unique};
+        if (write(dev_fd, &negative, sizeof negative) >= 0)
+            negatives_answered++;
+        answered = 1;
     }
-    return 0;
+    pthread_mutex_unlock(&mu);
+    return answered;
 }
 
 /* fuse_attr_out from a published name's fuse_entry_out. */
@@ -342,7 +356,8 @@ int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
     int ok = 0;
     pthread_mutex_lock(&mu);
     struct pdir *dir = pdir_made(parent);
-    struct counted *c = dir != NULL && find(parent, name, len) == NULL ? counted(ino) : NULL;
+    struct dentry *there = dir != NULL ? find(parent, name, len) : NULL;
+    struct counted *c = dir != NULL && there == NULL ? counted(ino) : NULL;
     struct dentry *d = c != NULL ? malloc(sizeof *d + len + source_len) : NULL;
     if (c != NULL && d == NULL)
         drop_counted_if_idle(ino);
@@ -363,9 +378,24 @@ int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
         c->dentry = d;
         n_dentries++;
         ok = 1;
+    } else if (there != NULL && there->ino == ino) {
+        ok = 2;
     }
     pthread_mutex_unlock(&mu);
     return ok;
+}
+
+int cowfs_dir_complete(uint64_t parent,
+                       const unsigned char negative_entry_out[COWFS_ENTRY_OUT_SIZE])
+{
+    pthread_mutex_lock(&mu);
+    struct pdir *p = pdir_made(parent);
+    if (p != NULL) {
+        memcpy(negative.entry_out, negative_entry_out, COWFS_ENTRY_OUT_SIZE);
+        p->complete = 1;
+    }
+    pthread_mutex_unlock(&mu);
+    return p != NULL;
 }
 
 int cowfs_dir_listing(uint64_t parent, const unsigned char *records, size_t len)
@@ -525,11 +555,13 @@ uint64_t cowfs_lookups_of(uint64_t ino, int take)
 }
 
 void cowfs_lookup_totals(unsigned long *published, unsigned long *lookups,
-                         unsigned long *attrs, unsigned long *reads, unsigned long *listings)
+                         unsigned long *negatives, unsigned long *attrs, unsigned long *reads,
+                         unsigned long *listings)
 {
     pthread_mutex_lock(&mu);
     *published = n_dentries;
     *lookups = lookups_answered;
+    *negatives = negatives_answered;
     *attrs = attrs_answered;
     *reads = cowfs_reads_answered();
     *listings = listings_answered;

@@ -58,13 +58,17 @@ int64_t cowfs_fast_stop(uint64_t nodeid, int force, uint32_t pid);
 void cowfs_fast_totals(unsigned long *n_entries, unsigned long *n_opens,
                        unsigned long *answered, unsigned long *attrs, unsigned long *firsts);
 
-/* LOOKUP and GETATTR of files in published lower-only directories (_fuse_fastlookup.c). */
+/* LOOKUP and GETATTR in published lower-only directories (_fuse_fastlookup.c). */
 #define COWFS_ENTRY_OUT_SIZE 128 /* fuse_entry_out */
 int cowfs_lookup_answer(int dev_fd, const void *mem, size_t n);
 int cowfs_lookup_getattr(int dev_fd, const struct cowfs_in_header *in);
+/* 1 added, 2 already there (the same node), 0 not added (out of memory, another node). */
 int cowfs_dir_add(uint64_t parent, const char *name, size_t len, uint64_t ino,
                   const unsigned char entry_out[COWFS_ENTRY_OUT_SIZE], const char *source,
                   size_t source_len);
+/* Every name of parent is published: the reader answers LOOKUPs of others with this. */
+int cowfs_dir_complete(uint64_t parent,
+                       const unsigned char negative_entry_out[COWFS_ENTRY_OUT_SIZE]);
 struct cowfs_read_in { /* fuse_read_in (READ, READDIRPLUS) */
     uint64_t fh, offset;
     uint32_t size, read_flags;
@@ -92,7 +96,8 @@ uint64_t cowfs_lookups_of(uint64_t ino, int take);
 /* 1 when the reader answered a READ of a kernel open of a published file. */
 int cowfs_lookup_read(int dev_fd, const void *mem, size_t n);
 void cowfs_lookup_totals(unsigned long *published, unsigned long *lookups,
-                         unsigned long *attrs, unsigned long *reads, unsigned long *listings);
+                         unsigned long *negatives, unsigned long *attrs, unsigned long *reads,
+                         unsigned long *listings);
 
 /* Read-ahead of store objects into the page cache (_fuse_prefetch.c): a hint only. */
 int cowfs_readahead_on(void);

@@ -413,9 +413,16 @@ static PyObject *dir_publish(PyObject *self, PyObject *args)
     (void)self;
     unsigned long long parent;
     PyObject *items;
-    if (!PyArg_ParseTuple(args, "KO!", &parent, &PyList_Type, &items))
+    const char *negative = NULL;
+    Py_ssize_t negative_len = 0;
+    if (!PyArg_ParseTuple(args, "KO!|y#", &parent, &PyList_Type, &items, &negative,
+                          &negative_len))
         return NULL;
-    Py_ssize_t added = 0;
+    if (negative != NULL && negative_len != COWFS_ENTRY_OUT_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "fuse_entry_out is 128 bytes");
+        return NULL;
+    }
+    Py_ssize_t added = 0, missing = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
         const char *name, *entry, *source;
         Py_ssize_t name_len, entry_len, source_len;
@@ -427,9 +434,14 @@ static PyObject *dir_publish(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_ValueError, "fuse_entry_out is 128 bytes");
             return NULL;
         }
-        added += cowfs_dir_add(parent, name, (size_t)name_len, ino,
-                               (const unsigned char *)entry, source, (size_t)source_len);
+        int how = cowfs_dir_add(parent, name, (size_t)name_len, ino,
+                                (const unsigned char *)entry, source, (size_t)source_len);
+        added += how == 1;
+        missing += how == 0;
     }
+    /* Complete only if every name is there: a name left out would read as absent. */
+    if (negative != NULL && missing == 0)
+        cowfs_dir_complete(parent, (const unsigned char *)negative);
     return PyLong_FromSsize_t(added);
 }
 
@@ -481,11 +493,11 @@ static PyObject *lookup_totals(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    unsigned long published, lookups, attrs, reads, listings, ahead, dropped;
-    cowfs_lookup_totals(&published, &lookups, &attrs, &reads, &listings);
+    unsigned long published, lookups, negatives, attrs, reads, listings, ahead, dropped;
+    cowfs_lookup_totals(&published, &lookups, &negatives, &attrs, &reads, &listings);
     cowfs_readahead_totals(&ahead, &dropped);
-    return Py_BuildValue("(kkkkkkk)", published, lookups, attrs, reads, listings, ahead,
-                         dropped);
+    return Py_BuildValue("(kkkkkkkk)", published, lookups, negatives, attrs, reads, listings,
+                         ahead, dropped);
 }
 
 static PyMethodDef methods[] = {
@@ -516,8 +528,10 @@ static PyMethodDef methods[] = {
      "(ino, force, pid): its backing id when idle (removed), else -1 none, -2 busy, -3 draining."},
     {"fast_totals", fast_totals, METH_NOARGS, "(entries, counted opens, opens answered, GETATTRs answered, first opens registered)"},
     {"dir_publish", dir_publish, METH_VARARGS,
-     "(parent, [(name, ino, fuse_entry_out, backing path or b'')]): the reader answers those "
-     "LOOKUPs and GETATTRs (and first opens, see fast_first_opens)."},
+     "(parent, [(name, ino, fuse_entry_out, backing path or b'')][, negative fuse_entry_out]): "
+     "the reader answers those LOOKUPs and GETATTRs (and first opens, see fast_first_opens); "
+     "with a negative answer, those are all of parent's names and it answers other names "
+     "with it."},
     {"dir_listing", dir_listing, METH_VARARGS,
      "(parent, fuse_direntplus records): the reader answers READDIRPLUS of parent."},
     {"dir_stop", dir_stop, METH_O, "Stop answering lookups in a directory."},
@@ -525,8 +539,8 @@ static PyMethodDef methods[] = {
     {"lookups_of", lookups_of, METH_VARARGS,
      "(ino, take): lookups of ino the reader answered (taken: counted by the caller now)."},
     {"lookup_totals", lookup_totals, METH_NOARGS,
-     "(published names, lookups answered, their GETATTRs answered, READs answered, "
-     "READDIRPLUS answered, store objects read ahead, read-aheads dropped)"},
+     "(published names, lookups answered, negative lookups answered, their GETATTRs answered, "
+     "READs answered, READDIRPLUS answered, store objects read ahead, read-aheads dropped)"},
     {NULL, NULL, 0, NULL},
 };
 

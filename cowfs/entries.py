@@ -38,6 +38,14 @@ def entry(node: Node, a: Attr) -> pyfuse3.EntryAttributes:
     return e
 
 
+def negative() -> pyfuse3.EntryAttributes:
+    """The answer to a LOOKUP of a name that does not exist: the kernel caches the absence."""
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = 0
+    e.entry_timeout = NEGATIVE_TIMEOUT
+    return e
+
+
 def entry_of(st: os.stat_result, ino: int = pyfuse3.ROOT_INODE) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = ino

@@ -3,12 +3,16 @@
 A directory that is not copied up holds only what the lower layer gives it, and nothing in
 it changes without a copy-up of it first (a create, unlink or rename in it) or of a file in
 it (a write, chmod, link): `Overlay.before_copy_up` is where the daemon stops it. So the first
-time the daemon answers a LOOKUP in such a directory, it hands the reader the entries of all
-its files (directories stay with the daemon: their link counts mean listing them); later
-LOOKUPs and GETATTRs of those files cost no Python, nor do READs of their kernel opens. The
-kernel's FORGET counts the lookups the reader answered too: `NodeTable.lookups` adds them,
-`forget` takes them over. The first listing of such a directory hands the reader its
-READDIRPLUS records too: a cold walk of a tree then costs no Python after the first time.
+time the daemon answers a LOOKUP in such a directory, it hands the reader all its entries
+(files and subdirectories: a lower-only directory's link count is the lower's, fixed while
+it is published) and tells it they are all there; later LOOKUPs in it cost no Python, of
+names it does not hold neither (an import probes `__init__` with three extension-module
+suffixes in every package), nor do GETATTRs of those nodes or READs of their kernel opens.
+The directory's `__pycache__` is published with it: importlib looks it up next and never
+lists it. The kernel's FORGET counts the lookups the reader answered too:
+`NodeTable.lookups` adds them, `forget` takes them over. The reader gets the directory's
+READDIRPLUS records with its entries (an import lists a package right after probing it; a
+walk lists first): listing it costs no Python either.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import logging
 import os
 from collections.abc import Callable
 
-from cowfs import fuse_shim
+from cowfs import entries, fuse_shim
 from cowfs.inode import Node
-from cowfs.kernel_replies import direntplus
+from cowfs.kernel_replies import direntplus, entry_out
 from cowfs.overlay import Overlay
 
 log = logging.getLogger("cowfs.fastlookup")
 MAX_DIR = 4096  # bigger directories stay with the daemon (publishing one stalls the loop)
+BYTECODE_DIR = "__pycache__"  # looked up (never listed) right after its directory
+NEGATIVE = entry_out(entries.negative())
 
 
 class FastLookups:
@@ -44,44 +50,59 @@ class FastLookups:
     def looked_in(self, parent: Node,
                   snapshot: list[tuple[str, Node]] | None = None) -> None:
         """The daemon answered a LOOKUP in parent, or its first READDIRPLUS (snapshot: the
-        entries that listing numbers): publish its files if it is lower-only, and with a
-        snapshot its whole listing too."""
-        listing = snapshot is not None
-        if parent.upper or parent.children is None or not self._on() \
-                or (parent.ino in self._dirs and (not listing or parent.ino in self._listed)):
+        entries that listing numbers): publish its entries if it is lower-only, with its
+        whole listing (but for a `__pycache__`, which only a walk lists)."""
+        if parent.upper or parent.children is None or not self._on():
             return
         published = parent.ino in self._dirs
+        listing = snapshot is not None or (not published and parent.name != BYTECODE_DIR)
+        if published and (not listing or parent.ino in self._listed):
+            return
         self._dirs.add(parent.ino)
         if listing:
             self._listed.add(parent.ino)
         try:
-            if snapshot is None:  # (a lookup: the names, without the readdir's work)
+            if snapshot is None:  # (the names and nodes as the daemon's readdir numbers them)
                 found = [(n, self.ov.lookup(parent, n)) for n in self.ov.listdir(parent)]
                 snapshot = [(n, node) for n, node in found if node is not None]
+                complete = len(snapshot) == len(found)
+            else:
+                complete = True
             if len(snapshot) > MAX_DIR:
                 return
+            outs = [self.entry_out(node) for _, node in snapshot]
             items = []
-            for name, node in snapshot:
-                if not published and node.children is None and node.parent is parent:
-                    source = node.lower.source if node.lower is not None else None
-                    items.append((os.fsencode(name), node.ino, self.entry_out(node),
-                                  os.fsencode(source or "")))
-            plus = self._listing(parent, snapshot) if listing else b""
+            for (name, node), out in [] if published else zip(snapshot, outs, strict=True):
+                if node.parent is not parent or node.upper:  # (a second name, a copy-up)
+                    complete = False
+                    continue
+                source = node.lower.source if node.lower is not None \
+                    and node.children is None else None
+                items.append((os.fsencode(name), node.ino, out, os.fsencode(source or "")))
+            plus = self._listing(parent, snapshot, outs) if listing else b""
         except OSError as exc:  # (detached meanwhile, a lazy object...): the daemon answers
             log.debug("not publishing %d: %s", parent.ino, exc)
             return
         if items:
-            fuse_shim.dir_publish(parent.ino, items)
+            fuse_shim.dir_publish(parent.ino, items, NEGATIVE if complete else None)
         if plus:
             fuse_shim.dir_listing(parent.ino, plus)
+        if not published:
+            bytecode = parent.children.get(BYTECODE_DIR)
+            if bytecode is not None and bytecode.children is not None:
+                self.looked_in(bytecode)
 
-    def _listing(self, parent: Node, entries: list[tuple[str, Node]]) -> bytes:
+    def _listing(self, parent: Node, entries: list[tuple[str, Node]],
+                 outs: list[bytes]) -> bytes:
         """parent's READDIRPLUS records as the daemon's readdir numbers them: ".", "..",
-        then the entries, offsets 1, 2, 3... (directories are there too: the reader only
-        sends these records, it never answers a LOOKUP of a directory)."""
+        then the entries (outs: their LOOKUP answers), offsets 1, 2, 3..."""
         dots = [(".", parent), ("..", parent.parent or parent)]
-        return b"".join(direntplus(self.entry_out(node), os.fsencode(name), off)
-                        for off, (name, node) in enumerate(dots + entries, 1))
+        records = [direntplus(self.entry_out(node), os.fsencode(name), off)
+                   for off, (name, node) in enumerate(dots, 1)]
+        pairs = zip(entries, outs, strict=True)
+        records += (direntplus(out, os.fsencode(name), off)
+                    for off, ((name, _), out) in enumerate(pairs, len(dots) + 1))
+        return b"".join(records)
 
     def changed(self, node: Node) -> None:
         """node is about to be copied up: its directory (or itself) is no longer lower-only."""
@@ -107,7 +128,9 @@ class FastLookups:
         return fuse_shim.lookups_of(ino, take=True) if self.on else 0
 
     def status(self) -> dict[str, int]:
-        published, lookups, attrs, reads, listings, ahead, dropped = fuse_shim.lookup_totals()
+        published, lookups, negatives, attrs, reads, listings, ahead, dropped = \
+            fuse_shim.lookup_totals()
         return {"lookups_published": published, "lookups_in_c": lookups,
+                "negative_lookups_in_c": negatives,
                 "lookup_getattrs_in_c": attrs, "reads_in_c": reads, "listings_in_c": listings,
                 "read_ahead": ahead, "read_ahead_dropped": dropped}

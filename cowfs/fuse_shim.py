@@ -149,12 +149,16 @@ def fast_totals() -> tuple[int, int, int, int, int]:
 
 
 # Lookups the reader thread answers (cowfs/_fuse_fastlookup.c); only while it runs.
-def dir_publish(parent: int, items: list[tuple[bytes, int, bytes, bytes]]) -> int:
+def dir_publish(parent: int, items: list[tuple[bytes, int, bytes, bytes]],
+                negative: bytes | None = None) -> int:
     """The reader answers LOOKUP of these (name, ino, fuse_entry_out, backing file path or
     b"") in parent, and GETATTR of those inos (and, once allowed, their first opens); how
-    many were added."""
+    many were added. With a negative fuse_entry_out, items are all of parent's names: the
+    reader answers a LOOKUP of any other name with it."""
     assert _shim is not None
-    return int(_shim.dir_publish(parent, items))
+    if negative is None:
+        return int(_shim.dir_publish(parent, items))
+    return int(_shim.dir_publish(parent, items, negative))
 
 
 def dir_listing(parent: int, records: bytes) -> bool:
@@ -180,9 +184,10 @@ def lookups_of(ino: int, take: bool) -> int:
     return 0 if _shim is None else int(_shim.lookups_of(ino, take))
 
 
-def lookup_totals() -> tuple[int, int, int, int, int, int, int]:
-    """(published names, lookups answered, GETATTRs of them answered, READs answered,
-    READDIRPLUS answered, store objects read ahead, read-aheads dropped: queue full)."""
+def lookup_totals() -> tuple[int, int, int, int, int, int, int, int]:
+    """(published names, lookups answered, negative lookups answered, GETATTRs of them
+    answered, READs answered, READDIRPLUS answered, store objects read ahead, read-aheads
+    dropped: queue full)."""
     if _shim is None:
-        return 0, 0, 0, 0, 0, 0, 0
+        return 0, 0, 0, 0, 0, 0, 0, 0
     return tuple(int(n) for n in _shim.lookup_totals())  # type: ignore[return-value]

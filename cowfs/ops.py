@@ -216,10 +216,7 @@ class CowfsOperations(pyfuse3.Operations):
         node = self.ov.lookup(parent, _name(name))
         self.lookups.looked_in(parent)
         if node is None:
-            e = pyfuse3.EntryAttributes()
-            e.st_ino = 0  # negative entry: the kernel caches the absence
-            e.entry_timeout = entries.NEGATIVE_TIMEOUT
-            return e
+            return entries.negative()
         try:
             return self._looked_up(node)
         except FileNotFoundError as exc:

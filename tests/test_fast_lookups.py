@@ -81,6 +81,50 @@ def test_a_change_in_the_directory_stops_it(mounted: Any) -> None:
     assert (lower / "pkg" / "m2.py").read_text() == "V = 2\n"  # the lower untouched
 
 
+def test_names_a_published_directory_lacks_are_absent_until_made(mounted: Any) -> None:
+    """An import probes `__init__` with three extension suffixes in every package: the reader
+    answers those misses too, and a name made later is not hidden by them."""
+    m, lower = mounted
+    pkg = m.mnt / "pkg"
+    os.stat(pkg / "m0.py")  # the daemon's answer: pkg/ (and its __pycache__/) published
+    before = status(m.spec)
+    probes = [pkg / "__init__.cpython-311-x86_64-linux-gnu.so", pkg / "__init__.abi3.so",
+              pkg / "__pycache__" / "m9.cpython-311.pyc", pkg / "__pycache__" / "m9.pyc"]
+    for p in probes:
+        assert not p.exists()
+    after = status(m.spec)
+    assert after["negative_lookups_in_c"] - before["negative_lookups_in_c"] == len(probes)
+    for p in probes:  # made through the mount: each visible at once, with its content
+        p.write_bytes(p.name.encode())
+    assert all(p.read_bytes() == p.name.encode() for p in probes)
+    listed = set(os.listdir(pkg)) | set(os.listdir(pkg / "__pycache__"))
+    assert {p.name for p in probes} <= listed
+    assert not (lower / "pkg" / "__init__.abi3.so").exists()
+
+
+def test_subdirectories_are_answered_with_their_link_counts_until_they_change(
+        mounted: Any) -> None:
+    m, lower = mounted
+    (lower / "pkg" / "sub" / "deeper").mkdir(parents=True)
+    (lower / "pkg" / "sub" / "x.py").write_text("x\n")
+    pkg = m.mnt / "pkg"
+    os.stat(pkg / "m0.py")  # publishes pkg/: its subdirectories with it
+    before = status(m.spec)
+    for d in ("sub", "__pycache__"):
+        mine, theirs = os.stat(pkg / d), os.stat(lower / "pkg" / d)
+        assert (mine.st_mode, mine.st_nlink, mine.st_mtime_ns) == \
+            (theirs.st_mode, theirs.st_nlink, theirs.st_mtime_ns)
+    assert status(m.spec)["lookups_in_c"] - before["lookups_in_c"] == 2
+    nlink = os.stat(pkg / "sub").st_nlink
+    os.mkdir(pkg / "sub" / "made")  # copies sub/ up: its published entry must go
+    assert os.stat(pkg / "sub").st_nlink == nlink + 1
+    os.rmdir(pkg / "sub" / "deeper")
+    assert os.stat(pkg / "sub").st_nlink == nlink
+    assert sorted(os.listdir(pkg / "sub")) == ["made", "x.py"]
+    assert (pkg / "sub" / "x.py").read_text() == "x\n"
+    assert sorted(os.listdir(lower / "pkg" / "sub")) == ["deeper", "x.py"]
+
+
 def test_lookups_the_reader_answered_count_when_the_kernel_forgets(mounted: Any) -> None:
     if not os.access("/proc/sys/vm/drop_caches", os.W_OK):
         pytest.skip("the kernel cannot be made to forget here (/proc/sys is read-only)")
