@@ -36,6 +36,7 @@
 
 #define RING 16
 #define FUSE_IOCTL_OPCODE 39
+#define FUSE_RELEASE_OPCODE 18
 #define IOCTL_DIR_FLAG (1U << 4) /* FUSE_IOCTL_DIR: libfuse decides those by its capabilities */
 /* libfuse 3.14's receive buffer (what it negotiates max_write from): FUSE_MAX_MAX_PAGES pages
  * of data plus a page of headers. */
@@ -95,7 +96,12 @@ static int answer_here(const void *mem, ssize_t n)
  * a sleeping thread costs tens of microseconds on VMs that halt idle vCPUs (more than the C
  * answer itself), and an import or a tree walk sends the next request within microseconds.
  * Up to spin_max_ns per request (COWFS_READER_SPIN_US, 0: off; never with one CPU); after
- * POLL_MISSES polls in a row that waited in vain, none for PAUSE_NS. */
+ * POLL_MISSES polls in a row that waited in vain, none for PAUSE_NS. After a RELEASE only
+ * while that pays: it ends an open-read-close, and the next open comes at once in a tree
+ * read but a module's execution later in an import (polling for it there burnt ~0.2 s of
+ * CPU per warm import of the bench workload with passthrough opens); one RELEASE in
+ * RELEASE_PROBE polls again to notice a change. */
+#define RELEASE_PROBE 16
 #define POLL_MISSES 8
 #define PAUSE_NS 10000000L /* 10 ms: at most 8 polls in vain (400 us) per pause, 4% of a CPU */
 static long spin_max_ns;
@@ -145,10 +151,18 @@ static void *reader_main(void *unused)
         return NULL;
     }
     int spin = 0; /* the last request was answered here: the next one may come right away */
+    int released = 0;      /* ... and it was a RELEASE */
+    int after_release = 1; /* the last poll after a RELEASE found a request */
+    unsigned releases = 0;
     for (;;) {
-        if (spin && spin_max_ns > 0 &&
-            (misses < POLL_MISSES || elapsed_ns(&paused) > PAUSE_NS)) {
-            if (poll_busy(spin_max_ns)) {
+        int poll_now = spin && spin_max_ns > 0 &&
+                       (misses < POLL_MISSES || elapsed_ns(&paused) > PAUSE_NS) &&
+                       (!released || after_release || ++releases % RELEASE_PROBE == 0);
+        if (poll_now) {
+            int hit = poll_busy(spin_max_ns);
+            if (released)
+                after_release = hit;
+            if (hit) {
                 misses = 0;
             } else if (++misses >= POLL_MISSES) {
                 clock_gettime(CLOCK_MONOTONIC, &paused); /* none for PAUSE_NS, then try again */
@@ -161,11 +175,13 @@ static void *reader_main(void *unused)
             end_reading(errno);
             break;
         }
-        spin = answer_here(mem, n) || cowfs_fast_answer(dev_fd, mem, (size_t)n) ||
-               cowfs_lookup_answer(dev_fd, mem, (size_t)n) ||
-               cowfs_lookup_read(dev_fd, mem, (size_t)n) ||
-               cowfs_dir_read(dev_fd, mem, (size_t)n);
-        if (spin)
+        int here = answer_here(mem, n) || cowfs_fast_answer(dev_fd, mem, (size_t)n) ||
+                   cowfs_lookup_answer(dev_fd, mem, (size_t)n) ||
+                   cowfs_lookup_read(dev_fd, mem, (size_t)n) ||
+                   cowfs_dir_read(dev_fd, mem, (size_t)n);
+        spin = here;
+        released = ((const struct cowfs_in_header *)mem)->opcode == FUSE_RELEASE_OPCODE;
+        if (here)
             continue;
         pthread_mutex_lock(&mu);
         while (count == RING)
