@@ -25,7 +25,7 @@ WORKDIR /cowfs
 COPY . .
 
 # The project-local environment (.dev-env, cowfs editable + the test extra, and the kernel-cache
-# extension cowfs/_fuse_shim.c built with gcc and libfuse3-dev). Its stamp hashes pyproject.toml
+# extension cowfs/fuse/_fuse_shim.c built with gcc and libfuse3-dev). Its stamp hashes pyproject.toml
 # and the extension's source, which the image fixes, so scripts/test finds it current.
 RUN scripts/bootstrap
 

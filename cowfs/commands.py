@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from cowfs import mount as mounting
 from cowfs.errors import CowfsError
-from cowfs.spec import MountSpec, VenvState
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import MountSpec, VenvState
 
 # Generic mount(8) options that mean nothing to an overlay daemon and are accepted silently,
 # so that `mount -t fuse.cowfs` style invocations work unchanged.

@@ -21,16 +21,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cowfs import control, dirfd, roots
-from cowfs import mount as mounting
+from cowfs import dirfd
 from cowfs.dirfd import short
 from cowfs.errors import CowfsError
-from cowfs.layer import ensure_layer, read_head
-from cowfs.manifest import Manifest, write_manifest
-from cowfs.reset import ABSENT, DIR, Expectation, upper_identity
-from cowfs.spec import VenvState
-from cowfs.store import Store
-from cowfs.upper import foreign_dist_infos
+from cowfs.mount import control
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import VenvState
+from cowfs.overlay.reset import ABSENT, DIR, Expectation, upper_identity
+from cowfs.overlay.upper import foreign_dist_infos
+from cowfs.store import roots
+from cowfs.store.layer import ensure_layer, read_head
+from cowfs.store.manifest import Manifest, write_manifest
+from cowfs.store.store import Store
 from installer.interpreters import query_interpreter
 from installer.record_match import Sorter, claims
 
@@ -172,7 +174,7 @@ def _still_there(store: Store, dist: str, site: Path, others: set[str]) -> bool:
 
 def files_of(store: Store, ids: list[str]) -> set[str]:
     """The site-packages files of these distributions."""
-    from cowfs.manifest import read_manifest
+    from cowfs.store.manifest import read_manifest
 
     return {fe.path for i in ids for fe in read_manifest(store, i).files}
 

@@ -26,17 +26,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cowfs import mount as mounting
-from cowfs import roots
 from cowfs.dirfd import proc
 from cowfs.errors import CowfsError
-from cowfs.manifest import (
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import VenvState, new_venv_id
+from cowfs.overlay.upper import RENAME_NOREPLACE, renameat2
+from cowfs.store import roots
+from cowfs.store.manifest import (
     Manifest,
     write_manifest,
 )
-from cowfs.spec import VenvState, new_venv_id
-from cowfs.store import CHUNK, Store, fsync_dir
-from cowfs.upper import RENAME_NOREPLACE, renameat2
+from cowfs.store.store import CHUNK, Store, fsync_dir
 from installer import tree
 from installer.automount import HOOK_MODULE, HOOK_PTH, write_hook
 from installer.interpreters import InterpreterInfo, query_interpreter

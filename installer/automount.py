@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cowfs.spec import HOOK_MODULE, HOOK_PTH
+from cowfs.mount.spec import HOOK_MODULE, HOOK_PTH
 
 __all__ = ["HOOK_MODULE", "HOOK_PTH", "write_hook"]
 

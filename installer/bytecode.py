@@ -18,8 +18,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from cowfs.manifest import Dist, FileEntry, Manifest, manifest_path, read_manifest, write_manifest
-from cowfs.store import Store
+from cowfs.store.manifest import (
+    Dist,
+    FileEntry,
+    Manifest,
+    manifest_path,
+    read_manifest,
+    write_manifest,
+)
+from cowfs.store.store import Store
 from installer.interpreters import InterpreterInfo
 
 # Runs inside the target interpreter: compile each source with the shared mtime and write a
@@ -74,7 +81,7 @@ def ensure_bytecode(store: Store, dist: Dist, info: InterpreterInfo,
     sources = [(fe.path, str(store.object_path(fe.digest))) for fe in manifest.files
                if fe.path.endswith(".py")]
     if not sources or not all(os.path.exists(src) for _, src in sources):
-        return None  # a lazy install from a remote (cowfs.remote.lazy): once pulled
+        return None  # a lazy install from a remote (cowfs.store.remote.lazy): once pulled
     import tempfile  # cold path only
 
     try:

@@ -26,11 +26,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cowfs.mount.spec import VenvState
 from cowfs.selfexec import python_module
-from cowfs.spec import VenvState
 
 if TYPE_CHECKING:
-    from cowfs.store import Store
+    from cowfs.store.store import Store
 
 LOCK_NAME = "bytecode.lock"
 LOG_NAME = "bytecode.log"
@@ -118,10 +118,11 @@ def _parent_gone(pid: int) -> bool:
 def run_job(job: dict[str, object]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from cowfs import control, roots
-    from cowfs import mount as mounting
-    from cowfs.layer import ensure_layer, read_head
-    from cowfs.store import Store
+    from cowfs.mount import control
+    from cowfs.mount import mount as mounting
+    from cowfs.store import roots
+    from cowfs.store.layer import ensure_layer, read_head
+    from cowfs.store.store import Store
     from installer.bytecode import ensure_bytecode
     from installer.interpreters import query_interpreter
     from installer.sync import venv_lock
@@ -174,7 +175,7 @@ def _private_pycs_now_shared(state: VenvState, store: Store, bytecode: list[str]
     compiled (a program run right after the install), for sources still pristine: the
     shared pyc now serves them, and they would show as private changes for good."""
     from cowfs.dirfd import short
-    from cowfs.manifest import read_manifest
+    from cowfs.store.manifest import read_manifest
 
     drop = []
     for ident in bytecode:

@@ -27,14 +27,14 @@ from typing import Any
 
 from packaging.utils import canonicalize_name
 
-from cowfs import control
-from cowfs import mount as mounting
 from cowfs.dirfd import short
 from cowfs.errors import CowfsError
-from cowfs.manifest import FileEntry, read_manifest
-from cowfs.spec import VenvState
-from cowfs.store import Store, digest_fd
-from cowfs.upper import OPAQUE_XATTR, WH_OPAQUE, WH_PREFIX, is_opaque_dir, is_whiteout_stat
+from cowfs.mount import control
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import VenvState
+from cowfs.overlay.upper import OPAQUE_XATTR, WH_OPAQUE, WH_PREFIX, is_opaque_dir, is_whiteout_stat
+from cowfs.store.manifest import FileEntry, read_manifest
+from cowfs.store.store import Store, digest_fd
 
 # Kinds, in display order, with the one-letter code shown by `cowfs status`.
 KINDS = {
@@ -112,7 +112,8 @@ class Pristine:
 
 
 def load_pristine(state: VenvState, store: Store) -> Pristine:
-    """Mirror cowfs.super.build_lower: bytecode first, then dists (later wins), then extra."""
+    """Mirror cowfs.overlay.super.build_lower: bytecode first, then dists (later wins), then
+    extra."""
     p = Pristine()
     dists = [read_manifest(store, d) for d in state.dists]
     key_of: dict[str, str] = {}
@@ -486,7 +487,7 @@ def _apply(state: VenvState, socket: Path, paths: list[str], live: bool) -> list
 
 
 def _remove_upper(root: str, rel: str) -> bool:
-    """Offline twin of cowfs.reset: the entry itself, or its `.wh.` fallback marker."""
+    """Offline twin of cowfs.overlay.reset: the entry itself, or its `.wh.` fallback marker."""
     import shutil
 
     path = short(f"{root}/{rel}")

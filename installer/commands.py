@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from cowfs.errors import CowfsError
-from cowfs.spec import VenvState
-from cowfs.store import Store
+from cowfs.mount.spec import VenvState
+from cowfs.store.store import Store
 from installer import remote_install, sync
 from installer.interpreters import query_interpreter
 from installer.locks import locate, read_lock

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cowfs.dirfd import short
-from cowfs.store import Store
+from cowfs.store.store import Store
 from installer.changes import Change, Report
 
 DIFF_LIMIT = 4 << 20  # larger files are summarised, never diffed line by line

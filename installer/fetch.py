@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from cowfs import __version__
 from cowfs.errors import CowfsError
-from cowfs.store import fsync_dir, sha256_file
+from cowfs.store.store import fsync_dir, sha256_file
 from cowfs.tls import ssl_context
 from installer.index_config import netrc_credentials, redact, split_credentials
 from installer.resolve import Pin, local_path

@@ -24,8 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from cowfs.errors import CowfsError, StoreError
-from cowfs.manifest import Dist, Manifest, write_manifests
-from cowfs.store import Store, sha256_file
+from cowfs.store.manifest import Dist, Manifest, write_manifests
+from cowfs.store.store import Store, sha256_file
 from installer.fetch import expected_hashes, mismatch
 from installer.interpreters import InterpreterInfo
 from installer.resolve import Pin

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from cowfs.errors import CowfsError
-from cowfs.store import Store
+from cowfs.store.store import Store
 from installer.interpreters import InterpreterInfo, clean_interpreter_cache, query_interpreter
 
 SHOWN_TAGS = 5

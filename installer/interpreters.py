@@ -37,7 +37,7 @@ import packaging
 import packaging.markers
 
 from cowfs.errors import CowfsError
-from cowfs.store import Store, digest_fd
+from cowfs.store.store import Store, digest_fd
 
 SCHEMA = 1
 QUERY_SCRIPT = (Path(__file__).with_name("_interpreter_query.py")).read_text()

@@ -29,7 +29,7 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 from packaging.version import Version
 
 from cowfs.errors import CowfsError
-from cowfs.store import Store, sha256_file
+from cowfs.store.store import Store, sha256_file
 from installer import wheel_index
 from installer.resolve import (
     PIP_TIMEOUT,

@@ -1,5 +1,5 @@
 """`cowfs status|diff|reset|adopt` and `cowfs store verify|gc|du|info`: the command line only;
-the logic lives in installer.changes, installer.adopt and cowfs.gc."""
+the logic lives in installer.changes, installer.adopt and cowfs.store.gc."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import click
 
-from cowfs import gc
-from cowfs import mount as mounting
-from cowfs import roots as gc_roots
 from cowfs.errors import CowfsError
-from cowfs.spec import VenvState
-from cowfs.store import Store
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import VenvState
+from cowfs.store import gc
+from cowfs.store import roots as gc_roots
+from cowfs.store.store import Store
 from installer import changes
 from installer.diff import diff_lines
 from installer.venv import ensure_mounted, find_venv
@@ -39,7 +39,7 @@ def _state(venv_opt: str | None) -> VenvState:
 def _filesystem(directory: Path) -> dict[str, object] | None:
     """Probed capabilities of the filesystem holding directory (a scratch dir is made in
     it, so never the live upper itself) and how cowfs copes there; None if not probeable."""
-    from cowfs import fscaps, meta
+    from cowfs.overlay import fscaps, meta
 
     try:
         caps = meta.caps_for(str(directory))
@@ -87,7 +87,7 @@ def _summary(report: changes.Report) -> str:
 
 def _opens(state: VenvState) -> dict[str, str]:
     """How the live mount serves opens (passthrough, kernel, daemon) and why; {} unmounted."""
-    from cowfs import control
+    from cowfs.mount import control
 
     status = control.try_request(state.mount_spec().socket, "status")
     if not status or "opens" not in status:
@@ -207,7 +207,7 @@ def _invalidate_live_mounts(store: Store, digests: list[str]) -> None:
     """Repaired objects: live mounts must not keep serving the corrupt pages they cached."""
     if not digests:
         return
-    from cowfs import control
+    from cowfs.mount import control
 
     for root in gc_roots.scan(store):
         if root.state is not None:
@@ -260,7 +260,7 @@ def verify_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
 def _rebuild_bytecode(store: Store, ident: str, roots: list[gc_roots.Root]) -> bool | None:
     """Recompile a shared-bytecode manifest with the interpreter of a venv that uses it;
     None when ident is no bytecode manifest or no live venv uses it."""
-    from cowfs.manifest import manifest_path, read_manifest
+    from cowfs.store.manifest import manifest_path, read_manifest
     from installer.bytecode import cache_tag, ensure_bytecode
     from installer.interpreters import query_interpreter
 

@@ -26,7 +26,7 @@ from typing import Any
 import xxhash
 
 from cowfs.errors import StoreError
-from cowfs.store import Store
+from cowfs.store.store import Store
 from installer.resolve import Pin
 from installer.wheel_index import fingerprint
 

@@ -42,7 +42,7 @@ from urllib.parse import unquote, urljoin
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from cowfs.errors import CowfsError
-from cowfs.store import Store
+from cowfs.store.store import Store
 from installer import wheel_index
 from installer.fetch import download, expected_hashes
 from installer.index_config import IndexConfig, split_credentials, with_credentials

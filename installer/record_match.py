@@ -22,9 +22,15 @@ from packaging.utils import canonicalize_name
 
 from cowfs.dirfd import short
 from cowfs.errors import StoreError
-from cowfs.manifest import DEFAULT_MTIME_NS, FileEntry, Manifest, iter_manifests, read_manifest
-from cowfs.spec import VenvState
-from cowfs.store import CHUNK, Store
+from cowfs.mount.spec import VenvState
+from cowfs.store.manifest import (
+    DEFAULT_MTIME_NS,
+    FileEntry,
+    Manifest,
+    iter_manifests,
+    read_manifest,
+)
+from cowfs.store.store import CHUNK, Store
 from installer.changes import dist_identity, parse_installed_record
 from installer.interpreters import InterpreterInfo
 

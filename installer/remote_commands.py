@@ -1,5 +1,5 @@
 """`cowfs store remote add|list|remove`, `cowfs store push`, `cowfs store pull`: the command
-line only; the logic lives in cowfs.remote and installer.remote_install."""
+line only; the logic lives in cowfs.store.remote and installer.remote_install."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 import click
 
 from cowfs.errors import CowfsError
-from cowfs.remote import config
-from cowfs.remote.pull import RemoteDist, materialize, read_origin
-from cowfs.remote.push import PushSummary, push
-from cowfs.spec import VenvState
-from cowfs.store import Store
+from cowfs.mount.spec import VenvState
+from cowfs.store.remote import config
+from cowfs.store.remote.pull import RemoteDist, materialize, read_origin
+from cowfs.store.remote.push import PushSummary, push
+from cowfs.store.store import Store
 from installer.maintenance_commands import plural, store_group
 from installer.venv import find_venv
 
@@ -112,8 +112,8 @@ def pull_cmd(lock: str | None, venv_opt: str | None, as_json: bool) -> None:
 def _venv_dists(state: VenvState, store: Store) -> list[RemoteDist]:
     """The venv's distributions that a lazy install left partly on their remote (the one
     recorded at install time: no configuration needed)."""
-    from cowfs.gc import manifest_rows
-    from cowfs.manifest import read_manifest
+    from cowfs.store.gc import manifest_rows
+    from cowfs.store.manifest import read_manifest
 
     out = []
     for ident in state.dists:

@@ -2,7 +2,7 @@
 
 For each pin with a sha256 (a lock's `--hash`es, an index's hash), the distribution id is
 known without the wheel (`name-version-sha256[:16]`, as ingestion names it). If the store
-has that manifest, or a remote has it and it verifies (cowfs.remote.pull), the pin needs
+has that manifest, or a remote has it and it verifies (cowfs.store.remote.pull), the pin needs
 no index lookup and no wheel: `prepare` sets those pins aside before anything is written,
 and `Prepared.materialize` (under the store lock, in sync.apply) fetches their objects.
 Only consulted when a remote is configured or $COWFS_REMOTE names one: without one,
@@ -21,16 +21,16 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from cowfs.errors import CowfsError, StoreError
-from cowfs.layer import read_head
-from cowfs.manifest import Dist
-from cowfs.remote import config, is_sha256
-from cowfs.store import Store
+from cowfs.store.layer import read_head
+from cowfs.store.manifest import Dist
+from cowfs.store.remote import config, is_sha256
+from cowfs.store.store import Store
 from installer.resolve import Pin
 
 if TYPE_CHECKING:  # the rest is imported only when a remote is configured (warm installs)
-    from cowfs.remote.config import Remote
-    from cowfs.remote.pull import RemoteDist
-    from cowfs.remote.transport import Transport
+    from cowfs.store.remote.config import Remote
+    from cowfs.store.remote.pull import RemoteDist
+    from cowfs.store.remote.transport import Transport
 
 
 FETCH_ENV = "COWFS_REMOTE_FETCH"  # lazy (default): on first open; eager: at install
@@ -66,9 +66,9 @@ class Prepared:
     def materialize(self, store: Store, progress: bool = True) -> dict[str, Dist]:
         """Every prepared pin's manifest, fetching what the store lacks (caller holds the
         store lock)."""
-        if not self.remote:  # (cowfs.remote.pull costs ~10 ms to import)
+        if not self.remote:  # (cowfs.store.remote.pull costs ~10 ms to import)
             return dict(self.local)
-        from cowfs.remote.pull import materialize
+        from cowfs.store.remote.pull import materialize
 
         show = progress and sys.stderr.isatty()
 
@@ -96,7 +96,7 @@ def _local(store: Store, pin: Pin, tags: Sequence[str]) -> Dist | None:
 
 def _remote(remotes: list[tuple[Remote, Transport]], pin: Pin, tags: Sequence[str]
             ) -> RemoteDist | None:
-    from cowfs.remote.pull import find
+    from cowfs.store.remote.pull import find
 
     for remote, transport in remotes:
         for ident, sha in candidates(pin):

@@ -19,8 +19,8 @@ from pathlib import Path
 import xxhash
 
 from cowfs.errors import StoreError
-from cowfs.manifest import Dist, FileEntry, check_relpath
-from cowfs.store import CHUNK, Store
+from cowfs.store.manifest import Dist, FileEntry, check_relpath
+from cowfs.store.store import CHUNK, Store
 from installer.wheel_archive import (
     SCRIPT_GROUPS,
     WheelError,

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING
 
 from packaging.utils import canonicalize_name
 
-from cowfs import control, roots
-from cowfs import mount as mounting
 from cowfs.errors import CowfsError
-from cowfs.layer import ensure_layer, read_head
-from cowfs.manifest import Dist, FileEntry
-from cowfs.spec import VenvState
-from cowfs.store import Store
+from cowfs.mount import control
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import VenvState
+from cowfs.store import roots
+from cowfs.store.layer import ensure_layer, read_head
+from cowfs.store.manifest import Dist, FileEntry
+from cowfs.store.store import Store
 from installer import plan_cache, wheel_index
 from installer.bytecode import bytecode_if_compiled, ensure_bytecode
 from installer.fetch import fetch, warm_up

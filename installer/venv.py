@@ -12,11 +12,11 @@ import stat
 import subprocess
 from pathlib import Path
 
-from cowfs import mount as mounting
-from cowfs import roots
 from cowfs.errors import CowfsError
-from cowfs.spec import HOOK_MODULE, HOOK_PTH, VenvState, new_venv_id
-from cowfs.store import Store
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import HOOK_MODULE, HOOK_PTH, VenvState, new_venv_id
+from cowfs.store import roots
+from cowfs.store.store import Store
 from installer import tree
 from installer.automount import write_hook
 from installer.interpreters import InterpreterInfo, query_interpreter
@@ -130,9 +130,9 @@ def _clear_remains(venv: Path) -> None:
 
 def _check_filesystem(venv: Path) -> None:
     """Refuse, in one sentence and before anything is made, a filesystem that cannot hold
-    the venv's upper layer (cowfs.meta: neither user xattrs nor POSIX modes). Probed in the
+    the venv's upper layer (cowfs.overlay.meta: neither user xattrs nor POSIX modes). Probed in the
     venv dir or its nearest existing ancestor (same filesystem), leaving nothing behind."""
-    from cowfs import meta
+    from cowfs.overlay import meta
 
     probe_dir = venv
     while not probe_dir.exists() and probe_dir != probe_dir.parent:

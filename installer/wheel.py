@@ -28,8 +28,8 @@ from packaging.utils import NormalizedName
 from packaging.version import Version
 
 from cowfs.errors import StoreError
-from cowfs.layer import read_head
-from cowfs.manifest import (
+from cowfs.store.layer import read_head
+from cowfs.store.manifest import (
     DATA_KEYS,
     Dist,
     FileEntry,
@@ -38,7 +38,7 @@ from cowfs.manifest import (
     read_manifest,
     write_manifest,
 )
-from cowfs.store import CHUNK, Store
+from cowfs.store.store import CHUNK, Store
 from installer import wheel_index
 from installer.wheel_archive import (
     RECORD_SIGNATURES,
@@ -293,7 +293,7 @@ def ingest_wheel(
     wheel with none of them is refused. A wheel already ingested (same name, version and
     sha256) is answered from its manifest without being read again, unless force is set.
     unwritten: a new manifest is appended there instead of written, for the caller to write
-    with others (cowfs.manifest.write_manifests); its objects are stored but not synced.
+    with others (cowfs.store.manifest.write_manifests); its objects are stored but not synced.
     """
     wheel_path = Path(wheel_path)
     wheel = wheel_path.name

@@ -35,8 +35,8 @@ from packaging.utils import (
 from packaging.version import InvalidVersion, Version
 
 from cowfs.errors import CowfsError
-from cowfs.manifest import DATA_KEYS, DEFAULT_MTIME_NS
-from cowfs.store import CHUNK
+from cowfs.store.manifest import DATA_KEYS, DEFAULT_MTIME_NS
+from cowfs.store.store import CHUNK
 
 SCHEMES = ("purelib", "platlib", *DATA_KEYS)
 SCRIPT_GROUPS = ("console_scripts", "gui_scripts")

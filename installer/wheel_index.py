@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cowfs.errors import StoreError
-from cowfs.store import Store
+from cowfs.store.store import Store
 
 Facts = dict[str, Any]
 

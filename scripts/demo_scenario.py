@@ -95,7 +95,7 @@ def main() -> int:
 
 
 def _store_object_of(path: Path, store: Path) -> Path:
-    from cowfs.store import digest_bytes
+    from cowfs.store.store import digest_bytes
 
     digest = digest_bytes(path.read_bytes())
     return store / "objects" / digest[:2] / digest[2:]

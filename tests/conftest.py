@@ -28,13 +28,14 @@ from typing import Any
 
 import pytest
 
-from cowfs import control, dirfd
-from cowfs import mount as mounting
-from cowfs.inode import Node
-from cowfs.overlay import Overlay
-from cowfs.spec import MountSpec, VenvState
-from cowfs.store import Store, digest_bytes
-from cowfs.upper import probe_user_xattrs
+from cowfs import dirfd
+from cowfs.mount import control
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import MountSpec, VenvState
+from cowfs.overlay.inode import Node
+from cowfs.overlay.overlay import Overlay
+from cowfs.overlay.upper import probe_user_xattrs
+from cowfs.store.store import Store, digest_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -265,7 +266,7 @@ def overlay_mount(tmp_path: Path) -> Iterator[Callable[..., OverlayMount]]:
 def passthrough_refused(tmp_path_factory: pytest.TempPathFactory) -> str | None:
     """Why passthrough opens fall back to kernel opens for files where the tests keep
     them (None: they work). In a container whose /tmp is overlayfs the kernel refuses a
-    backing file stacked that deep, by design (cowfs/passthrough.py)."""
+    backing file stacked that deep, by design (cowfs/fuse/passthrough.py)."""
     base = tmp_path_factory.mktemp("pt-probe")
     (base / "lower").mkdir()
     (base / "lower" / "f").write_bytes(b"probe")
@@ -419,7 +420,7 @@ def statx_fresh(path: Path | str) -> Statx:
     return Statx(mode, nlink, ino, size, sec * 10**9 + nsec)
 
 
-# -- merged-view helpers for unit tests that drive cowfs.overlay.Overlay directly ---------
+# -- merged-view helpers for unit tests that drive cowfs.overlay.overlay.Overlay directly ---------
 
 
 def node_at(ov: Overlay, path: str) -> Node:

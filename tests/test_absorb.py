@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cowfs.daemon import ABSORB_QUIET_S
-from cowfs.manifest import read_manifest
-from cowfs.spec import VenvState
-from cowfs.store import Store
+from cowfs.fuse.daemon import ABSORB_QUIET_S
+from cowfs.mount.spec import VenvState
+from cowfs.store.manifest import read_manifest
+from cowfs.store.store import Store
 from tests.conftest import cowfs, install, site, upper_files
 from tests.wheelbuild import record_row
 

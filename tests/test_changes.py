@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import mount as mounting
-from cowfs.manifest import FileEntry, Manifest, write_manifest
-from cowfs.spec import VenvState
-from cowfs.store import Store
-from cowfs.upper import OPAQUE_XATTR, WHITEOUT_XATTR
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import VenvState
+from cowfs.overlay.upper import OPAQUE_XATTR, WHITEOUT_XATTR
+from cowfs.store.manifest import FileEntry, Manifest, write_manifest
+from cowfs.store.store import Store
 from installer import changes
 from installer.diff import diff_lines
 from tests.conftest import EDITED, UDDER, cow, cowfs, install, one_line_error, site

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from cowfs.cli import main
-from cowfs.spec import VenvState
+from cowfs.mount.spec import VenvState
 from tests.conftest import EDITED, PKG, UDDER, cowfs, unmount_venv
 
 COMMANDS = [["venv"], ["install"], ["uninstall", "x"], ["sync", "lock.txt"], ["mount"],

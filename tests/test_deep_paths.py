@@ -23,11 +23,11 @@ from conftest import cowfs, force_unmount, install, site
 from posix_deep import snapshot
 
 from cowfs import dirfd
-from cowfs import mount as mounting
-from cowfs.manifest import iter_manifests, read_manifest
-from cowfs.spec import VenvState
-from cowfs.store import Store
-from cowfs.upper import WHITEOUT_XATTR
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import VenvState
+from cowfs.overlay.upper import WHITEOUT_XATTR
+from cowfs.store.manifest import iter_manifests, read_manifest
+from cowfs.store.store import Store
 
 SEG = "s" * 255
 DEPTH = 24  # 24 * 256 bytes: deeper than PATH_MAX below any root

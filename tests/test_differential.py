@@ -33,7 +33,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from cowfs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from cowfs.overlay.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 settings.register_profile(
     "cowfs-diff-ci", max_examples=12, stateful_step_count=40, deadline=None,
@@ -397,7 +397,7 @@ class OverlayVsPlain(RuleBasedStateMachine):
     def forget_kernel_caches(self) -> None:
         """The kernel drops its pages, dentries and inodes (FORGETs): the next walk lists,
         looks up and reads again, which the C reader answers for what the daemon published
-        (cowfs/fastlookup.py) while the daemon answers the rest."""
+        (cowfs/fuse/fastlookup.py) while the daemon answers the rest."""
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
         self.steps_since_forget = 0

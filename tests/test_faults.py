@@ -2,7 +2,7 @@
 on a full filesystem, a store on a read-only filesystem, concurrent installs racing a gc.
 
 Each test states what must survive: fsynced data, the store objects (bytes, mode, mtime,
-nlink), a view without half-copied files, and a mount that `cowfs.mount.mount()` recovers.
+nlink), a view without half-copied files, and a mount that `cowfs.mount.mount.mount()` recovers.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from cowfs import control
-from cowfs import mount as mounting
-from cowfs.spec import MountSpec, VenvState
-from cowfs.store import Store
+from cowfs.mount import control
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import MountSpec, VenvState
+from cowfs.store.store import Store
 from tests.conftest import (
     DAEMON_GONE,
     PKG,
@@ -90,9 +90,9 @@ def test_kill_9_during_fsynced_writes_on_a_venv(tmp_path: Path,
     assert (state.site_packages / "blob" / "__init__.py").read_text() == "X = 1\n"
     assert os.listdir(state.work) == []
     log = state.log.read_text()
-    for line in ("cowfs.daemon: mounted", "serving", "reloaded lower"):
+    for line in ("cowfs.fuse.daemon: mounted", "serving", "reloaded lower"):
         assert line in log, f"daemon log lacks {line!r}"
-    assert log.count("cowfs.daemon: mounted") == 2  # before the kill, after the recovery
+    assert log.count("cowfs.fuse.daemon: mounted") == 2  # before the kill, after the recovery
     cowfs("umount", str(venv))
     assert mounting.find_mount(str(state.site_packages)) is None
     assert state.log.read_text().rstrip().endswith(f"unmounted {state.site_packages}")
@@ -269,7 +269,7 @@ def test_copy_up_that_does_not_fit_leaves_the_store_intact(
 
 def write_in_place(path: Path) -> None:
     """Open for writing and write a byte: the copy-up runs at the open or, when the kernel
-    opens files without asking the daemon (cowfs/_fuse_shim.c), at the first write."""
+    opens files without asking the daemon (cowfs/fuse/_fuse_shim.c), at the first write."""
     fd = os.open(path, os.O_RDWR)
     try:
         os.pwrite(fd, b"x", 0)

@@ -1,14 +1,14 @@
 """The daemon's file handle numbers stay below the bits the passthrough replies put above them
-(cowfs.passthrough: FAST_FH marks an open the C reader counts): they wrap, skipping any still
+(cowfs.fuse.passthrough: FAST_FH marks an open the C reader counts): they wrap, skipping any still
 open, instead of growing into those bits after 2^31 opens."""
 
 from __future__ import annotations
 
 import os
 
-from cowfs import overlay as overlay_mod
-from cowfs.overlay import Overlay
-from cowfs.passthrough import FAST_FH, FH_MASK
+from cowfs.fuse.passthrough import FAST_FH, FH_MASK
+from cowfs.overlay import overlay as overlay_mod
+from cowfs.overlay.overlay import Overlay
 from tests import test_overlay_core
 from tests.test_overlay_core import Layers
 

@@ -30,12 +30,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from cowfs import meta
-from cowfs import mount as mounting
 from cowfs.cli import main as cli_main
-from cowfs.spec import VenvState
-from cowfs.store import Store, digest_bytes
-from cowfs.upper import RENAME_EXCHANGE, WHITEOUT_XATTR, renameat2
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import VenvState
+from cowfs.overlay import meta
+from cowfs.overlay.upper import RENAME_EXCHANGE, WHITEOUT_XATTR, renameat2
+from cowfs.store.store import Store, digest_bytes
 from tests import fsimages
 from tests.conftest import (
     EDITED,
@@ -354,7 +354,7 @@ def test_interrupted_exchange_is_finished_at_mount(
         images: Images, scratch: Callable[[fsimages.FsImage], Path]) -> None:
     """The emulated RENAME_EXCHANGE, killed after its first rename: the next Upper (mount)
     completes it from the intent, whichever step it stopped at."""
-    from cowfs.upper import Upper
+    from cowfs.overlay.upper import Upper
 
     on = scratch(images.get("ntfs"))
     for stopped_after in (1, 2):

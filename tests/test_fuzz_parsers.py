@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cowfs.errors import CowfsError, StoreError
-from cowfs.manifest import Manifest, read_manifest
-from cowfs.spec import VenvState
-from cowfs.store import Store
+from cowfs.mount.spec import VenvState
+from cowfs.store.manifest import Manifest, read_manifest
+from cowfs.store.store import Store
 from installer.locks import read_lock
 
 FUZZ = settings(max_examples=150, deadline=None,

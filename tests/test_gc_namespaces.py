@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cowfs.store import Store
+from cowfs.store.store import Store
 from tests.conftest import PKG, UDDER, cowfs, install, unmount_venv
 from tests.wheelbuild import build
 

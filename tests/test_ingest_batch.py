@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import wheelbuild as wb
 
-from cowfs import store as store_mod
 from cowfs.errors import CowfsError
-from cowfs.layer import ensure_layer, layer_path
-from cowfs.manifest import iter_manifests, read_manifest
-from cowfs.store import Store
+from cowfs.store import store as store_mod
+from cowfs.store.layer import ensure_layer, layer_path
+from cowfs.store.manifest import iter_manifests, read_manifest
+from cowfs.store.store import Store
 from installer.ingest import Ingestor
 from installer.resolve import Pin
 from installer.wheel_index import get as index_get

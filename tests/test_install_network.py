@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cowfs.manifest import read_manifest
-from cowfs.spec import VenvState
-from cowfs.store import Store
+from cowfs.mount.spec import VenvState
+from cowfs.store.manifest import read_manifest
+from cowfs.store.store import Store
 from tests.conftest import cowfs, one_line_error, serving
 from tests.wheelbuild import build
 

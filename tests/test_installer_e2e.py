@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import control
-from cowfs import mount as mounting
-from cowfs.manifest import read_manifest
-from cowfs.spec import VenvState
-from cowfs.store import Store, digest_bytes
+from cowfs.mount import control
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import VenvState
+from cowfs.store.manifest import read_manifest
+from cowfs.store.store import Store, digest_bytes
 from installer import bytecode_bg
 from tests.conftest import EDITED, PKG, UDDER, cow, cowfs, object_hashes, site
 

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from conftest import fingerprint
 
-from cowfs import control
-from cowfs import mount as mounting
+from cowfs.mount import control
+from cowfs.mount import mount as mounting
 
 MAXLEN = 256 * 1024
 MAXIO = 32 * 1024

@@ -20,7 +20,7 @@ import packaging.tags
 import pytest
 
 from cowfs.errors import CowfsError
-from cowfs.store import Store
+from cowfs.store.store import Store
 from installer import interpreters
 from installer.interpreters import clean_interpreter_cache, query_interpreter
 

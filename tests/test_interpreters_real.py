@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from cowfs.cli import CowfsGroup
-from cowfs.store import Store
+from cowfs.store.store import Store
 from installer import interpreters
 from installer.interpreter_commands import COMMANDS
 from installer.interpreters import query_interpreter

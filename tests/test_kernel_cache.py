@@ -1,4 +1,4 @@
-"""Opens and listings left to the kernel (cowfs/_fuse_shim.c): fewer round trips, never stale.
+"""Opens and listings left to the kernel (cowfs/fuse/_fuse_shim.c): fewer round trips, never stale.
 
 The daemon answers OPEN and OPENDIR with ENOSYS once the shim tells its handlers which inode
 a zero handle stands for; the kernel then opens without asking, keeps pages across opens and
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from cowfs import control
+from cowfs.mount import control
 from tests.conftest import cowfs, drop_kernel_caches, drop_page_cache, install, populate, site
 
 
@@ -50,7 +50,7 @@ def lower(tmp_path: Path) -> Path:
 
 def test_repeated_listings_cost_no_request(lower: Path, overlay_mount: Any) -> None:
     m = overlay_mount(lower)
-    assert dirs_cached(m.spec), "cowfs._fuse_shim is not built or not loaded first"
+    assert dirs_cached(m.spec), "cowfs.fuse._fuse_shim is not built or not loaded first"
     first = sorted(os.listdir(m.mnt / "pkg"))
     dirs = sum(1 for _ in os.walk(m.mnt))
     before = served(m.spec)

@@ -1,4 +1,5 @@
-"""Compiled manifest sidecars (cowfs.layer), bulk manifest validation, the lower built from them.
+"""Compiled manifest sidecars (cowfs.store.layer), bulk manifest validation, the lower built
+from them.
 
 A sidecar is a cache of its manifest: it must be used when intact and current, and anything
 else (missing, stale, damaged, forged) must fall back to the manifest with a log line and
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import layer as L
 from cowfs.errors import StoreError
-from cowfs.lower import ManifestLower
-from cowfs.manifest import (
+from cowfs.overlay.lower import ManifestLower
+from cowfs.store import layer as L
+from cowfs.store.manifest import (
     FileEntry,
     Manifest,
     _columns,
@@ -25,7 +26,7 @@ from cowfs.manifest import (
     read_manifest,
     write_manifest,
 )
-from cowfs.store import Store
+from cowfs.store.store import Store
 
 D1, D2, D3 = "1" * 32, "2" * 32, "a" * 32
 
@@ -119,7 +120,7 @@ def test_unusable_sidecar_falls_back_to_the_manifest_and_is_repaired(
         sidecar.write_bytes(b"\0" * len(data))
     else:
         sidecar.write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="cowfs.layer"):
+    with caplog.at_level(logging.WARNING, logger="cowfs.store.layer"):
         lower = _lower(store, [m.id])
     assert "reading the manifest" in caplog.text
     expected = ManifestLower.from_manifests(store.objects, [read_manifest(store, m.id)])
@@ -127,7 +128,7 @@ def test_unusable_sidecar_falls_back_to_the_manifest_and_is_repaired(
     assert L.read_head(store, m.id).data == m.data
     L.ensure_layer(store, m.id)  # the installer's pass compiles it again
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="cowfs.layer"):
+    with caplog.at_level(logging.INFO, logger="cowfs.store.layer"):
         assert _view(_lower(store, [m.id])) == _view(expected)
     assert caplog.text == ""
 
@@ -137,7 +138,7 @@ def test_missing_sidecar_is_logged_and_compiled_by_ensure_layer(
     m = _manifest()
     write_manifest(store, m)
     L.layer_path(store, m.id).unlink()
-    with caplog.at_level(logging.INFO, logger="cowfs.layer"):
+    with caplog.at_level(logging.INFO, logger="cowfs.store.layer"):
         assert len(_lower(store, [m.id])) == 9
     assert "has no compiled layer" in caplog.text
     L.ensure_layer(store, m.id)
@@ -173,7 +174,7 @@ def test_forged_sidecar_is_rejected(store: Store, field: str, value: object,
     good = L.read_layer(store, m.id)
     assert list(good.dirs) == ["", "demo", "demo-1.0.dist-info", "demo/sub", "demo/sub/deep"]
     _forge(store, m, good._replace(**{field: value}))
-    with caplog.at_level(logging.WARNING, logger="cowfs.layer"):
+    with caplog.at_level(logging.WARNING, logger="cowfs.store.layer"):
         layer = L.read_layer(store, m.id)
     assert "ignoring" in caplog.text
     assert layer == L.layer_of(m.mtime_ns, _columns(m.to_json()["files"]))

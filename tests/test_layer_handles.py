@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import merged, node_at, populate, read
 
-from cowfs import dirfd, namespace
-from cowfs.inode import NodeTable
-from cowfs.lower import DirLower
-from cowfs.overlay import Overlay
-from cowfs.upper import Upper
+from cowfs import dirfd
+from cowfs.overlay import namespace
+from cowfs.overlay.inode import NodeTable
+from cowfs.overlay.lower import DirLower
+from cowfs.overlay.overlay import Overlay
+from cowfs.overlay.upper import Upper
 
 
 def _overlay(base: Path) -> Overlay:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from cowfs import mount as mounting
+from cowfs.mount import mount as mounting
 from tests.conftest import ensure_user, force_unmount, one_line_error, user_pythonpath
 
 USER = "cowfs-mnt"

@@ -27,8 +27,8 @@ from conftest import (
     statx_fresh,
 )
 
-from cowfs import mount as mounting
-from cowfs.upper import WHITEOUT_XATTR
+from cowfs.mount import mount as mounting
+from cowfs.overlay.upper import WHITEOUT_XATTR
 
 NAME_255 = "n" * 251 + ".txt"
 
@@ -293,7 +293,7 @@ def test_big_copy_up_runs_while_other_requests_are_served(tmp_path: Path,
             time.sleep(0.001)
         t0 = time.monotonic()
         # Copies 64 MiB up: at the open, or at the first write when the kernel opens files
-        # without asking the daemon (cowfs/_fuse_shim.c).
+        # without asking the daemon (cowfs/fuse/_fuse_shim.c).
         fd = os.open(m.mnt / "big.bin", os.O_RDWR)
         os.pwrite(fd, b"tail", (64 << 20) - 4)
         t1 = time.monotonic()

@@ -25,15 +25,21 @@ from pathlib import Path
 import pytest
 from conftest import fingerprint, merged, node_at, populate, read, real_tree
 
-from cowfs import copy_up, namespace
-from cowfs import meta as meta_module
-from cowfs import upper as upper_module
-from cowfs.inode import Node
-from cowfs.lower import DirLower, ManifestLower
-from cowfs.manifest import FileEntry, Manifest
-from cowfs.overlay import Overlay
-from cowfs.store import Store
-from cowfs.upper import OPAQUE_XATTR, RENAME_EXCHANGE, RENAME_NOREPLACE, WHITEOUT_XATTR, Upper
+from cowfs.overlay import copy_up, namespace
+from cowfs.overlay import meta as meta_module
+from cowfs.overlay import upper as upper_module
+from cowfs.overlay.inode import Node
+from cowfs.overlay.lower import DirLower, ManifestLower
+from cowfs.overlay.overlay import Overlay
+from cowfs.overlay.upper import (
+    OPAQUE_XATTR,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    WHITEOUT_XATTR,
+    Upper,
+)
+from cowfs.store.manifest import FileEntry, Manifest
+from cowfs.store.store import Store
 
 RENAME_WHITEOUT = 4
 NOBODY = 65534

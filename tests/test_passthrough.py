@@ -1,4 +1,5 @@
-"""FUSE passthrough opens (cowfs/passthrough.py): the kernel reads lower and upper files itself.
+"""FUSE passthrough opens (cowfs/fuse/passthrough.py): the kernel reads lower and upper files
+itself.
 
 Differential where it can be: the same checks on a mount with COWFS_PASSTHROUGH=0 (kernel
 opens, the daemon reads) must come out the other way, so each test can fail.
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from cowfs import control
+from cowfs.mount import control
 from tests.conftest import cow, cowfs, drop_page_cache, install, site
 
 BIG = 4 << 20
@@ -279,7 +280,7 @@ def test_backing_ids_are_bounded_and_closed(lower: Path, overlay_mount: Any,
     assert st["passthrough_opens"] == 0 and st["open_files"] == 0
     if fast:
         # The daemon answered the first open; the reader all the others, making the entries of
-        # the other 39 itself (their names are published: cowfs.fastlookup). Those are not
+        # the other 39 itself (their names are published: cowfs.fuse.fastlookup). Those are not
         # bounded by COWFS_FAST_OPENS_MAX but by the kernel: a forgotten inode's entry goes.
         assert st["served"]["opens"] == 1
         assert st["opens_in_c"] == 2 * n - 1 and st["first_opens_in_c"] == n - 1

@@ -416,8 +416,8 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
-from cowfs import mount as mounting  # noqa: E402
-from cowfs.spec import MountSpec  # noqa: E402
+from cowfs.mount import mount as mounting  # noqa: E402
+from cowfs.mount.spec import MountSpec  # noqa: E402
 from tests.conftest import (  # noqa: E402
     as_user,
     ensure_user,

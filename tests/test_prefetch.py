@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cowfs.spec import VenvState
-from cowfs.store import Store
+from cowfs.mount.spec import VenvState
+from cowfs.store.store import Store
 from installer import prefetch, resolve
 from tests.conftest import cowfs, one_line_error, serving
 from tests.test_install_network import Index
@@ -210,7 +210,7 @@ def test_a_pin_gets_the_ingestion_of_the_very_same_file_only(
     rewritten one is ingested afresh, and a speculation that failed is redone for the pin."""
     from types import SimpleNamespace
 
-    from cowfs.manifest import read_manifest
+    from cowfs.store.manifest import read_manifest
     from installer import ingest as ingest_mod
     from installer.ingest import Ingestor
     from installer.resolve import Pin

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 import xxhash
 
-from cowfs.gc import manifest_rows
-from cowfs.manifest import iter_manifests, read_manifest
-from cowfs.remote.push import publishable
-from cowfs.spec import VenvState
-from cowfs.store import Store
+from cowfs.mount.spec import VenvState
+from cowfs.store.gc import manifest_rows
+from cowfs.store.manifest import iter_manifests, read_manifest
+from cowfs.store.remote.push import publishable
+from cowfs.store.store import Store
 from tests.conftest import EDITED, PKG, UDDER, cow, cowfs, one_line_error, serving, unmount_venv
 from tests.remote_servers import FaultServer, free_port, moto_s3, nginx
 
@@ -464,7 +464,7 @@ def test_concurrent_first_opens_share_one_fetch(
         lazy_host2: tuple[Host, FaultServer, Path, Any]) -> None:
     import trio
 
-    from cowfs.remote.lazy import LazyObjects
+    from cowfs.store.remote.lazy import LazyObjects
 
     host2, srv, remote, manifest = lazy_host2
     main = next(fe.digest for fe in manifest.files if fe.path == "pycowsay/main.py")

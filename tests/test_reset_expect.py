@@ -1,4 +1,4 @@
-"""absorb's conditional reset (cowfs.reset with expectations): the daemon drops an upper
+"""absorb's conditional reset (cowfs.overlay.reset with expectations): the daemon drops an upper
 entry only while it is what `cowfs adopt` examined, because pip or uv may write the next
 version between adopt's look and the reset (seen: uv's upgrade lost the files it had just
 written into a directory that adopt's reset then removed)."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cowfs.overlay import Overlay
-from cowfs.reset import ABSENT, DIR, reset_paths, upper_identity
+from cowfs.overlay.overlay import Overlay
+from cowfs.overlay.reset import ABSENT, DIR, reset_paths, upper_identity
 from tests import test_overlay_core
 from tests.test_overlay_core import Layers, write
 

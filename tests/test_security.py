@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import mount as mounting
 from cowfs.errors import CollisionError, StoreError
-from cowfs.manifest import read_manifest
-from cowfs.spec import MountSpec, VenvState
-from cowfs.store import Store, digest_bytes
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import MountSpec, VenvState
+from cowfs.store.manifest import read_manifest
+from cowfs.store.store import Store, digest_bytes
 from installer.automount import HOOK_MODULE, write_hook
 from tests import conftest
 from tests.conftest import cowfs, ensure_user, force_unmount, unmount_venv

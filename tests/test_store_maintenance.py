@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import gc
-from cowfs.manifest import FileEntry, Manifest, read_manifest, write_manifest
-from cowfs.spec import VenvState
-from cowfs.store import Store, digest_bytes
+from cowfs.mount.spec import VenvState
+from cowfs.store import gc
+from cowfs.store.manifest import FileEntry, Manifest, read_manifest, write_manifest
+from cowfs.store.store import Store, digest_bytes
 from tests.conftest import UDDER, cow, cowfs, force_unmount, install, one_line_error, site
 from tests.wheelbuild import build
 
@@ -186,7 +186,7 @@ def test_objects_are_written_whole_without_o_tmpfile_or_proc(
     """A filesystem without O_TMPFILE (ntfs-3g), or no /proc to name an anonymous file by
     (a bare chroot): objects go through a named file in tmp/ instead, whole, and tmp/ is
     left empty."""
-    from cowfs import store as store_mod
+    from cowfs.store import store as store_mod
 
     real_open = os.open
 

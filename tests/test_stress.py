@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import fingerprint, force_unmount, populate
 
-from cowfs import mount as mounting
+from cowfs.mount import mount as mounting
 
 # stress-ng's filesystem class, minus what a FUSE overlay cannot or need not support:
 #   bind-mount, binderfs  mount namespaces and binderfs: not about the file system under test

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import mount as mounting
-from cowfs.spec import VenvState
-from cowfs.store import Store
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import VenvState
+from cowfs.store.store import Store
 from tests.conftest import EDITED, PKG, UDDER, cow, cowfs, site, unmount_venv, upper_files
 from tests.wheelbuild import build
 
@@ -41,7 +41,7 @@ def _absorb_rounds_done(venv: Path, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     seen, since = -1, time.monotonic()
     while time.monotonic() < deadline:
-        n = log.read_text().count("cowfs.daemon: absorb (exit")
+        n = log.read_text().count("cowfs.fuse.daemon: absorb (exit")
         if n != seen:
             seen, since = n, time.monotonic()
         elif time.monotonic() - since > 1.5:

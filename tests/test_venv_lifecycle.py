@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import mount as mounting
-from cowfs.spec import VenvState
-from cowfs.store import Store
+from cowfs.mount import mount as mounting
+from cowfs.mount.spec import VenvState
+from cowfs.store.store import Store
 from tests.conftest import UDDER, cow, cowfs, install, one_line_error, unmount_venv
 
 UV = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
@@ -99,7 +99,7 @@ def test_deleting_or_clearing_a_mounted_venv_just_works(
 
 def test_rm_rf_of_a_venv_whose_listings_the_c_reader_answers(project: Path,
                                                              wheels: Path) -> None:
-    """The C reader answers READDIRPLUS of directories listed once (cowfs/fastlookup.py):
+    """The C reader answers READDIRPLUS of directories listed once (cowfs/fuse/fastlookup.py):
     after a walk and a cache drop, `rm -rf` meets those answers and must still succeed at
     once. (The daemon stops them when it notices the deletion, so the deleter then lists
     empty directories as before; without that stop the no-op unlinks of the detached tree
@@ -115,8 +115,8 @@ def test_rm_rf_of_a_venv_whose_listings_the_c_reader_answers(project: Path,
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
     assert sorted(str(p.relative_to(site)) for p in site.rglob("*")) == listed
-    from cowfs import control
-    from cowfs.spec import MountSpec
+    from cowfs.mount import control
+    from cowfs.mount.spec import MountSpec
 
     spec = MountSpec.for_mountpoint(str(site))
     assert spec is not None

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import control
 from cowfs.errors import StoreError
-from cowfs.layer import layer_path
-from cowfs.spec import VenvState
-from cowfs.store import Store
+from cowfs.mount import control
+from cowfs.mount.spec import VenvState
+from cowfs.store.layer import layer_path
+from cowfs.store.store import Store
 from installer import locks, plan_cache, sync
 from installer.interpreters import query_interpreter
 from installer.scripts import VenvFiles

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import wheelbuild as wb
 
-from cowfs.manifest import Manifest, iter_manifests, read_manifest
-from cowfs.store import Store
+from cowfs.store.manifest import Manifest, iter_manifests, read_manifest
+from cowfs.store.store import Store
 from installer import wheel as wheel_mod
 from installer.scripts import install_venv_files, remove_venv_files, shebang
 from installer.wheel import WheelError, ingest_wheel, read_wheel_metadata, venv_extra_files

@@ -45,7 +45,7 @@ RUN python3 -m venv /opt/cowfs \\
 COPY src /src
 RUN /opt/cowfs/bin/pip install -q --no-deps --no-build-isolation /src \\
     && rm -rf /src && ln -s /opt/cowfs/bin/cowfs /usr/local/bin/cowfs \\
-    && /opt/cowfs/bin/python -c "import cowfs._fuse_shim"
+    && /opt/cowfs/bin/python -c "import cowfs.fuse._fuse_shim"
 """
 
 

@@ -250,8 +250,8 @@ def daemon_rss(ctx: Ctx, res: Results, envs: dict[str, Env]) -> None:
                 res.note("daemon-rss", f"{name}.VmRSS_MB", round(st["VmRSS"] / 1024, 1))
                 res.note("daemon-rss", f"{name}.fds", fd_count(env.pid))
     if "cowfs" in envs and envs["cowfs"].pid:
-        from cowfs import control
-        from cowfs.spec import MountSpec
+        from cowfs.mount import control
+        from cowfs.mount.spec import MountSpec
 
         spec = MountSpec.for_mountpoint(str(envs["cowfs"].site))
         status = control.try_request(spec.socket, "status") if spec else None
@@ -275,7 +275,7 @@ def mount_time(ctx: Ctx, res: Results, peers: dict[str, Peer], envs: dict[str, E
     if "cowfs" in envs:
         # Where a cowfs mount's time goes: the CLI process start, the daemon's imports.
         parts = {"cli_version_s": [*ctx.cowfs, "--version"],
-                 "daemon_imports_s": [ctx.cowfs_python, "-c", "import cowfs.daemon"],
+                 "daemon_imports_s": [ctx.cowfs_python, "-c", "import cowfs.fuse.daemon"],
                  "python_bare_s": [ctx.cowfs_python, "-c", "pass"]}
         for key, cmd in parts.items():
             res.note("mount-time", key, round(median([timed(ctx, cmd) for _ in range(5)]), 4))

@@ -31,8 +31,8 @@ PROFD = Path(__file__).resolve().parent / "profd.py"
 
 
 def start_profiling_daemon(ctx: Ctx, env: Env) -> int:
-    """Mount env's overlay with the instrumented daemon (what cowfs.mount.mount does)."""
-    from cowfs.spec import VenvState
+    """Mount env's overlay with the instrumented daemon (what cowfs.mount.mount.mount does)."""
+    from cowfs.mount.spec import VenvState
 
     spec = VenvState.load(env.venv).mount_spec()
     spec_file = spec.save()
@@ -55,8 +55,8 @@ def start_profiling_daemon(ctx: Ctx, env: Env) -> int:
 
 
 def _request(env: Env, op: str, **kw: Any) -> dict[str, Any]:
-    from cowfs import control
-    from cowfs.spec import MountSpec
+    from cowfs.mount import control
+    from cowfs.mount.spec import MountSpec
 
     spec = MountSpec.for_mountpoint(str(env.site))
     assert spec is not None

@@ -296,8 +296,8 @@ class Cowfs(Peer):
 
     @staticmethod
     def daemon_pid(env: Env) -> int | None:
-        from cowfs import control
-        from cowfs.spec import MountSpec
+        from cowfs.mount import control
+        from cowfs.mount.spec import MountSpec
 
         spec = MountSpec.for_mountpoint(str(env.site))
         status = control.try_request(spec.socket, "status") if spec else None
@@ -311,9 +311,9 @@ class Cowfs(Peer):
         return t
 
     def remount_time_api(self, env: Env) -> float:
-        """The same through cowfs.mount.mount() in this process: no CLI start-up."""
-        from cowfs import mount as mounting
-        from cowfs.spec import VenvState
+        """The same through cowfs.mount.mount.mount() in this process: no CLI start-up."""
+        from cowfs.mount import mount as mounting
+        from cowfs.mount.spec import VenvState
 
         run(self.ctx, [*self.cmd, "umount", env.venv])
         spec = VenvState.load(env.venv).mount_spec()

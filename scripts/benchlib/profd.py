@@ -1,8 +1,8 @@
 """An instrumented cowfs mount daemon: counts FUSE requests per handler and times them.
 
-Run exactly like `python -m cowfs.daemon SPEC_FILE READY_FD` (see benchlib.profile, which
-starts it in place of the normal daemon). It is the real daemon (cowfs.daemon.run) with two
-changes: the operations object is a subclass of cowfs.ops.CowfsOperations whose every handler
+Run exactly like `python -m cowfs.fuse.daemon SPEC_FILE READY_FD` (see benchlib.profile, which
+starts it in place of the normal daemon). It is the real daemon (cowfs.fuse.daemon.run) with two
+changes: the operations object is a subclass of cowfs.fuse.ops.CowfsOperations whose every handler
 is wrapped with a counter and a perf_counter_ns timer, and the control socket understands
 three more requests:
 
@@ -26,15 +26,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cowfs import fuse_shim
+from cowfs.fuse import fuse_shim
 
 fuse_shim.preload()  # as the real daemon does: before pyfuse3 binds libfuse
 
 import pyfuse3
 
-import cowfs.daemon as cowfs_daemon
-from cowfs.ops import CowfsOperations
-from cowfs.spec import MountSpec
+import cowfs.fuse.daemon as cowfs_daemon
+from cowfs.fuse.ops import CowfsOperations
+from cowfs.mount.spec import MountSpec
 
 HANDLERS = ("lookup", "forget", "getattr", "setattr", "readlink", "statfs", "opendir",
             "readdir", "releasedir", "fsyncdir", "mkdir", "mknod", "symlink", "link", "unlink",
@@ -143,7 +143,7 @@ def _patch_main_loop() -> None:
     async def main(min_tasks: int = lo, max_tasks: int = hi) -> None:
         await original(min_tasks=lo, max_tasks=hi)
 
-    pyfuse3.main = main  # cowfs.daemon calls pyfuse3.main() through the module
+    pyfuse3.main = main  # cowfs.fuse.daemon calls pyfuse3.main() through the module
 
 
 def main(argv: list[str]) -> int:

@@ -3,7 +3,7 @@
 overlay-100k   generic overlay mode: `cowfs mount -o lowerdir=L,upperdir=U,workdir=W src MNT`
                over a synthetic plain directory of N small files (100 dirs x 10 x N/1000)
 store-100k     a store-backed venv whose lower is a synthetic N-file manifest (256 distinct
-               objects, written through cowfs.store / cowfs.manifest; no 100k fsyncs)
+               objects, written through cowfs.store.store / cowfs.store.manifest; no 100k fsyncs)
 torch          optional: the PyTorch CPU wheel installed with `cowfs install` (and uv for
                the native import time)
 
@@ -48,8 +48,8 @@ def synth_lower(root: Path, n: int) -> None:
 
 
 def _daemon_pid(mp: Path) -> int | None:
-    from cowfs import control
-    from cowfs.spec import MountSpec
+    from cowfs.mount import control
+    from cowfs.mount.spec import MountSpec
 
     spec = MountSpec.for_mountpoint(str(mp))
     status = control.try_request(spec.socket, "status") if spec else None
@@ -75,8 +75,8 @@ def _measure(ctx: Ctx, mp: Path, mount_cmd: list[str | Path], umount_cmd: list[s
     walk2 = _walk(ctx, mp)
     pid = _daemon_pid(mp)
     st = proc_status(pid) if pid else {}
-    from cowfs import control
-    from cowfs.spec import MountSpec
+    from cowfs.mount import control
+    from cowfs.mount.spec import MountSpec
 
     spec = MountSpec.for_mountpoint(str(mp))
     status = control.try_request(spec.socket, "status") if spec else None
@@ -90,8 +90,8 @@ def _measure(ctx: Ctx, mp: Path, mount_cmd: list[str | Path], umount_cmd: list[s
 
 
 def overlay_case(ctx: Ctx, n: int) -> dict[str, Any]:
-    from cowfs import mount as mounting
-    from cowfs.spec import MountSpec
+    from cowfs.mount import mount as mounting
+    from cowfs.mount.spec import MountSpec
 
     base = ctx.new_dir("scale-overlay")
     lower, upper, work, mp = (base / d for d in ("lower", "upper", "work", "mnt"))
@@ -137,8 +137,8 @@ def overlay_case(ctx: Ctx, n: int) -> dict[str, Any]:
 
 
 def _synthetic_manifest(ctx: Ctx, n: int) -> str:
-    from cowfs.manifest import FileEntry, Manifest, write_manifest
-    from cowfs.store import Store
+    from cowfs.store.manifest import FileEntry, Manifest, write_manifest
+    from cowfs.store.store import Store
 
     store = Store(Path(ctx.env["COWFS_HOME"])).ensure()
     digests = [store.put_bytes(b"# synthetic object %d\nVALUE = %d\n" % (k, k))
@@ -155,8 +155,8 @@ def _synthetic_manifest(ctx: Ctx, n: int) -> str:
 
 
 def store_case(ctx: Ctx, n: int) -> dict[str, Any]:
-    from cowfs import mount as mounting
-    from cowfs.spec import VenvState
+    from cowfs.mount import mount as mounting
+    from cowfs.mount.spec import VenvState
 
     peer = Cowfs(ctx)
     env = peer.venv(ctx.new_dir("scale-store") / "venv")
@@ -175,8 +175,8 @@ def store_case(ctx: Ctx, n: int) -> dict[str, Any]:
 
 
 def torch_case(ctx: Ctx, wheel: Path) -> dict[str, Any]:
-    from cowfs import mount as mounting
-    from cowfs.spec import VenvState
+    from cowfs.mount import mount as mounting
+    from cowfs.mount.spec import VenvState
 
     log(f"scale: torch wheel {wheel.name} (+ its dependencies, fetched once)")
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary", ":all:",

@@ -46,7 +46,7 @@ ensure_apt() {
 ensure_python_env() {
     local extra=${1:-}
     local want
-    want=$(cat "$COWFS_ROOT/pyproject.toml" "$COWFS_ROOT"/cowfs/_fuse_*.[ch] <(echo "$extra") | sha256sum | cut -c1-16)
+    want=$(cat "$COWFS_ROOT/pyproject.toml" "$COWFS_ROOT"/cowfs/fuse/_fuse_*.[ch] <(echo "$extra") | sha256sum | cut -c1-16)
     if [ -x "$DEV_ENV/bin/python" ] && [ "$(cat "$DEV_ENV/.stamp" 2>/dev/null)" = "$want" ]; then
         return 0
     fi
