@@ -24,8 +24,7 @@ from pathlib import Path
 from cowfs import dirfd
 from cowfs.dirfd import short
 from cowfs.errors import CowfsError
-from cowfs.mount import control
-from cowfs.mount import mount as mounting
+from cowfs.mount import control, mount as mounting
 from cowfs.mount.spec import VenvState
 from cowfs.overlay.reset import ABSENT, DIR, Expectation, upper_identity
 from cowfs.overlay.upper import foreign_dist_infos

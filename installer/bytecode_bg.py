@@ -118,8 +118,7 @@ def _parent_gone(pid: int) -> bool:
 def run_job(job: dict[str, object]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from cowfs.mount import control
-    from cowfs.mount import mount as mounting
+    from cowfs.mount import control, mount as mounting
     from cowfs.store import roots
     from cowfs.store.layer import ensure_layer, read_head
     from cowfs.store.store import Store

@@ -29,8 +29,7 @@ from packaging.utils import canonicalize_name
 
 from cowfs.dirfd import short
 from cowfs.errors import CowfsError
-from cowfs.mount import control
-from cowfs.mount import mount as mounting
+from cowfs.mount import control, mount as mounting
 from cowfs.mount.spec import VenvState
 from cowfs.overlay.upper import OPAQUE_XATTR, WH_OPAQUE, WH_PREFIX, is_opaque_dir, is_whiteout_stat
 from cowfs.store.manifest import FileEntry, read_manifest

@@ -13,8 +13,7 @@ import click
 from cowfs.errors import CowfsError
 from cowfs.mount import mount as mounting
 from cowfs.mount.spec import VenvState
-from cowfs.store import gc
-from cowfs.store import roots as gc_roots
+from cowfs.store import gc, roots as gc_roots
 from cowfs.store.store import Store
 from installer import changes
 from installer.diff import diff_lines

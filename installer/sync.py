@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 from packaging.utils import canonicalize_name
 
 from cowfs.errors import CowfsError
-from cowfs.mount import control
-from cowfs.mount import mount as mounting
+from cowfs.mount import control, mount as mounting
 from cowfs.mount.spec import VenvState
 from cowfs.store import roots
 from cowfs.store.layer import ensure_layer, read_head

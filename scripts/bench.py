@@ -30,8 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import figures as F
-from benchlib import report, uvinto
+from benchlib import figures as F, report, uvinto
 from benchlib.common import (
     DEFAULT_IMPORTS,
     ROOT,

@@ -29,8 +29,7 @@ from typing import Any
 import pytest
 
 from cowfs import dirfd
-from cowfs.mount import control
-from cowfs.mount import mount as mounting
+from cowfs.mount import control, mount as mounting
 from cowfs.mount.spec import MountSpec, VenvState
 from cowfs.overlay.inode import Node
 from cowfs.overlay.overlay import Overlay

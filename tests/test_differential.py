@@ -23,8 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import fingerprint, force_unmount, populate, statx_fresh
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     invariant,

@@ -22,8 +22,7 @@ from typing import Any
 
 import pytest
 
-from cowfs.mount import control
-from cowfs.mount import mount as mounting
+from cowfs.mount import control, mount as mounting
 from cowfs.mount.spec import MountSpec, VenvState
 from cowfs.store.store import Store
 from tests.conftest import (

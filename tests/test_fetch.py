@@ -16,8 +16,7 @@ import trio
 
 from cowfs import tls as cowfs_tls
 from cowfs.errors import CowfsError
-from installer import fetch as fetch_mod
-from installer import http_pool
+from installer import fetch as fetch_mod, http_pool
 from installer.fetch import fetch, fetch_async
 from installer.resolve import Pin
 from tests.conftest import serving

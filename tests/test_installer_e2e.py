@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cowfs.mount import control
-from cowfs.mount import mount as mounting
+from cowfs.mount import control, mount as mounting
 from cowfs.mount.spec import VenvState
 from cowfs.store.manifest import read_manifest
 from cowfs.store.store import Store, digest_bytes

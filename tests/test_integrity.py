@@ -22,8 +22,7 @@ from typing import Any
 import pytest
 from conftest import fingerprint
 
-from cowfs.mount import control
-from cowfs.mount import mount as mounting
+from cowfs.mount import control, mount as mounting
 
 MAXLEN = 256 * 1024
 MAXIO = 32 * 1024

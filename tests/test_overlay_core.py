@@ -25,9 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import fingerprint, merged, node_at, populate, read, real_tree
 
-from cowfs.overlay import copy_up, namespace
-from cowfs.overlay import meta as meta_module
-from cowfs.overlay import upper as upper_module
+from cowfs.overlay import copy_up, meta as meta_module, namespace, upper as upper_module
 from cowfs.overlay.inode import Node
 from cowfs.overlay.lower import DirLower, ManifestLower
 from cowfs.overlay.overlay import Overlay
