@@ -17,16 +17,16 @@ from cowfs.errors import CowfsError
 # runs (or for --help), so `cowfs install` does not pay for importing everything else.
 COMMAND_MODULES = (
     "cowfs.commands",
-    "installer.commands",
-    "installer.interpreter_commands",
-    "installer.maintenance_commands",
-    "installer.remote_commands",
+    "installer.cli.commands",
+    "installer.cli.interpreter_commands",
+    "installer.cli.maintenance_commands",
+    "installer.cli.remote_commands",
 )
 # Where the hot commands live; anything not listed is found by importing every module.
 COMMAND_INDEX = {
     "mount": "cowfs.commands", "umount": "cowfs.commands", "mounts": "cowfs.commands",
-    "venv": "installer.commands", "install": "installer.commands",
-    "uninstall": "installer.commands", "sync": "installer.commands",
+    "venv": "installer.cli.commands", "install": "installer.cli.commands",
+    "uninstall": "installer.cli.commands", "sync": "installer.cli.commands",
 }
 
 

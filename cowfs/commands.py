@@ -93,7 +93,7 @@ def umount_cmd(target: str, lazy: bool) -> None:
     if venv is not None and not lazy:
         # The shared bytecode of an install that just returned is still being compiled
         # through the mount: `cowfs install X && cowfs umount .venv` found it busy.
-        from installer.bytecode_bg import wait
+        from installer.wheel.bytecode_bg import wait
 
         wait(venv, 300)
     mounting.umount(str(path), lazy=lazy)

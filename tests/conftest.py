@@ -125,7 +125,7 @@ def venvs(tmp_path: Path) -> Iterator[Callable[[str | Path], Path]]:
     try:
         yield make
     finally:
-        from installer.bytecode_bg import wait
+        from installer.wheel.bytecode_bg import wait
 
         for venv in made:
             wait(venv, 120)  # a background bytecode job would reload it

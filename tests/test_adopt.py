@@ -14,7 +14,7 @@ import pytest
 from cowfs.mount import mount as mounting
 from cowfs.mount.spec import VenvState
 from cowfs.store.store import Store
-from installer import adopt as adopt_module
+from installer.venv import adopt as adopt_module
 from tests.conftest import EDITED, PKG, UDDER, cow, cowfs, force_unmount, install, one_line_error
 from tests.test_changes import status
 

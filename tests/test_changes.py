@@ -21,8 +21,8 @@ from cowfs.mount.spec import VenvState
 from cowfs.overlay.upper import OPAQUE_XATTR, WHITEOUT_XATTR
 from cowfs.store.manifest import FileEntry, Manifest, write_manifest
 from cowfs.store.store import Store
-from installer import changes
-from installer.diff import diff_lines
+from installer.cli.diff import diff_lines
+from installer.venv import changes
 from tests.conftest import EDITED, UDDER, cow, cowfs, install, one_line_error, site
 from tests.wheelbuild import build
 

@@ -1,4 +1,5 @@
-"""installer.fetch: local wheels in place, downloads from a 127.0.0.1 HTTP server: no network."""
+"""installer.resolve.fetch: local wheels in place, downloads from a 127.0.0.1 HTTP server: no
+network."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import trio
 
 from cowfs import tls as cowfs_tls
 from cowfs.errors import CowfsError
-from installer import fetch as fetch_mod, http_pool
-from installer.fetch import fetch, fetch_async
-from installer.resolve import Pin
+from installer.resolve import fetch as fetch_mod, http_pool
+from installer.resolve.fetch import fetch, fetch_async
+from installer.resolve.resolve import Pin
 from tests.conftest import serving
 
 
@@ -388,7 +389,7 @@ def test_https_downloads_share_one_tls_context(server: Server, tmp_path: Path,
     assert len(made) == 1, "one TLS context for every download"
 
 
-# -- kept-alive connections (installer.http_pool) --------------------------------------------
+# -- kept-alive connections (installer.resolve.http_pool) ---------------------------------
 
 
 def test_connections_are_kept_alive_and_reused(server: Server, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from cowfs.errors import CowfsError, StoreError
 from cowfs.mount.spec import VenvState
 from cowfs.store.manifest import Manifest, read_manifest
 from cowfs.store.store import Store
-from installer.locks import read_lock
+from installer.resolve.locks import read_lock
 
 FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

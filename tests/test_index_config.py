@@ -1,10 +1,11 @@
-"""installer.index_config: pip.conf, PIP_* and UV_* settings as one; credentials. No network."""
+"""installer.resolve.index_config: pip.conf, PIP_* and UV_* settings as one; credentials. No
+network."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from installer.index_config import (
+from installer.resolve.index_config import (
     effective,
     netrc_credentials,
     redact,

@@ -17,9 +17,9 @@ from cowfs.store import store as store_mod
 from cowfs.store.layer import ensure_layer, layer_path
 from cowfs.store.manifest import iter_manifests, read_manifest
 from cowfs.store.store import Store
-from installer.ingest import Ingestor
-from installer.resolve import Pin
-from installer.wheel_index import get as index_get
+from installer.resolve.resolve import Pin
+from installer.wheel.ingest import Ingestor
+from installer.wheel.wheel_index import get as index_get
 
 TAGS = ["py3-none-any"]
 
@@ -99,7 +99,7 @@ def test_the_largest_waiting_wheel_is_ingested_first(tmp_path: Path,
     """Local wheels arrive all at once: the longest ingests go first, not the first named."""
     import threading
 
-    from installer import ingest as ingest_mod
+    from installer.wheel import ingest as ingest_mod
 
     started: list[str] = []
     busy = threading.Barrier(3)

@@ -17,7 +17,7 @@ from cowfs.mount import control, mount as mounting
 from cowfs.mount.spec import VenvState
 from cowfs.store.manifest import read_manifest
 from cowfs.store.store import Store, digest_bytes
-from installer import bytecode_bg
+from installer.wheel import bytecode_bg
 from tests.conftest import EDITED, PKG, UDDER, cow, cowfs, object_hashes, site
 
 

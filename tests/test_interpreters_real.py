@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from cowfs.cli import CowfsGroup
 from cowfs.store.store import Store
 from installer import interpreters
-from installer.interpreter_commands import COMMANDS
+from installer.cli.interpreter_commands import COMMANDS
 from installer.interpreters import query_interpreter
 from tests.test_interpreters import REPO, Fake, make_venv
 

@@ -1,4 +1,4 @@
-"""Wheels downloaded and ingested while uv resolves (installer.prefetch): uv's log lines as
+"""Wheels downloaded and ingested while uv resolves (installer.resolve.prefetch): uv's log lines as
 uv 0.13 writes them, and `cowfs install` through a PEP 503 index on 127.0.0.1, with and
 without the speculation (COWFS_PREFETCH=0): the same venv, the same errors."""
 
@@ -16,14 +16,14 @@ import pytest
 
 from cowfs.mount.spec import VenvState
 from cowfs.store.store import Store
-from installer import prefetch, resolve
+from installer.resolve import prefetch, resolve
 from tests.conftest import cowfs, one_line_error, serving
 from tests.test_install_network import Index
 from tests.wheelbuild import build
 
 pytestmark = pytest.mark.skipif(resolve.find_uv() is None, reason="needs uv")
 
-# Real lines of `uv pip compile` (uv 0.13.9, RUST_LOG=installer.resolve.UV_LOG).
+# Real lines of `uv pip compile` (uv 0.13.9, RUST_LOG=installer.resolve.resolve.UV_LOG).
 PYPI = "https://files.pythonhosted.org/packages/82/c6/dddba524648da23345e446e6413530474e1"
 REAL = {
     f"DEBUG No cache entry for: {PYPI}/httpx-0.29.0-py3-none-any.whl":
@@ -211,9 +211,9 @@ def test_a_pin_gets_the_ingestion_of_the_very_same_file_only(
     from types import SimpleNamespace
 
     from cowfs.store.manifest import read_manifest
-    from installer import ingest as ingest_mod
-    from installer.ingest import Ingestor
-    from installer.resolve import Pin
+    from installer.resolve.resolve import Pin
+    from installer.wheel import ingest as ingest_mod
+    from installer.wheel.ingest import Ingestor
 
     calls: list[str] = []
     fail = {"c"}

@@ -1,4 +1,5 @@
-"""installer.resolve / installer.locks against real uv and pip, on synthetic wheels: no network.
+"""installer.resolve.resolve / installer.resolve.locks against real uv and pip, on synthetic
+wheels: no network.
 
 Wheels are built with zipfile into a find-links directory; uv and pip (the `resolver`
 fixture runs a test with each) resolve with --no-index for a real `venv --without-pip`
@@ -20,8 +21,8 @@ from packaging.markers import default_environment
 from packaging.tags import sys_tags
 
 from cowfs.errors import CowfsError
-from installer import locks
-from installer.resolve import (
+from installer.resolve import locks
+from installer.resolve.resolve import (
     Pin,
     _pip_error,
     locate,

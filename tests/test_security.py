@@ -25,7 +25,7 @@ from cowfs.mount import mount as mounting
 from cowfs.mount.spec import MountSpec, VenvState
 from cowfs.store.manifest import read_manifest
 from cowfs.store.store import Store, digest_bytes
-from installer.automount import HOOK_MODULE, write_hook
+from installer.venv.automount import HOOK_MODULE, write_hook
 from tests import conftest
 from tests.conftest import cowfs, ensure_user, force_unmount, unmount_venv
 from tests.wheelbuild import build

@@ -8,7 +8,7 @@ import pytest
 from packaging.markers import default_environment
 
 from cowfs.errors import CowfsError
-from installer.uv_lock import read_uv_lock
+from installer.resolve.uv_lock import read_uv_lock
 
 WHEEL = '{{ url = "https://files.example/{n}-{v}-{t}.whl", hash = "sha256:{h}" }}'
 

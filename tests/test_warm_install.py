@@ -20,9 +20,10 @@ from cowfs.mount import control
 from cowfs.mount.spec import VenvState
 from cowfs.store.layer import layer_path
 from cowfs.store.store import Store
-from installer import locks, plan_cache, sync
 from installer.interpreters import query_interpreter
-from installer.scripts import VenvFiles
+from installer.resolve import locks, plan_cache
+from installer.venv import sync
+from installer.wheel.scripts import VenvFiles
 from tests import wheelbuild
 from tests.conftest import force_unmount
 

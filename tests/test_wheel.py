@@ -1,4 +1,4 @@
-"""installer.wheel: wheel -> store ingest, on synthetic good and hostile wheels."""
+"""installer.wheel.wheel: wheel -> store ingest, on synthetic good and hostile wheels."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ import wheelbuild as wb
 
 from cowfs.store.manifest import Manifest, iter_manifests, read_manifest
 from cowfs.store.store import Store
-from installer import wheel as wheel_mod
-from installer.scripts import install_venv_files, remove_venv_files, shebang
-from installer.wheel import WheelError, ingest_wheel, read_wheel_metadata, venv_extra_files
-from installer.wheel_archive import read_whole, split_python_shebang
+from installer.wheel import wheel as wheel_mod
+from installer.wheel.scripts import install_venv_files, remove_venv_files, shebang
+from installer.wheel.wheel import WheelError, ingest_wheel, read_wheel_metadata, venv_extra_files
+from installer.wheel.wheel_archive import read_whole, split_python_shebang
 
 CLI = b"import sys\n\ndef main():\n    print('hello', *sys.argv[1:])\n    return 3\n"
 ENTRY_POINTS = (
@@ -352,7 +352,7 @@ def test_incompatible_tags_rejected(store: Store, tmp_path: Path) -> None:
     assert iter_manifests(store) == []
 
 
-# -- per-venv files (installer.scripts) -----------------------------------------------
+# -- per-venv files (installer.wheel.scripts) -----------------------------------------------
 
 
 @pytest.fixture(scope="module")

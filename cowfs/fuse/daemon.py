@@ -216,7 +216,7 @@ class Daemon:
 
     async def _absorb_foreign(self) -> None:
         """Once another installer (pip, uv) has finished or removed distributions and gone
-        quiet, `cowfs adopt VENV` makes them store-backed (installer.absorb); it calls back
+        quiet, `cowfs adopt VENV` makes them store-backed (installer.venv.absorb); it calls back
         here for reload and reset. Its failure is logged: the venv works unabsorbed."""
         retries = 0
         if foreign_dist_infos(self.ov.upper.xpath("")):

@@ -95,7 +95,7 @@ class CowfsOperations(pyfuse3.Operations):
         self.teardown: VenvTeardown | None = None  # set by the daemon for a venv mount
         self._teardown_done: trio.Event | None = None
         # Called when another installer finished or removed a distribution (a RECORD
-        # written, a top-level dist-info removed): the daemon absorbs it (installer.absorb).
+        # written, a top-level dist-info removed): the daemon absorbs it (installer.venv.absorb).
         self.on_dist_change: Callable[[], None] | None = None
         # When the tree last changed through the mount: absorb waits until the writing tool
         # has been quiet for a while, whatever it writes (pip and uv remove and rewrite

@@ -22,7 +22,7 @@ from cowfs.store.manifest import FileEntry, _rows
 
 STATE_DIR = ".cowfs"
 # The automount hook in the venv's real site-packages, underneath the mount point
-# (written by installer.automount; removed by the daemon when the venv is deleted).
+# (written by installer.venv.automount; removed by the daemon when the venv is deleted).
 HOOK_PTH = "_cowfs_automount.pth"
 HOOK_MODULE = "_cowfs_automount.py"
 STATE_FORMAT = 1
@@ -134,7 +134,7 @@ class VenvState:
     def may_hold_foreign_dists(self) -> bool:
         """One listing: another installer (pip, uv) leaves a dist-info entry (a directory,
         or the whiteout of one it removed) at the top of the upper layer; cowfs never does.
-        Then installer.absorb has work to do."""
+        Then installer.venv.absorb has work to do."""
         try:
             return any(".dist-info" in n for n in os.listdir(self.upper))
         except FileNotFoundError:

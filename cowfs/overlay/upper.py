@@ -116,7 +116,7 @@ def is_whiteout_stat(path: str | At, st: os.stat_result) -> bool:
 def foreign_dist_infos(upper: str | os.PathLike[str]) -> list[str]:
     """Top-level dist-info directories with a real RECORD (not the whiteout of one deleted
     by an uninstall) in a venv's upper layer: written by an installer other than cowfs,
-    whose own are lower entries. What installer.absorb takes into the store."""
+    whose own are lower entries. What installer.venv.absorb takes into the store."""
     try:
         names = os.listdir(upper)
     except FileNotFoundError:

@@ -99,7 +99,7 @@ def _timed(cmd: list[str], env: dict[str, str]) -> float:
 def one(kind: str, python: str, uv: str, args: list[str], extra: dict[str, str],
         parent: Path) -> tuple[float, float]:
     """(seconds until the command returned, seconds until bytecode was published)."""
-    from installer.bytecode_bg import wait
+    from installer.wheel.bytecode_bg import wait
 
     work = Path(tempfile.mkdtemp(prefix="cold-", dir=parent))
     env = _env(work, extra)

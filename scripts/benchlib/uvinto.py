@@ -2,7 +2,7 @@
 
 uv writes every file into the venv's upper layer (VENV/.cowfs/upper) like into any
 site-packages; the mount daemon absorbs what it installed into the store about a second
-after uv went quiet, and `cowfs adopt VENV` does so at once (installer/absorb.py). Measured,
+after uv went quiet, and `cowfs adopt VENV` does so at once (installer/venv/absorb.py). Measured,
 for venvs after the first (the first fills the store; its numbers are notes):
 
   uv-into-cowfs          wall time of `uv pip install --link-mode copy` into a cowfs venv
@@ -181,7 +181,7 @@ class Runner:
         run(self.ctx, [*self.ctx.cowfs, "adopt", venv])
         # The shared bytecode of what was absorbed is compiled after adopt returns: what it
         # adds to the store belongs to this venv, not to the next one measured.
-        from installer.bytecode_bg import wait
+        from installer.wheel.bytecode_bg import wait
 
         wait(venv, 600)
         return time.perf_counter() - start, upper_files(venv) if left else []

@@ -146,7 +146,7 @@ def read_origin(store: Store, dist_id: str) -> tuple[str, dict[str, str]] | None
 def _check_record(store: Store, rd: RemoteDist) -> None:
     """Every site-packages file but RECORD itself is listed in RECORD with the sha256 the
     remote's document gives: RECORD (the wheel's hashes, as installed) vouches for each."""
-    from installer.wheel_archive import WheelError, b64, parse_record
+    from installer.wheel.wheel_archive import WheelError, b64, parse_record
 
     m = rd.manifest
     record_path = f"{m.dist_info}/RECORD"

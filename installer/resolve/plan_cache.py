@@ -1,4 +1,5 @@
-"""Answers of the local fast path (installer.locks.pins_from_local_wheels), kept per request.
+"""Answers of the local fast path (installer.resolve.locks.pins_from_local_wheels), kept per
+request.
 
 A warm `cowfs install -r reqs.txt --find-links DIR` repeats the same work every time: parse
 each requirement and each wheel's Requires-Dist with packaging's parser (~10 ms for the 31
@@ -8,7 +9,7 @@ tags and markers) and used only while everything its answer was computed from is
 
 * the bytes of every requirements file read (`-r` includes too), by xxh3-128;
 * the full stat fingerprint of every wheel in every wheel directory, so a wheel added,
-  removed or rewritten in place is a miss (the rule of installer.wheel_index).
+  removed or rewritten in place is a miss (the rule of installer.wheel.wheel_index).
 
 It is a cache: anything unreadable or malformed is a miss, and a store that cannot be
 written just keeps no entries.
@@ -27,8 +28,8 @@ import xxhash
 
 from cowfs.errors import StoreError
 from cowfs.store.store import Store
-from installer.resolve import Pin
-from installer.wheel_index import fingerprint
+from installer.resolve.resolve import Pin
+from installer.wheel.wheel_index import fingerprint
 
 FORMAT = 1
 

@@ -21,7 +21,7 @@ import xxhash
 from cowfs.errors import StoreError
 from cowfs.store.manifest import Dist, FileEntry, check_relpath
 from cowfs.store.store import CHUNK, Store
-from installer.wheel_archive import (
+from installer.wheel.wheel_archive import (
     SCRIPT_GROUPS,
     WheelError,
     check_script_name,
@@ -263,7 +263,7 @@ def remove_recorded_outside(record: bytes, site: Path, venv: Path) -> None:
     (pip's and uv's console scripts, `.data/scripts`, data files): a distribution another
     installer put there has no manifest data for remove_venv_files. Paths leaving the venv
     are not touched: a RECORD is the venv's to edit, not a licence to delete anywhere."""
-    from installer.changes import parse_installed_record
+    from installer.venv.changes import parse_installed_record
 
     venv = Path(os.path.normpath(venv))
     stop = {venv, venv / "bin", venv / "include", venv / "include" / "site"}

@@ -28,25 +28,26 @@ from cowfs.store import roots
 from cowfs.store.layer import ensure_layer, read_head
 from cowfs.store.manifest import Dist, FileEntry
 from cowfs.store.store import Store
-from installer import plan_cache, wheel_index
-from installer.bytecode import bytecode_if_compiled, ensure_bytecode
-from installer.fetch import fetch, warm_up
-from installer.ingest import Ingestor
+from installer.resolve import plan_cache
+from installer.wheel import wheel_index
+from installer.wheel.bytecode import bytecode_if_compiled, ensure_bytecode
+from installer.resolve.fetch import fetch, warm_up
+from installer.wheel.ingest import Ingestor
 from installer.interpreters import InterpreterInfo
-from installer.locks import pins_from_local_wheels
-from installer.resolve import Pin, choose_resolver, local_path, resolve
-from installer.scripts import (
+from installer.resolve.locks import pins_from_local_wheels
+from installer.resolve.resolve import Pin, choose_resolver, local_path, resolve
+from installer.wheel.scripts import (
     VenvFiles,
     install_venv_files,
     remove_recorded_outside,
     remove_venv_files,
 )
-from installer.venv import ensure_mounted
-from installer.wheel import venv_extra_files
+from installer.venv.venv import ensure_mounted
+from installer.wheel.wheel import venv_extra_files
 
 if TYPE_CHECKING:
-    from installer.prefetch import Prefetch
-    from installer.remote_install import Prepared
+    from installer.resolve.prefetch import Prefetch
+    from installer.resolve.remote_install import Prepared
 
 
 @dataclass
@@ -131,14 +132,14 @@ def shared_bytecode_for(store: Store, manifests: Sequence[Dist], info: Interpret
               python: Path, venv: Path | None = None) -> list[str]:
     """Shared pyc manifests for these distributions; compiled once per interpreter.
 
-    With venv, those not compiled yet are left to a background job (installer.bytecode_bg)
+    With venv, those not compiled yet are left to a background job (installer.wheel.bytecode_bg)
     that publishes them into the venv after the install has returned, unless
     COWFS_BYTECODE=inline."""
     known = {m.id: bytecode_if_compiled(store, m, info) for m in manifests}
     cold = [m for m in manifests if known[m.id] is None]
     background = venv is not None and os.environ.get("COWFS_BYTECODE", "") != "inline"
     if cold and background and store.writable():
-        from installer.bytecode_bg import schedule
+        from installer.wheel.bytecode_bg import schedule
 
         if schedule(venv, store.root, python, [m.id for m in cold]):
             cold = []
@@ -156,8 +157,8 @@ def apply(state: VenvState, store: Store, info: InterpreterInfo, pins: Sequence[
           compile_bytecode: bool = True, keep: Sequence[str] = (),
           prepared: Prepared | None = None, ingestor: Ingestor | None = None) -> Summary:
     """Make the venv hold pins (plus what it had, unless exact) and reload the mount.
-    Pins in prepared come from the store or a remote (installer.remote_install), not wheels.
-    ingestor: one that may hold ingestions of the pins' wheels already (installer.prefetch);
+    Pins in prepared come from the store or a remote (installer.resolve.remote_install), not wheels.
+    ingestor: one that may hold ingestions of the pins' wheels already (installer.resolve.prefetch);
     the caller then holds the store lock from before those started."""
     started = time.perf_counter()
     # One state writer at a time (the daemon's absorb is another): read it fresh under the
@@ -263,10 +264,10 @@ def _dedup(rows: list[FileEntry]) -> list[FileEntry]:
 
 
 def absorb_foreign(state: VenvState, store: Store, compile_bytecode: bool = True) -> None:
-    """What pip or uv installed into the venv becomes store-backed first (installer.absorb),
+    """What pip or uv installed into the venv becomes store-backed first (installer.venv.absorb),
     so that installing over it or removing it replaces it cleanly."""
     if state.may_hold_foreign_dists():  # the caller holds venv_lock
-        from installer.absorb import absorb  # rarely needed: not on the warm path
+        from installer.venv.absorb import absorb  # rarely needed: not on the warm path
 
         absorb(state, store, Path(state.python) if compile_bytecode else None)
 
@@ -321,7 +322,7 @@ def _drop_emptied_dirs(state: VenvState, store: Store, removed: list[str]) -> No
     """Directories of removed distributions that a copy-up left in the private layer, empty
     now (or holding only whiteouts of their files): without the lower they showed as empty
     packages (`import pkg` found a namespace package, a dist-info without METADATA)."""
-    from installer.absorb import emptied_dirs, paths_of
+    from installer.venv.absorb import emptied_dirs, paths_of
 
     paths = paths_of(store, removed)
     dirs = emptied_dirs(state.upper, sorted(paths))

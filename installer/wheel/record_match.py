@@ -31,8 +31,8 @@ from cowfs.store.manifest import (
     read_manifest,
 )
 from cowfs.store.store import CHUNK, Store
-from installer.changes import dist_identity, parse_installed_record
 from installer.interpreters import InterpreterInfo
+from installer.venv.changes import dist_identity, parse_installed_record
 
 # Never shared: they differ per venv, as they do for `cowfs install` (RECORD too: it hashes
 # the console scripts, whose shebang names the venv, so a shared one made a manifest per venv).
@@ -197,7 +197,7 @@ def adopted_manifest(site: Path, info_dir: str, rows: list[FileEntry], unknown: 
 
 def _entry_points(info_dir: Path) -> dict[str, dict[str, str]]:
     """So that `cowfs uninstall` removes the launchers the other installer wrote."""
-    from installer.wheel_archive import WheelError, parse_entry_points
+    from installer.wheel.wheel_archive import WheelError, parse_entry_points
 
     try:
         return parse_entry_points((info_dir / "entry_points.txt").read_bytes(), info_dir.name)
@@ -208,7 +208,7 @@ def _entry_points(info_dir: Path) -> dict[str, dict[str, str]]:
 def shared_bytecode(store: Store, manifests: list[Manifest], info: InterpreterInfo,
                     python: Path) -> list[str]:
     """Shared pycs for the adopted dists, as `cowfs install` makes them (optional)."""
-    from installer.bytecode import ensure_bytecode
+    from installer.wheel.bytecode import ensure_bytecode
 
     out = []
     for m in manifests:

@@ -475,7 +475,7 @@ def reset(report: Report, changes: Sequence[Change]) -> ResetResult:
 def _apply(state: VenvState, socket: Path, paths: list[str], live: bool) -> list[str]:
     if live:
         return list(control.request(socket, "reset", paths=paths).get("removed", []))
-    from installer.sync import venv_lock  # only the offline path needs it
+    from installer.venv.sync import venv_lock  # only the offline path needs it
 
     removed = []
     with venv_lock(state.venv):

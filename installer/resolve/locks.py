@@ -30,8 +30,7 @@ from packaging.version import Version
 
 from cowfs.errors import CowfsError
 from cowfs.store.store import Store, sha256_file
-from installer import wheel_index
-from installer.resolve import (
+from installer.resolve.resolve import (
     PIP_TIMEOUT,
     Pin,
     _check_wheel_name,
@@ -41,6 +40,7 @@ from installer.resolve import (
     _version,
     local_path,
 )
+from installer.wheel import wheel_index
 
 Markers = Mapping[str, Any]
 
@@ -97,7 +97,7 @@ def _read_requirement_file(path: Path, markers: Markers, depth: int = 0,
                            read: list[tuple[Path, str]] | None = None) -> list[_Line]:
     """Requirement lines that apply under `markers`; `-r` is followed, other options refused.
 
-    Each file's text is appended to `read` as it is parsed (for installer.plan_cache).
+    Each file's text is appended to `read` as it is parsed (for installer.resolve.plan_cache).
     """
     if depth > 20:
         raise CowfsError(f"{path}: -r nesting too deep (a cycle?)")

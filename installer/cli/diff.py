@@ -1,4 +1,4 @@
-"""`cowfs diff`: a venv's private changes (installer.changes) as a unified diff against the
+"""`cowfs diff`: a venv's private changes (installer.venv.changes) as a unified diff against the
 pristine store objects."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cowfs.dirfd import short
 from cowfs.store.store import Store
-from installer.changes import Change, Report
+from installer.venv.changes import Change, Report
 
 DIFF_LIMIT = 4 << 20  # larger files are summarised, never diffed line by line
 

@@ -37,11 +37,11 @@ from cowfs.store.manifest import (
     write_manifest,
 )
 from cowfs.store.store import CHUNK, Store, fsync_dir
-from installer import tree
-from installer.automount import HOOK_MODULE, HOOK_PTH, write_hook
+from installer.venv import tree
+from installer.venv.automount import HOOK_MODULE, HOOK_PTH, write_hook
 from installer.interpreters import InterpreterInfo, query_interpreter
-from installer.record_match import Sorter, claims, shared_bytecode
-from installer.venv import ensure_mounted, venv_python
+from installer.wheel.record_match import Sorter, claims, shared_bytecode
+from installer.venv.venv import ensure_mounted, venv_python
 
 MARKER = "adopting"  # in VENV/.cowfs while the swap is unfinished
 STAGING_PREFIX = ".cowfs-adopt-"

@@ -22,8 +22,8 @@ from packaging.markers import InvalidMarker, Marker
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from cowfs.errors import CowfsError
-from installer.locks import _evaluate, _rank, _tag_rank, load_toml_lock
-from installer.resolve import Pin, _check_wheel_name, _filename_of
+from installer.resolve.locks import _evaluate, _rank, _tag_rank, load_toml_lock
+from installer.resolve.resolve import Pin, _check_wheel_name, _filename_of
 
 DEFAULT_GROUPS = ("dev",)  # what `uv sync` installs unless told otherwise
 

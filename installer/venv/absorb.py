@@ -3,7 +3,7 @@
 Another installer writes a distribution into the venv's upper layer like into any
 site-packages. Once it is done (its RECORD, written last, is there), the files that match
 their RECORD hashes become a manifest in the store (the rules of `cowfs adopt`,
-installer.record_match), the venv's state lists it like one cowfs installed, the daemon
+installer.wheel.record_match), the venv's state lists it like one cowfs installed, the daemon
 swaps in the new lower layer and then drops the upper copies, which now equal the lower
 files: the venv shares them with every other venv, and its private layer keeps only what
 differs from RECORD (edits, unlisted files). A distribution cowfs installed and the other
@@ -33,7 +33,7 @@ from cowfs.store.layer import ensure_layer, read_head
 from cowfs.store.manifest import Manifest, write_manifest
 from cowfs.store.store import Store
 from installer.interpreters import query_interpreter
-from installer.record_match import Sorter, claims
+from installer.wheel.record_match import Sorter, claims
 
 
 @dataclass
@@ -125,7 +125,7 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
         state.requested = sorted(set(state.requested))
         bytecode = [b for b in state.bytecode if b.rpartition(".")[0] in kept]
         if python is not None and result.manifests:
-            from installer.sync import shared_bytecode_for  # compiled after, like installs
+            from installer.venv.sync import shared_bytecode_for  # compiled after, like installs
 
             info = query_interpreter(python, store)
             bytecode += shared_bytecode_for(store, result.manifests, info, python,
@@ -149,7 +149,7 @@ def absorb(state: VenvState, store: Store, python: Path | None = None) -> Absorb
 
 def _missing(site: Path, info_dir: str) -> bool:
     """A file its RECORD names (bytecode aside: pip lists pycs it may not write) is absent."""
-    from installer.changes import parse_installed_record
+    from installer.venv.changes import parse_installed_record
 
     try:
         rows = parse_installed_record((site / info_dir / "RECORD").read_bytes(), str(site))

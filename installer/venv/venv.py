@@ -17,8 +17,8 @@ from cowfs.mount import mount as mounting
 from cowfs.mount.spec import HOOK_MODULE, HOOK_PTH, VenvState, new_venv_id
 from cowfs.store import roots
 from cowfs.store.store import Store
-from installer import tree
-from installer.automount import write_hook
+from installer.venv import tree
+from installer.venv.automount import write_hook
 from installer.interpreters import InterpreterInfo, query_interpreter
 
 

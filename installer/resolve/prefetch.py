@@ -2,7 +2,7 @@
 
 `uv pip compile` spends most of its time waiting on the index, and cowfs sits idle meanwhile;
 after it, ingesting the wheels (unzip, hash, one store object per file) is the longest step.
-uv's debug log (installer.resolve.UV_LOG) names each remote wheel whose metadata it reads
+uv's debug log (installer.resolve.resolve.UV_LOG) names each remote wheel whose metadata it reads
 ("No cache entry for: https://.../x.whl[.metadata]") and each wheel it selects ("Selecting:
 x==1.0 [compatible] (x-1.0-py3-none-any.whl)"), well before the resolution ends. So:
 
@@ -43,16 +43,16 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from cowfs.errors import CowfsError
 from cowfs.store.store import Store
-from installer import wheel_index
-from installer.fetch import download, expected_hashes
-from installer.index_config import IndexConfig, split_credentials, with_credentials
-from installer.ingest import Ingestor
 from installer.interpreters import InterpreterInfo
-from installer.resolve import Pin, local_path
-from installer.wheel_index import fingerprint
+from installer.resolve.fetch import download, expected_hashes
+from installer.resolve.index_config import IndexConfig, split_credentials, with_credentials
+from installer.resolve.resolve import Pin, local_path
+from installer.wheel import wheel_index
+from installer.wheel.ingest import Ingestor
+from installer.wheel.wheel_index import fingerprint
 
 if TYPE_CHECKING:
-    from installer.http_pool import Pool
+    from installer.resolve.http_pool import Pool
 
 ENV = "COWFS_PREFETCH"  # "0": no speculation (to compare, or to rule it out)
 MAX_DOWNLOADS = 8
@@ -210,8 +210,8 @@ class Prefetch:
         return None
 
     def _pool(self) -> Pool:
-        from installer.fetch import TIMEOUT
-        from installer.http_pool import Pool
+        from installer.resolve.fetch import TIMEOUT
+        from installer.resolve.http_pool import Pool
 
         with self._http_lock:  # one pool (kept-alive connections) for every download
             if self._http is None:

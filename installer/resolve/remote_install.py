@@ -25,7 +25,7 @@ from cowfs.store.layer import read_head
 from cowfs.store.manifest import Dist
 from cowfs.store.remote import config, is_sha256
 from cowfs.store.store import Store
-from installer.resolve import Pin
+from installer.resolve.resolve import Pin
 
 if TYPE_CHECKING:  # the rest is imported only when a remote is configured (warm installs)
     from cowfs.store.remote.config import Remote

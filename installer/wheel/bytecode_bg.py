@@ -1,8 +1,8 @@
 """Shared bytecode compiled after the install returns, published atomically.
 
-A cold install spends most of its time compiling `.pyc` files (installer.bytecode). So
+A cold install spends most of its time compiling `.pyc` files (installer.wheel.bytecode). So
 `cowfs install` hands the distributions that have no shared bytecode yet to a detached
-process (`python -m installer.bytecode_bg`) and returns. That process compiles them on all
+process (`python -m installer.wheel.bytecode_bg`) and returns. That process compiles them on all
 cores under the store's shared lock, waits for the installer to write the venv state (or
 to exit), then, under the venv
 lock, adds the new bytecode manifests to the venv state (only for distributions the venv
@@ -62,7 +62,7 @@ def schedule(venv: Path, store_root: Path, python: Path, dist_ids: Sequence[str]
             root = str(Path(__file__).resolve().parents[1])
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 [root, *filter(None, [os.environ.get("PYTHONPATH")])]))
-            subprocess.Popen(python_module("installer.bytecode_bg", job),
+            subprocess.Popen(python_module("installer.wheel.bytecode_bg", job),
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                              start_new_session=True, env=env, pass_fds=(fd,), cwd="/")
         finally:
@@ -122,9 +122,9 @@ def run_job(job: dict[str, object]) -> None:
     from cowfs.store import roots
     from cowfs.store.layer import ensure_layer, read_head
     from cowfs.store.store import Store
-    from installer.bytecode import ensure_bytecode
     from installer.interpreters import query_interpreter
-    from installer.sync import venv_lock
+    from installer.venv.sync import venv_lock
+    from installer.wheel.bytecode import ensure_bytecode
 
     venv, python = Path(str(job["venv"])), Path(str(job["python"]))
     store = Store(Path(str(job["store"])))
@@ -163,7 +163,7 @@ def run_job(job: dict[str, object]) -> None:
     if mounting.mount_state(spec.mountpoint) == "live":  # unmounted: the next mount reads it
         control.request(spec.socket, "reload")
         if drop := _private_pycs_now_shared(state, store, new):
-            from installer.absorb import emptied_dirs
+            from installer.venv.absorb import emptied_dirs
 
             control.request(spec.socket, "reset",
                             paths=drop + emptied_dirs(state.upper, drop))

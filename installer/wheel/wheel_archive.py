@@ -2,8 +2,8 @@
 
 Everything here is about trusting a zip from the internet: member names (zip-slip, absolute
 paths, backslashes, NUL, non-UTF-8, symlinks, duplicates), corruption, WHEEL, METADATA,
-RECORD and entry points. installer.wheel turns a checked archive into store objects and a
-manifest; installer.scripts reuses the script-name and entry-point checks.
+RECORD and entry points. installer.wheel.wheel turns a checked archive into store objects and a
+manifest; installer.wheel.scripts reuses the script-name and entry-point checks.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class WheelError(CowfsError):
     """A wheel is malformed, unsafe or incompatible; nothing of it was made installable."""
 
 
-# -- scripts (also used by installer.scripts on manifests) ------------------------------
+# -- scripts (also used by installer.wheel.scripts on manifests) ------------------------------
 
 
 def check_script_name(name: str) -> str:

@@ -1,5 +1,5 @@
 """`cowfs store remote add|list|remove`, `cowfs store push`, `cowfs store pull`: the command
-line only; the logic lives in cowfs.store.remote and installer.remote_install."""
+line only; the logic lives in cowfs.store.remote and installer.resolve.remote_install."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from cowfs.store.remote import config
 from cowfs.store.remote.pull import RemoteDist, materialize, read_origin
 from cowfs.store.remote.push import PushSummary, push
 from cowfs.store.store import Store
-from installer.maintenance_commands import plural, store_group
-from installer.venv import find_venv
+from installer.cli.maintenance_commands import plural, store_group
+from installer.venv.venv import find_venv
 
 
 def _mb(n: int) -> str:
@@ -129,8 +129,8 @@ def _venv_dists(state: VenvState, store: Store) -> list[RemoteDist]:
 
 def _lock_dists(state: VenvState, store: Store, lock: Path) -> list[RemoteDist]:
     from installer.interpreters import query_interpreter
-    from installer.locks import read_lock
-    from installer.remote_install import prepare
+    from installer.resolve.locks import read_lock
+    from installer.resolve.remote_install import prepare
 
     if not config.for_reading(store):
         raise CowfsError("no remote configured: `cowfs store remote add NAME URL` "

@@ -1,7 +1,7 @@
 """Parallel, hash-checked wheel downloads into the store's wheels/ directory.
 
 trio runs one task per wheel; each blocking download runs in a worker thread (http.client
-over kept-alive connections: installer.http_pool) under a CapacityLimiter. Threads cannot be
+over kept-alive connections: installer.resolve.http_pool) under a CapacityLimiter. Threads cannot be
 cancelled from outside, so a shared Event tells the others to stop at their next chunk once
 one download has failed: the first error is reported without waiting for large downloads.
 
@@ -27,11 +27,11 @@ from cowfs import __version__
 from cowfs.errors import CowfsError
 from cowfs.store.store import fsync_dir, sha256_file
 from cowfs.tls import ssl_context
-from installer.index_config import netrc_credentials, redact, split_credentials
-from installer.resolve import Pin, local_path
+from installer.resolve.index_config import netrc_credentials, redact, split_credentials
+from installer.resolve.resolve import Pin, local_path
 
 if TYPE_CHECKING:  # imported by fetch_async: a warm install downloads nothing
-    from installer.http_pool import Pool
+    from installer.resolve.http_pool import Pool
 
 CHUNK = 1 << 18
 TIMEOUT = 60.0  # seconds without data before a connection is given up
@@ -149,7 +149,7 @@ def _download_once(pin: Pin, target: Path, expected: frozenset[str], abort: thre
     import tempfile
     import urllib.error
 
-    from installer.http_pool import RedirectError
+    from installer.resolve.http_pool import RedirectError
 
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{pin.filename}.", suffix=".part")
     tmp = Path(name)
@@ -213,7 +213,7 @@ def _download(pin: Pin, target: Path, expected: frozenset[str], abort: threading
 
 def download(pin: Pin, target: Path, abort: threading.Event, pool: Pool) -> str:
     """One remote wheel into target, sha256-checked if pin has a hash, no progress shown;
-    its sha256. The way in for installer.prefetch, which downloads before pins are known."""
+    its sha256. The way in for installer.resolve.prefetch, which downloads before pins are known."""
     return _download(pin, target, expected_hashes(pin), abort, _Progress(False, 0), pool)
 
 
@@ -288,7 +288,7 @@ def warm_up(event_loop: bool = True) -> None:
     """Import what downloads need and load the TLS context in a thread while the resolver
     runs (its subprocess leaves this process idle): ~60 ms less between the resolution and
     the first download. event_loop=False: not trio (~55 ms of CPU), when the downloads are
-    expected to happen meanwhile, outside fetch's event loop (installer.prefetch); fetch
+    expected to happen meanwhile, outside fetch's event loop (installer.resolve.prefetch); fetch
     imports it if it still needs it. Failures are left for the downloads to report."""
     threading.Thread(target=_warm, args=(event_loop,), name="cowfs-warm-up",
                      daemon=True).start()
@@ -301,7 +301,7 @@ def _warm(event_loop: bool) -> None:
         if event_loop:
             import trio  # noqa: F401
 
-        import installer.http_pool  # noqa: F401
+        import installer.resolve.http_pool  # noqa: F401
 
         ssl_context()
     except Exception:  # only a head start: the downloads meet and report any failure
@@ -325,7 +325,7 @@ async def fetch_async(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8,
     """`fetch` for callers already inside trio."""
     import trio
 
-    from installer.http_pool import Pool
+    from installer.resolve.http_pool import Pool
 
     dest = Path(dest)
     try:
@@ -376,10 +376,10 @@ def fetch(pins: Sequence[Pin], dest: Path, *, max_parallel: int = 8, progress: b
     failure (HTTP error, refused connection, hash mismatch) is one CowfsError naming the
     wheel, and leaves no partial file behind. on_ready(pin, path) is called (in a worker
     thread) as soon as each wheel is there and checked, so it can be ingested meanwhile.
-    known: a file's sha256 if one was recorded for it as it is now (installer.wheel_index),
+    known: a file's sha256 if one was recorded for it as it is now (installer.wheel.wheel_index),
     so that a wheel hashed by its ingestion or download is not hashed again.
     check_local=False: local wheels nothing is recorded for are handed over unhashed; the
-    caller must check the sha256 their ingestion computes (installer.ingest.Ingestor.results
+    caller must check the sha256 their ingestion computes (installer.wheel.ingest.Ingestor.results
     does), which saves reading each one twice.
     """
     if known is not None:  # (asked by _settled, then by _obtain: one record read per file)

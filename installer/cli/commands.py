@@ -10,11 +10,12 @@ import click
 from cowfs.errors import CowfsError
 from cowfs.mount.spec import VenvState
 from cowfs.store.store import Store
-from installer import remote_install, sync
 from installer.interpreters import query_interpreter
-from installer.locks import locate, read_lock
-from installer.prefetch import Prefetch
-from installer.venv import create_venv, ensure_mounted, find_venv
+from installer.resolve import remote_install
+from installer.resolve.locks import locate, read_lock
+from installer.resolve.prefetch import Prefetch
+from installer.venv import sync
+from installer.venv.venv import create_venv, ensure_mounted, find_venv
 
 
 def _report(summary: sync.Summary, as_json: bool, quiet: bool, verb: str) -> None:
@@ -129,7 +130,7 @@ def sync_cmd(lock: str, venv_opt: str | None, find_links: tuple[str, ...], no_in
     info = query_interpreter(state.python, store)
     editables: dict[str, Path] = {}
     if Path(lock).name == "uv.lock":
-        from installer import uv_lock
+        from installer.resolve import uv_lock
 
         ul = uv_lock.read_uv_lock(Path(lock), info.markers, info.tags)
         pins, editables = ul.pins, ul.editables

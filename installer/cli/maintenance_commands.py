@@ -1,5 +1,5 @@
 """`cowfs status|diff|reset|adopt` and `cowfs store verify|gc|du|info`: the command line only;
-the logic lives in installer.changes, installer.adopt and cowfs.store.gc."""
+the logic lives in installer.venv.changes, installer.venv.adopt and cowfs.store.gc."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from cowfs.mount import mount as mounting
 from cowfs.mount.spec import VenvState
 from cowfs.store import gc, roots as gc_roots
 from cowfs.store.store import Store
-from installer import changes
-from installer.diff import diff_lines
-from installer.venv import ensure_mounted, find_venv
+from installer.cli.diff import diff_lines
+from installer.venv import changes
+from installer.venv.venv import ensure_mounted, find_venv
 
 COLOURS = {"M": "yellow", "?": "yellow", "P": "cyan", "t": "cyan", "T": "magenta",
            "A": "green", "D": "red"}
@@ -219,7 +219,7 @@ def _invalidate_live_mounts(store: Store, digests: list[str]) -> None:
 @click.pass_context
 def verify_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
     """Rehash every object and check every manifest; exit 1 while problems remain."""
-    from installer.wheel import ingest_wheel
+    from installer.wheel.wheel import ingest_wheel
 
     store = Store()
     if not store.exists():
@@ -260,8 +260,8 @@ def _rebuild_bytecode(store: Store, ident: str, roots: list[gc_roots.Root]) -> b
     """Recompile a shared-bytecode manifest with the interpreter of a venv that uses it;
     None when ident is no bytecode manifest or no live venv uses it."""
     from cowfs.store.manifest import manifest_path, read_manifest
-    from installer.bytecode import cache_tag, ensure_bytecode
     from installer.interpreters import query_interpreter
+    from installer.wheel.bytecode import cache_tag, ensure_bytecode
 
     m = read_manifest(store, ident)
     source = m.extra.get("bytecode_for")
@@ -408,7 +408,7 @@ def adopt_cmd(path: str) -> None:
 
     On a cowfs venv: absorb what pip, uv or another installer wrote into it now (the mount
     daemon also does so by itself once the installer is done)."""
-    from installer.adopt import MARKER, adopt
+    from installer.venv.adopt import MARKER, adopt
 
     started = time.perf_counter()
     state_dir = VenvState.state_dir(Path(path).absolute())
@@ -432,7 +432,7 @@ def adopt_cmd(path: str) -> None:
 
 def _absorb_live(venv: Path, started: float) -> None:
     """`cowfs adopt` of a live cowfs venv: absorb what other installers wrote into it."""
-    from installer import absorb, sync
+    from installer.venv import absorb, sync
 
     state = VenvState.load(venv)
     store = Store(state.store)

@@ -6,7 +6,7 @@ against the target interpreter, so markers and wheel tags are the target's and t
 needs no resolver of its own. This module only builds the command, turns the resolver's
 failures into one line, and parses its output into `Pin`s (one code path for both).
 
-The paths that avoid spawning pip (~0.8 s) live in installer.locks and are importable from
+The paths that avoid spawning pip (~0.8 s) live in installer.resolve.locks and are importable from
 here as well: `pins_from_local_wheels` (a fully pinned set whose wheels are on disk, checked
 to be closed under dependencies), `locate` (a lock's pins found in local wheel directories by
 filename) and `read_lock` (pinned requirements files and PEP 751 pylock.toml).
@@ -36,10 +36,10 @@ from packaging.utils import (
 from packaging.version import InvalidVersion, Version
 
 from cowfs.errors import CowfsError
-from installer.index_config import IndexConfig, effective, with_credentials
+from installer.resolve.index_config import IndexConfig, effective, with_credentials
 
 PIP_TIMEOUT = 900.0  # seconds for one pip run; a resolve against a slow index can take minutes
-# uv's log of the wheels it looks at and selects, for a ResolverLog (installer.prefetch)
+# uv's log of the wheels it looks at and selects, for a ResolverLog (installer.resolve.prefetch)
 UV_LOG = "uv_resolver=debug,uv_client=debug"
 # a line of uv's log (tracing's level first, maybe coloured), never one of its messages
 # ("error:", "warning:", the cause tree): these never reach _uv_error or the user
@@ -47,7 +47,7 @@ _LOG_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)*(?:TRACE|DEBUG|INFO|WARN|ERROR)(?:\
 
 
 class ResolverLog(Protocol):
-    """Follows uv's log while it resolves (installer.prefetch)."""
+    """Follows uv's log while it resolves (installer.resolve.prefetch)."""
 
     def begin(self, config: IndexConfig) -> bool:
         """Whether to follow this resolution: uv then logs, and `line` gets each log line."""
@@ -398,7 +398,7 @@ def _requested(requirements: Sequence[str], files: Sequence[Path]) -> dict[str, 
             except (InvalidWheelFilename, CowfsError):
                 pass
     if files:
-        from installer.locks import _env, _read_requirement_file
+        from installer.resolve.locks import _env, _read_requirement_file
 
         for path in files:
             try:
@@ -430,9 +430,9 @@ def resolve(
     """Every wheel an install of `requirements` into `python` needs.
 
     uv resolves when it is installed (`uv pip compile`), else pip (`pip lock`); both write a
-    PEP 751 pylock.toml for the target interpreter, which `installer.locks.read_lock` turns
+    PEP 751 pylock.toml for the target interpreter, which `installer.resolve.locks.read_lock` turns
     into pins (one parser for both). Indexes, find-links and credentials come from the
-    arguments and the environment (installer.index_config). offline: no network at all, so
+    arguments and the environment (installer.resolve.index_config). offline: no network at all, so
     every wheel must come from a local find-links directory. constraints are `-c` files.
     quiet: do not forward the resolver's warnings. Errors are one-line CowfsErrors.
     supported_tags/markers: the target's, to pick a wheel of the lock (default: queried).
@@ -479,7 +479,7 @@ def resolve(
 
             info = query_interpreter(str(python))
             supported_tags, markers = info.tags, info.markers
-        from installer.locks import read_lock
+        from installer.resolve.locks import read_lock
 
         out.write_text(_archives_as_wheels(out.read_text(encoding="utf-8")), encoding="utf-8")
         try:
@@ -503,14 +503,14 @@ def _finish(pin: Pin, requested: Mapping[str, bool], sources: Sequence[str]) -> 
                    url=with_credentials(pin.url, sources))
 
 
-# read_lock, locate and pins_from_local_wheels live in installer.locks, which builds on this
+# read_lock, locate and pins_from_local_wheels live in installer.resolve.locks, which builds on this
 # module; they are importable from here too, lazily, to avoid a circular import.
 _LOCKS_API = frozenset({"read_lock", "locate", "pins_from_local_wheels", "wheel_metadata"})
 
 
 def __getattr__(name: str) -> Any:
     if name in _LOCKS_API:
-        from installer import locks
+        from installer.resolve import locks
 
         return getattr(locks, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

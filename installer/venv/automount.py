@@ -19,7 +19,7 @@ from cowfs.mount.spec import HOOK_MODULE, HOOK_PTH
 __all__ = ["HOOK_MODULE", "HOOK_PTH", "write_hook"]
 
 _TEMPLATE = '''\
-"""cowfs automount hook (generated; see installer/automount.py)."""
+"""cowfs automount hook (generated; see installer/venv/automount.py)."""
 import os
 import subprocess
 import sys

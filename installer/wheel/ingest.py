@@ -6,7 +6,7 @@ knows already is a lookup, any other is unzipped, hashed and written by a worker
 the same time. No threads at all when every wheel is warm: they would only add overhead.
 The new manifests are written together once every wheel is in (one syncfs for all).
 
-A wheel may also be ingested before any pin names it (`speculate`: installer.prefetch, while
+A wheel may also be ingested before any pin names it (`speculate`: installer.resolve.prefetch, while
 the resolver runs). Ingestions are keyed by the file's name and full stat fingerprint, so a
 pin handed the same unchanged file later gets that ingestion, and any other file is ingested
 afresh. A speculation that failed is redone for the pin, whose error is then its own.
@@ -26,11 +26,11 @@ from pathlib import Path
 from cowfs.errors import CowfsError, StoreError
 from cowfs.store.manifest import Dist, Manifest, write_manifests
 from cowfs.store.store import Store, sha256_file
-from installer.fetch import expected_hashes, mismatch
 from installer.interpreters import InterpreterInfo
-from installer.resolve import Pin
-from installer.wheel import ingest_wheel, ingested_manifest
-from installer.wheel_index import fingerprint
+from installer.resolve.fetch import expected_hashes, mismatch
+from installer.resolve.resolve import Pin
+from installer.wheel.wheel import ingest_wheel, ingested_manifest
+from installer.wheel.wheel_index import fingerprint
 
 _Key = tuple[str, tuple[int, ...]]  # (file name, stat fingerprint)
 
@@ -189,7 +189,7 @@ class Ingestor:
 
     def _check_hash(self, pin: Pin, manifest: Dist) -> None:
         """The wheel's sha256, computed by its ingestion, is one the pin allows (fetch
-        leaves local wheels unhashed for this: installer.fetch, check_local)."""
+        leaves local wheels unhashed for this: installer.resolve.fetch, check_local)."""
         expected = expected_hashes(pin)
         if not expected:
             return

@@ -2,7 +2,7 @@
 
 Follows the binary distribution format and the recording-installed-packages specs. The
 archive's names, WHEEL, METADATA, RECORD and entry points are all checked
-(installer.wheel_archive) before any object is written; each member's hash is checked
+(installer.wheel.wheel_archive) before any object is written; each member's hash is checked
 against RECORD before its bytes are stored; the manifest is written last. So a rejected or
 interrupted ingest leaves at most unreferenced objects (gc removes them), never a manifest.
 
@@ -39,8 +39,8 @@ from cowfs.store.manifest import (
     write_manifest,
 )
 from cowfs.store.store import CHUNK, Store
-from installer import wheel_index
-from installer.wheel_archive import (
+from installer.wheel import wheel_index
+from installer.wheel.wheel_archive import (
     RECORD_SIGNATURES,
     SCHEMES,
     SCRIPT_GROUPS,

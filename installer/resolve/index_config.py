@@ -1,6 +1,6 @@
 """Where packages come from: cowfs's options, pip's and uv's environment and pip.conf, as one.
 
-Both resolvers (installer.resolve: uv when present, else pip) must see the same indexes. pip
+Both resolvers (installer.resolve.resolve: uv when present, else pip) must see the same indexes. pip
 reads its own configuration; uv reads none of it. So the effective settings are computed
 here, once, in pip's order of precedence: command line > `PIP_*` environment > pip.conf
 files (global, user, site; `[install]` over `[global]`), with uv's `UV_DEFAULT_INDEX`,
@@ -10,7 +10,7 @@ command line add to the configured ones; `--index-url` replaces.
 
 Credentials: a URL may carry `user:password@`, and ~/.netrc (or $NETRC) is consulted for a
 host without them. uv's lock output drops credentials, so `with_credentials` puts back those
-of the index a file URL shares its host with; installer.fetch turns them into a header.
+of the index a file URL shares its host with; installer.resolve.fetch turns them into a header.
 """
 
 from __future__ import annotations
