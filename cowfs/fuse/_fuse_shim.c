@@ -415,8 +415,8 @@ static PyObject *dir_publish(PyObject *self, PyObject *args)
     PyObject *items;
     const char *negative = NULL;
     Py_ssize_t negative_len = 0;
-    if (!PyArg_ParseTuple(args, "KO!|y#", &parent, &PyList_Type, &items, &negative,
-                          &negative_len))
+    if (!PyArg_ParseTuple(args, "KO!|z#", &parent, &PyList_Type, &items, &negative,
+                          &negative_len)) /* (z#: None, no negative answer) */
         return NULL;
     if (negative != NULL && negative_len != COWFS_ENTRY_OUT_SIZE) {
         PyErr_SetString(PyExc_ValueError, "fuse_entry_out is 128 bytes");

@@ -156,8 +156,6 @@ def dir_publish(parent: int, items: list[tuple[bytes, int, bytes, bytes]],
     many were added. With a negative fuse_entry_out, items are all of parent's names: the
     reader answers a LOOKUP of any other name with it."""
     assert _shim is not None
-    if negative is None:
-        return int(_shim.dir_publish(parent, items))
     return int(_shim.dir_publish(parent, items, negative))
 
 
